@@ -1,0 +1,1 @@
+"""buffer_service package."""

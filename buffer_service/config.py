@@ -1,0 +1,53 @@
+"""Configuration of the Redis-backed stratified replay service. Defaults are AVATAR.md section 3."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class RedisConfig(_Strict):
+    url: str | None = Field(None, description="redis://host:port/db of an existing Redis; None = start a private one")
+    password: str | None = Field(None, description="password (or set AVATAR_REDIS_PASSWORD)")
+    tls: bool = False
+    tls_ca_certs: str | None = None
+    throwaway_local: bool = Field(False, description="allow a Redis without a password (local experiments only)")
+    key_prefix: str = "avatar"
+
+
+class HintConfig(_Strict):
+    enabled: bool = True
+    zero_reward_streak: int = Field(3, ge=1, description="consecutive zero-reward completions that trigger a hint")
+    max_rbar: float | None = Field(None, description="extra condition: R(q) below this")
+    lapse_when_not_hard: bool = Field(True, description="drop the hint once the prompt leaves the hard tier")
+
+
+class BufferConfig(_Strict):
+    redis: RedisConfig = Field(default_factory=RedisConfig)
+    capacity: int = Field(10_000, ge=3)
+    tier_ratios: dict[Literal["easy", "medium", "hard"], float] = Field(
+        default_factory=lambda: {"easy": 0.25, "medium": 0.35, "hard": 0.40}
+    )
+    hard_quantile: float = Field(0.40, ge=0, le=1)
+    medium_quantile: float = Field(0.75, ge=0, le=1)
+    rbar_window: int = Field(20, ge=1)
+    sampling: Literal["priority", "uniform", "fifo"] = "priority"
+    priority_temperature: float = Field(1.0, gt=0)
+    score_adv_weight: float = 1.0
+    score_kl_weight: float = 0.1
+    min_size: int = Field(10, ge=0, description="replay starts once the buffer holds this many entries")
+    max_age_versions: int | None = Field(None, ge=0, description="optional bound on replayed samples' age")
+    hint: HintConfig = Field(default_factory=HintConfig)
+
+    @model_validator(mode="after")
+    def _check(self) -> BufferConfig:
+        if abs(sum(self.tier_ratios.values()) - 1.0) > 1e-6 or set(self.tier_ratios) != {"easy", "medium", "hard"}:
+            raise ValueError(f"tier_ratios must give easy, medium and hard summing to 1, got {self.tier_ratios}")
+        if self.hard_quantile > self.medium_quantile:
+            raise ValueError("hard_quantile must not exceed medium_quantile")
+        return self

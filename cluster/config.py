@@ -1,0 +1,143 @@
+"""The job config: one pydantic model composed of each package's section, loaded from YAML plus
+`a.b=value` overrides. Unknown keys and bad values fail with a message naming the key and what is allowed."""
+
+from __future__ import annotations
+
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from actors.config import RolloutConfig
+from buffer_service.config import BufferConfig
+from data.config import DataConfig
+from learner.config import LearnerConfig
+from policy.config import ModelConfig, ProcessorConfig
+from reward_workers.config import RewardConfig
+
+
+class PipelineConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    steps: int = Field(20, ge=0, description="learner steps in this stage")
+    prompts_per_step: int = Field(4, ge=1, description="fresh groups per training batch")
+    replay_per_group: int = Field(4, ge=0, description="G_off: replayed samples per fresh group (0 = plain GRPO)")
+    max_staleness: int = Field(0, ge=0, description="policy versions between generation and training (0 = sync)")
+    max_prompts_in_flight: int = Field(8, ge=1)
+    eval_items: int = Field(16, ge=0)
+    checkpoint_every: int = Field(10, ge=1)
+    metrics_port: int = Field(0, ge=0, description="Prometheus port of the driver (0 = a free one)")
+
+
+class JobConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    name: str = "avatar"
+    stage: Literal[0, 1, 2, 3] = 1
+    seed: int = 0
+    run_dir: str = "runs"
+    init_from: str | None = Field(None, description="checkpoint folder this stage starts from")
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    processor: ProcessorConfig = Field(default_factory=ProcessorConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    rollout: RolloutConfig = Field(default_factory=RolloutConfig)
+    reward: RewardConfig = Field(default_factory=RewardConfig)
+    buffer: BufferConfig = Field(default_factory=BufferConfig)
+    learner: LearnerConfig = Field(default_factory=LearnerConfig)
+    pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
+
+
+class ConfigError(ValueError):
+    """A config file or override is wrong; the message names the key and what is allowed."""
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """'learner.lr=1e-6' -> (['learner', 'lr'], 1e-6). Values are parsed as YAML scalars/lists."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' is not of the form key.sub=value")
+    key, raw = text.split("=", 1)
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise ConfigError(f"override '{text}' has an empty key part")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override '{text}': value is not valid YAML ({exc})") from None
+    return parts, value
+
+
+def apply_override(tree: dict, parts: list[str], value: Any) -> None:
+    node = tree
+    for part in parts[:-1]:
+        child = node.get(part)
+        if not isinstance(child, dict):
+            child = {}
+            node[part] = child
+        node = child
+    node[parts[-1]] = value
+
+
+def _allowed_keys(model: type[BaseModel], loc: tuple) -> list[str]:
+    """The field names allowed at `loc` inside `model` (for 'unknown key' messages)."""
+    current: Any = model
+    for part in loc[:-1]:
+        if not (isinstance(current, type) and issubclass(current, BaseModel)) or part not in current.model_fields:
+            return []
+        current = _unwrap_model(current.model_fields[part].annotation)
+    if isinstance(current, type) and issubclass(current, BaseModel):
+        return sorted(current.model_fields)
+    return []
+
+
+def _unwrap_model(annotation: Any) -> Any:
+    for arg in (annotation, *typing.get_args(annotation)):
+        if isinstance(arg, type) and issubclass(arg, BaseModel):
+            return arg
+    return annotation
+
+
+def format_validation_error(exc: ValidationError, source: str, model: type[BaseModel] = JobConfig) -> str:
+    lines = [f"invalid config ({source}):"]
+    for err in exc.errors():
+        loc = tuple(p for p in err["loc"] if not isinstance(p, int) or True)
+        key = ".".join(str(p) for p in loc) or "<root>"
+        if err["type"] == "extra_forbidden":
+            allowed = _allowed_keys(model, loc)
+            lines.append(f"  {key}: unknown key; allowed keys here: {', '.join(allowed)}")
+        else:
+            got = err.get("input")
+            got_text = f" (got {got!r})" if not isinstance(got, dict) else ""
+            lines.append(f"  {key}: {err['msg']}{got_text}")
+    return "\n".join(lines)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> JobConfig:
+    """Load a YAML config (or the defaults when path is None) and apply `a.b=value` overrides."""
+    tree: dict = {}
+    source = "defaults"
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            tree = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+        if not isinstance(tree, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping, got {type(tree).__name__}")
+        source = str(path)
+    for text in overrides:
+        parts, value = parse_override(text)
+        apply_override(tree, parts, value)
+    if overrides:
+        source += " + overrides " + " ".join(overrides)
+    try:
+        return JobConfig.model_validate(tree)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, source)) from None
+
+
+def dump_config(cfg: JobConfig) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

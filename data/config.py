@@ -1,0 +1,31 @@
+"""Configuration of prompt data: where the manifest is, and how the synthetic dataset is generated."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class SynthConfig(_Strict):
+    """The synthetic audio-visual dataset: beeps and shapes whose questions need both senses."""
+
+    num_items: int = Field(48, ge=1)
+    seed: int = 0
+    stage: Literal[0, 1, 2, 3] = 1
+    seconds: float = Field(4.0, gt=0.5)
+    fps: int = Field(8, ge=2)
+    size: int = Field(112, ge=32, description="frame width and height in pixels")
+    sample_rate: int = 16000
+    separate_audio_fraction: float = Field(0.25, ge=0, le=1, description="items whose audio is a wav file")
+
+
+class DataConfig(_Strict):
+    manifest: str | None = Field(None, description="JSONL or Parquet manifest; None = generate synthetic data")
+    synth: SynthConfig = Field(default_factory=SynthConfig)
+    shuffle: bool = True
+    seed: int = 0

@@ -1,0 +1,48 @@
+"""Configuration of the objective and the DeepSpeed learner. Defaults are AVATAR's released ones."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ObjectiveConfig(_Strict):
+    clip_eps: float = Field(0.2, gt=0)
+    kl_beta: float = Field(0.1, ge=0)
+    tas_shape: Literal["parabola", "uniform", "linear_decay", "linear_incline", "inverse_parabola"] = "parabola"
+    tas_lambda: float = Field(0.3, ge=0)
+    vcrs_alpha: float = Field(1.0, ge=0)
+    aggregation: Literal["sequence_mean", "token_mean"] = "sequence_mean"
+    adv_eps: float = Field(1e-4, gt=0)
+
+
+class LoraConfig(_Strict):
+    enabled: bool = False
+    r: int = Field(8, ge=1)
+    alpha: int = Field(32, ge=1)
+    dropout: float = Field(0.0, ge=0, lt=1)
+
+
+class LearnerConfig(_Strict):
+    mode: Literal["rl", "sft"] = "rl"
+    objective: ObjectiveConfig = Field(default_factory=ObjectiveConfig)
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    precision: Literal["fp32", "bf16"] = "fp32"
+    lr: float = Field(5e-7, gt=0)
+    warmup_ratio: float = Field(0.05, ge=0, le=1)
+    total_steps: int = Field(100, ge=1)
+    weight_decay: float = Field(0.0, ge=0)
+    grad_clip: float = Field(1.0, gt=0)
+    micro_batch_size: int = Field(8, ge=1, description="sequences per forward pass")
+    grad_accum_steps: int = Field(1, ge=1)
+    num_ranks: int = Field(1, ge=1)
+    reference: Literal["frozen_model", "none"] = "frozen_model"
+    publish_every: int = Field(1, ge=1, description="publish weights every k optimizer steps")
+    transport: Literal["safetensors", "nccl"] = "safetensors"
+    publish_timeout_s: float = Field(120.0, gt=0)

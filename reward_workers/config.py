@@ -1,0 +1,42 @@
+"""Configuration of the reward workers and the LLM judge. Stage weights default to the paper's."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+STAGE_WEIGHTS: dict[int, dict[str, float]] = {
+    0: {"format": 0.5, "accuracy": 0.5},
+    1: {"format": 0.5, "accuracy": 0.5},
+    2: {"format": 0.2, "accuracy": 0.4, "self": 0.4},
+    3: {"format": 0.5, "judge": 1.0},  # stage 3 weights are unpublished; the release uses format 0.5 + task 1.0
+}
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class JudgeConfig(_Strict):
+    backend: Literal["local", "openai"] = "local"
+    model_path: str | None = Field(None, description="local judge model folder (backend local)")
+    endpoint: str | None = Field(None, description="base URL of an OpenAI-compatible server (backend openai)")
+    model_name: str | None = None
+    api_key_env: str = "AVATAR_JUDGE_API_KEY"
+    max_new_tokens: int = Field(512, ge=1)
+    num_frames: int = Field(0, ge=0, description="frames shown to the judge (0 = text only)")
+    timeout_s: float = Field(30.0, gt=0)
+    retries: int = Field(2, ge=0)
+    max_concurrency: int = Field(4, ge=1)
+    fallback: float = Field(0.0, ge=0, le=1, description="score used when the judge fails; the term is marked missing")
+
+
+class RewardConfig(_Strict):
+    weights: dict[Literal["format", "accuracy", "self", "judge"], float] | None = Field(
+        None, description="term weights; None = the stage's defaults"
+    )
+    numerical: Literal["binary", "dense"] = "binary"
+    judge: JudgeConfig = Field(default_factory=JudgeConfig)
+    num_workers: int = Field(1, ge=1)
+    max_pending_groups: int = Field(64, ge=1, description="back-pressure: groups queued for scoring at most")
