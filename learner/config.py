@@ -19,6 +19,9 @@ class ObjectiveConfig(_Strict):
     vcrs_alpha: float = Field(1.0, ge=0)
     aggregation: Literal["sequence_mean", "token_mean"] = "sequence_mean"
     adv_eps: float = Field(1e-4, gt=0)
+    vcrs_guard_zero_std: bool = Field(
+        True, description="std_off 1.0 when all replayed rewards are equal (AVATAR: only for a single sample)"
+    )
 
 
 class LoraConfig(_Strict):
@@ -36,13 +39,19 @@ class LearnerConfig(_Strict):
     precision: Literal["fp32", "bf16"] = "fp32"
     lr: float = Field(5e-7, gt=0)
     warmup_ratio: float = Field(0.05, ge=0, le=1)
+    lr_schedule: Literal["constant", "linear", "cosine"] = Field(
+        "constant", description="after the linear warm-up: constant, or linear/cosine decay to 0 at total_steps"
+    )
     total_steps: int = Field(100, ge=1)
     weight_decay: float = Field(0.0, ge=0)
     grad_clip: float = Field(1.0, gt=0)
-    micro_batch_size: int = Field(8, ge=1, description="sequences per forward pass")
+    micro_batch_size: int = Field(8, ge=1, description="sequences per forward pass (per rank)")
     grad_accum_steps: int = Field(1, ge=1)
     num_ranks: int = Field(1, ge=1)
-    reference: Literal["frozen_model", "none"] = "frozen_model"
+    reference: Literal["frozen_model", "none"] = Field(
+        "frozen_model", description="frozen_model: the base weights (adapters disabled under LoRA); none: no KL"
+    )
+    seed: int = 0
     publish_every: int = Field(1, ge=1, description="publish weights every k optimizer steps")
     transport: Literal["safetensors", "nccl"] = "safetensors"
     publish_timeout_s: float = Field(120.0, gt=0)
