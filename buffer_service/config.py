@@ -12,17 +12,23 @@ class _Strict(BaseModel):
 
 
 class RedisConfig(_Strict):
-    url: str | None = Field(None, description="redis://host:port/db of an existing Redis; None = start a private one")
+    url: str | None = Field(
+        None, description="redis://host:port/db of an existing Redis; None = start a private one"
+    )
     password: str | None = Field(None, description="password (or set AVATAR_REDIS_PASSWORD)")
     tls: bool = False
     tls_ca_certs: str | None = None
-    throwaway_local: bool = Field(False, description="allow a Redis without a password (local experiments only)")
+    throwaway_local: bool = Field(
+        False, description="allow a Redis without a password (local experiments only)"
+    )
     key_prefix: str = "avatar"
 
 
 class HintConfig(_Strict):
     enabled: bool = True
-    zero_reward_streak: int = Field(3, ge=1, description="consecutive zero-reward completions that trigger a hint")
+    zero_reward_streak: int = Field(
+        3, ge=1, description="consecutive zero-reward completions that trigger a hint"
+    )
     max_rbar: float | None = Field(None, description="extra condition: R(q) below this")
     lapse_when_not_hard: bool = Field(True, description="drop the hint once the prompt leaves the hard tier")
 
@@ -43,11 +49,22 @@ class BufferConfig(_Strict):
     min_size: int = Field(10, ge=0, description="replay starts once the buffer holds this many entries")
     max_age_versions: int | None = Field(None, ge=0, description="optional bound on replayed samples' age")
     hint: HintConfig = Field(default_factory=HintConfig)
+    consumer_group: str = Field("learners", description="Redis Streams consumer group of the fresh stream")
+    reclaim_idle_ms: int = Field(
+        60_000, ge=0, description="fresh entries pending longer than this (a dead consumer's) are redelivered"
+    )
+    dead_letter_maxlen: int = Field(10_000, ge=1, description="approximate bound of the dead-letter stream")
 
     @model_validator(mode="after")
     def _check(self) -> BufferConfig:
-        if abs(sum(self.tier_ratios.values()) - 1.0) > 1e-6 or set(self.tier_ratios) != {"easy", "medium", "hard"}:
-            raise ValueError(f"tier_ratios must give easy, medium and hard summing to 1, got {self.tier_ratios}")
+        if abs(sum(self.tier_ratios.values()) - 1.0) > 1e-6 or set(self.tier_ratios) != {
+            "easy",
+            "medium",
+            "hard",
+        }:
+            raise ValueError(
+                f"tier_ratios must give easy, medium and hard summing to 1, got {self.tier_ratios}"
+            )
         if self.hard_quantile > self.medium_quantile:
             raise ValueError("hard_quantile must not exceed medium_quantile")
         return self
