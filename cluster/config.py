@@ -101,7 +101,7 @@ def _unwrap_model(annotation: Any) -> Any:
 def format_validation_error(exc: ValidationError, source: str, model: type[BaseModel] = JobConfig) -> str:
     lines = [f"invalid config ({source}):"]
     for err in exc.errors():
-        loc = tuple(p for p in err["loc"] if not isinstance(p, int) or True)
+        loc = tuple(err["loc"])
         key = ".".join(str(p) for p in loc) or "<root>"
         if err["type"] == "extra_forbidden":
             allowed = _allowed_keys(model, loc)

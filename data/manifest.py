@@ -1,0 +1,148 @@
+"""Prompt manifests (JSONL or Parquet): loading with validation. Each bad row is reported with its line
+(or row) number and the reason; paths are relative to the manifest's folder."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from .sample import PROBLEM_TYPES, PromptSample
+
+REQUIRED = ("id", "question", "problem_type", "answer")
+OPTIONAL = ("video", "audio", "options", "hint", "audio_caption", "stage", "cot", "difficulty")
+
+
+class ManifestError(ValueError):
+    """One or more manifest rows are invalid; `.rejected` lists (line number, reason)."""
+
+    def __init__(self, path: Path, rejected: list[tuple[int, str]]):
+        self.path = path
+        self.rejected = rejected
+        shown = "\n".join(f"  line {n}: {reason}" for n, reason in rejected[:20])
+        more = f"\n  ... and {len(rejected) - 20} more" if len(rejected) > 20 else ""
+        super().__init__(f"{path}: {len(rejected)} invalid row(s)\n{shown}{more}")
+
+
+def _read_rows(path: Path) -> list[tuple[int, Any]]:
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        return list(enumerate(pq.read_table(path).to_pylist(), start=1))
+    rows = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            rows.append((n, json.loads(line)))
+        except json.JSONDecodeError as exc:
+            rows.append((n, ValueError(f"not valid JSON ({exc.msg} at column {exc.colno})")))
+    return rows
+
+
+def validate_row(row: Any, root: Path) -> PromptSample:
+    """A PromptSample from one manifest row, or ValueError with the reason."""
+    if isinstance(row, Exception):
+        raise row
+    if not isinstance(row, dict):
+        raise ValueError(f"a row must be a JSON object, got {type(row).__name__}")
+    missing = [k for k in REQUIRED if row.get(k) in (None, "")]
+    if missing:
+        raise ValueError(f"missing required field(s) {', '.join(missing)}")
+    unknown = sorted(set(row) - set(REQUIRED) - set(OPTIONAL))
+    if unknown:
+        raise ValueError(f"unknown field(s) {', '.join(unknown)}; allowed: {', '.join(REQUIRED + OPTIONAL)}")
+    ptype = row["problem_type"]
+    if ptype not in PROBLEM_TYPES:
+        raise ValueError(f"problem_type {ptype!r} is not one of {', '.join(PROBLEM_TYPES)}")
+    answer = str(row["answer"])
+    options = row.get("options") or []
+    if not isinstance(options, list) or not all(isinstance(o, str) for o in options):
+        raise ValueError("options must be a list of strings")
+    if ptype == "multiple_choice":
+        if len(options) < 2:
+            raise ValueError("multiple_choice needs at least two options")
+        letters = [chr(ord("A") + i) for i in range(len(options))]
+        if answer.strip().upper() not in letters:
+            raise ValueError(f"multiple_choice answer {answer!r} is not one of the option letters {letters}")
+    if ptype == "numerical":
+        try:
+            value = float(answer)
+        except ValueError:
+            raise ValueError(f"numerical answer {answer!r} is not a number") from None
+        if not math.isfinite(value):
+            raise ValueError(f"numerical answer {answer!r} is not finite")
+    stage = row.get("stage", 1)
+    if not isinstance(stage, int) or stage not in (0, 1, 2, 3):
+        raise ValueError(f"stage must be 0, 1, 2 or 3, got {stage!r}")
+    paths = {}
+    for key in ("video", "audio"):
+        value = row.get(key)
+        if value in (None, ""):
+            paths[key] = None
+            continue
+        p = Path(value)
+        p = p if p.is_absolute() else root / p
+        if not p.is_file():
+            raise ValueError(f"{key} file not found: {p}")
+        paths[key] = p
+    return PromptSample(
+        id=str(row["id"]), question=str(row["question"]), problem_type=ptype, answer=answer,
+        video=paths["video"], audio=paths["audio"], options=options, hint=row.get("hint") or None,
+        audio_caption=row.get("audio_caption") or None, stage=stage, cot=row.get("cot") or None,
+        difficulty=row.get("difficulty") or None,
+    )
+
+
+def load_manifest(path: str | Path, on_error: str = "raise") -> tuple[list[PromptSample], list[tuple[int, str]]]:
+    """Load and validate a manifest. on_error="raise" (default) fails listing every bad row;
+    on_error="skip" returns the good rows and the rejected (line, reason) pairs for counting and logging."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"manifest not found: {path}")
+    if on_error not in ("raise", "skip"):
+        raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+    samples, rejected, seen = [], [], set()
+    for n, row in _read_rows(path):
+        try:
+            sample = validate_row(row, path.parent)
+            if sample.id in seen:
+                raise ValueError(f"duplicate id {sample.id!r}")
+        except ValueError as exc:
+            rejected.append((n, str(exc)))
+            continue
+        seen.add(sample.id)
+        samples.append(sample)
+    if rejected and on_error == "raise":
+        raise ManifestError(path, rejected)
+    if not samples and not rejected:
+        raise ManifestError(path, [(0, "the manifest holds no rows")])
+    return samples, rejected
+
+
+def sample_to_row(sample: PromptSample, root: Path) -> dict:
+    """The manifest row of a sample, with media paths relative to `root`."""
+    def rel(p: Path | None) -> str | None:
+        return None if p is None else str(Path(p).relative_to(root))
+
+    return {
+        "id": sample.id, "question": sample.question, "problem_type": sample.problem_type, "answer": sample.answer,
+        "video": rel(sample.video), "audio": rel(sample.audio), "options": sample.options, "hint": sample.hint,
+        "audio_caption": sample.audio_caption, "stage": sample.stage, "cot": sample.cot,
+        "difficulty": sample.difficulty,
+    }
+
+
+def write_manifest(samples: list[PromptSample], path: str | Path) -> Path:
+    """Write JSONL (or Parquet when the name ends in .parquet); paths become relative to its folder."""
+    path = Path(path)
+    rows = [sample_to_row(s, path.parent) for s in samples]
+    if path.suffix == ".parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.Table.from_pylist(rows), path)
+    else:
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path

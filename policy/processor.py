@@ -1,0 +1,160 @@
+"""From a prompt (question, video, audio, optional hint) to the exact model inputs of the Qwen2.5-Omni
+thinker, without torchvision (it cannot be installed beside the CPU torch).
+
+What the HF Qwen2.5-Omni processor does, done here with numpy and PIL:
+- chat template: optional "Hint: ..." system message first, the system prompt, then the user turn holding
+  <|vision_bos|><|VIDEO|><|vision_eos|><|audio_bos|><|AUDIO|><|audio_eos|> and the question;
+- video: frames sampled at `fps` (max/min frames), resized to multiples of 28 within max_pixels (bicubic),
+  CLIP-normalised and cut into 2x14x14 patches in Qwen2-VL's order -> pixel_values_videos, video_grid_thw;
+- audio (the video's track or a separate file): 16 kHz, Whisper 128-bin log-mel -> input_features;
+- the placeholder expansion: one <|VIDEO|> per merged 2x2 patch group, one <|AUDIO|> per audio-encoder frame.
+Audio is passed as its own item (use_audio_in_video=False): the model sees both streams with their own
+positions; interleaving them by time chunks is an option of the real processor that we do not need.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from PIL import Image
+from transformers import PreTrainedTokenizerBase, WhisperFeatureExtractor
+
+from data.sample import PromptSample
+
+from .config import ProcessorConfig
+from .media import read_audio, read_video
+
+CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], dtype=np.float32)
+CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], dtype=np.float32)
+PATCH = 14
+MERGE = 2
+TEMPORAL_PATCH = 2
+
+
+@dataclass
+class ProcessedPrompt:
+    prompt_token_ids: list[int]
+    text: str  # the templated prompt before placeholder expansion (for logs and engines that take text)
+    media: dict[str, torch.Tensor] = field(default_factory=dict)  # the thinker's forward kwargs
+    frames: np.ndarray | None = None  # uint8 [T, H, W, 3], the sampled frames before resizing
+    audio: np.ndarray | None = None  # float32 mono at the processor's sample rate
+    hinted: bool = False
+
+
+def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
+    """Qwen2-VL's rule: both sides multiples of `factor`, area within [min_pixels, max_pixels], aspect kept."""
+    if max(height, width) / min(height, width) > 200:
+        raise ValueError(f"aspect ratio must be below 200, got {height}x{width}")
+    h = round(height / factor) * factor
+    w = round(width / factor) * factor
+    if h * w > max_pixels:
+        beta = math.sqrt(height * width / max_pixels)
+        h = max(factor, math.floor(height / beta / factor) * factor)
+        w = max(factor, math.floor(width / beta / factor) * factor)
+    elif h * w < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h = math.ceil(height * beta / factor) * factor
+        w = math.ceil(width * beta / factor) * factor
+    return h, w
+
+
+def video_patches(frames: np.ndarray, min_pixels: int, max_pixels: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 frames [T, H, W, 3] -> (pixel_values_videos [N, 3*2*14*14], video_grid_thw [1, 3])."""
+    t, height, width, _ = frames.shape
+    rh, rw = smart_resize(height, width, PATCH * MERGE, min_pixels, max_pixels)
+    resized = np.stack([np.asarray(Image.fromarray(f).resize((rw, rh), Image.BICUBIC)) for f in frames])
+    x = (resized.astype(np.float32) / 255.0 - CLIP_MEAN) / CLIP_STD  # [T, H, W, C]
+    x = x.transpose(0, 3, 1, 2)  # [T, C, H, W]
+    if pad := -t % TEMPORAL_PATCH:  # repeat the last frame to fill the temporal patch
+        x = np.concatenate([x, np.repeat(x[-1:], pad, axis=0)])
+    gt, gh, gw = x.shape[0] // TEMPORAL_PATCH, rh // PATCH, rw // PATCH
+    x = x.reshape(gt, TEMPORAL_PATCH, 3, gh // MERGE, MERGE, PATCH, gw // MERGE, MERGE, PATCH)
+    # -> (gt, gh/m, gw/m, m, m, C, tp, p, p): merged 2x2 groups stay contiguous, as the vision tower expects
+    x = x.transpose(0, 3, 6, 4, 7, 2, 1, 5, 8)
+    flat = x.reshape(gt * gh * gw, 3 * TEMPORAL_PATCH * PATCH * PATCH)
+    return torch.from_numpy(np.ascontiguousarray(flat)), torch.tensor([[gt, gh, gw]], dtype=torch.long)
+
+
+def audio_token_count(mel_frames: int) -> int:
+    """Audio-encoder output length for `mel_frames` log-mel frames (two stride-2 stages)."""
+    return ((mel_frames - 1) // 2 + 1 - 2) // 2 + 1
+
+
+def format_question(sample: PromptSample) -> str:
+    if sample.options:
+        return sample.question + "\n" + "\n".join(sample.options)
+    return sample.question
+
+
+class PromptProcessor:
+    """Builds model inputs for one prompt. Shared by the rollout engines, the learner and the judge so that
+    every party sees the same tokens."""
+
+    def __init__(self, cfg: ProcessorConfig, tokenizer: PreTrainedTokenizerBase, multimodal: bool = True):
+        self.cfg = cfg
+        self.tokenizer = tokenizer
+        self.multimodal = multimodal
+        self.features = WhisperFeatureExtractor(feature_size=128, sampling_rate=cfg.sample_rate, hop_length=160,
+                                                n_fft=400, chunk_length=int(math.ceil(cfg.max_audio_seconds)))
+        tokens = ("<|vision_bos|>", "<|VIDEO|>", "<|vision_eos|>", "<|audio_bos|>", "<|AUDIO|>", "<|audio_eos|>")
+        self._special = {t: tokenizer.convert_tokens_to_ids(t) for t in tokens}
+        if multimodal:
+            missing = [t for t, i in self._special.items() if i is None or i == tokenizer.unk_token_id]
+            if missing:
+                raise ValueError(f"tokenizer lacks the Qwen2.5-Omni special tokens {missing}")
+
+    def messages(self, sample: PromptSample, hint: str | None, user_prefix: str = "") -> list[dict]:
+        msgs = []
+        if hint:
+            msgs.append({"role": "system", "content": f"Hint: {hint}"})
+        msgs.append({"role": "system", "content": self.cfg.system_prompt})
+        msgs.append({"role": "user", "content": user_prefix + format_question(sample)})
+        return msgs
+
+    def template(self, messages: list[dict]) -> str:
+        """ChatML, as Qwen's template renders it (text content only)."""
+        text = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
+        return text + "<|im_start|>assistant\n"
+
+    def build(self, sample: PromptSample, hint: str | None = None) -> ProcessedPrompt:
+        if not self.multimodal or sample.video is None:
+            text = self.template(self.messages(sample, hint))
+            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+            return ProcessedPrompt(prompt_token_ids=ids, text=text, hinted=bool(hint))
+
+        frames, _ = read_video(sample.video, self.cfg.fps, self.cfg.min_frames, self.cfg.max_frames)
+        pixel_values, grid = video_patches(frames, self.cfg.min_pixels, self.cfg.max_pixels)
+        audio_path = sample.audio if sample.audio is not None else sample.video
+        audio = read_audio(audio_path, self.cfg.sample_rate, self.cfg.max_audio_seconds)
+        feats = self.features(audio, sampling_rate=self.cfg.sample_rate, return_attention_mask=True,
+                              padding="longest", truncation=False, return_tensors="pt")
+        mel_frames = int(feats["attention_mask"].sum())
+        n_video = int(grid.prod()) // (MERGE * MERGE)
+        n_audio = audio_token_count(mel_frames)
+
+        prefix = "<|vision_bos|><|VIDEO|><|vision_eos|><|audio_bos|><|AUDIO|><|audio_eos|>"
+        text = self.template(self.messages(sample, hint, user_prefix=prefix))
+        ids = self._expand(self.tokenizer(text, add_special_tokens=False)["input_ids"], n_video, n_audio)
+        media = {
+            "pixel_values_videos": pixel_values,
+            "video_grid_thw": grid,
+            "video_second_per_grid": torch.tensor([TEMPORAL_PATCH / self.cfg.fps], dtype=torch.float32),
+            "input_features": feats["input_features"],
+            "feature_attention_mask": feats["attention_mask"].long(),
+        }
+        return ProcessedPrompt(prompt_token_ids=ids, text=text, media=media, frames=frames, audio=audio,
+                               hinted=bool(hint))
+
+    def _expand(self, ids: list[int], n_video: int, n_audio: int) -> list[int]:
+        video, audio = self._special["<|VIDEO|>"], self._special["<|AUDIO|>"]
+        out: list[int] = []
+        for i in ids:
+            out.extend([i] * (n_video if i == video else n_audio if i == audio else 1))
+        return out
+
+    def target_ids(self, completion: str) -> list[int]:
+        """Token ids of an assistant completion followed by the end-of-turn token (SFT targets)."""
+        return self.tokenizer(completion + "<|im_end|>", add_special_tokens=False)["input_ids"]
