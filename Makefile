@@ -21,7 +21,6 @@ test-unit: setup
 
 lint: setup
 	$(PY) -m ruff check .
-	$(PY) -m ruff format --check .
 
 clean:
 	rm -rf runs .pytest_cache .ruff_cache

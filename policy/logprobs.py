@@ -42,7 +42,7 @@ def build_batch(
     input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     attention = torch.zeros((len(rows), width), dtype=torch.long)
     completion_mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, (row, comp) in enumerate(zip(rows, completions)):
+    for i, row in enumerate(rows):
         input_ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
         attention[i, : len(row)] = 1
         completion_mask[i, len(prompt_ids) : len(row)] = 1

@@ -6,8 +6,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
-from transformers import Qwen2_5OmniThinkerForConditionalGeneration
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedTokenizerBase,
+    Qwen2_5OmniThinkerForConditionalGeneration,
+)
 
 from .config import ModelConfig
 from .tiny import ensure_tiny_model

@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 
 import torch
-from transformers import Qwen2Config, Qwen2ForCausalLM, Qwen2_5OmniConfig, Qwen2_5OmniForConditionalGeneration
+from transformers import Qwen2_5OmniConfig, Qwen2_5OmniForConditionalGeneration, Qwen2Config, Qwen2ForCausalLM
 
 from .config import TinyModelConfig
 from .tokenizer import SPECIAL_TOKENS, build_tokenizer

@@ -10,9 +10,9 @@ import pytest
 from data.config import SynthConfig
 from data.manifest import load_manifest
 from data.synth import COLOURS, generate
+from policy.config import ProcessorConfig
 from policy.media import read_audio, read_video
 from policy.processor import PromptProcessor
-from policy.config import ProcessorConfig
 from policy.tokenizer import build_tokenizer
 
 
@@ -45,7 +45,10 @@ def test_answers_follow_from_the_media(stage2):
     kinds = set()
     for s in stage2:
         frames, times = read_video(s.video, fps=8, min_frames=2, max_frames=64)
-        colour_at = lambda t: _colour_of(frames[np.searchsorted(times, t, side="right") - 1][56, 56])  # noqa: E731
+
+        def colour_at(t, frames=frames, times=times):
+            return _colour_of(frames[np.searchsorted(times, t, side="right") - 1][56, 56])
+
         beeps = _beeps(s)
         assert beeps, s.id
         if s.question.startswith("How many beeps"):
