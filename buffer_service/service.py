@@ -28,7 +28,8 @@ Public API
     holding fewer eligible entries than its count gives one draw per entry it holds and the rest are drawn
     from all eligible entries. priority: P ∝ exp((score - min) / T) with score = w_adv * advantage
     - w_kl * mean(old - ref logp); uniform; fifo: the oldest first, cycling. With max_age_versions set and
-    current_version given, entries older than the bound are not eligible. Returns [] below min_size.
+    current_version given, entries older than the bound are not eligible. Returns [] while the tiers hold
+    fewer than min_size entries, or none is eligible.
     Each ReplaySample carries rbar = the prompt's current R(q) and the tier. Sampling removes nothing.
 - prompt_states(prompt_ids: list[str]) -> dict[str, dict]
     prompt_id -> {"rbar": float | None, "streak": int, "hint_active": bool, "tier": str | None, "count": int}.
@@ -466,8 +467,8 @@ class ReplayService:
         for _ in range(5):  # an eviction between choosing and fetching: choose again from a fresh snapshot
             snap = self._load_snapshot()
             pools = {t: self._eligible(snap[t], current_version) for t in TIERS}
-            total = sum(len(idx) for idx in pools.values())
-            if total == 0 or total < self.config.min_size:
+            held = sum(len(snap[t]["tid"]) for t in TIERS)
+            if held < self.config.min_size or not any(len(idx) for idx in pools.values()):
                 return []
             chosen: list[tuple[str, str]] = []  # (trajectory_id, tier)
             short = 0

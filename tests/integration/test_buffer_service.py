@@ -1,0 +1,404 @@
+"""ReplayService against a real redis-server: tiers, eviction, sampling, idempotence, redelivery, crash recovery,
+dead letters, authentication. Expected values are computed by hand in the comments."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import redis
+from scipy.stats import chisquare
+
+from buffer_service.config import BufferConfig, RedisConfig
+from buffer_service.inspect import inspect_text, main
+from buffer_service.redis_server import RedisAuthError, connect, start_redis
+from buffer_service.schema import VERSION_KEY, encode_group
+from buffer_service.service import ReplayService
+from tests.conftest import make_traj
+
+pytestmark = pytest.mark.integration
+
+
+def train(svc: ReplayService, consumer: str = "learner", advantage: float = 0.5, **read_kw) -> dict:
+    """Read every fresh group, 'train' (set the advantage), commit; returns the commit result."""
+    got = svc.read_fresh(consumer, max_groups=1000, **read_kw)
+    trained = []
+    for _, group in got:
+        for t in group:
+            t.advantage = advantage
+            trained.append(t)
+    return svc.commit([e for e, _ in got], trained)
+
+
+def tier_of(svc: ReplayService) -> dict[str, str]:
+    return {e["trajectory_id"]: e["tier"] for e in svc.entries()}
+
+
+def test_quantile_rule_on_a_crafted_sequence(make_service):
+    svc = make_service(capacity=100)
+    # One single-completion group per prompt, pushed and trained one after the other, so each entry is
+    # compared with the R(q) of the prompts seen so far (its own included).
+    # q40 = sorted[round(0.4 (n-1))], q75 = sorted[round(0.75 (n-1))], Python's round (half to even):
+    #  A .5  n=1 [.5]                        q40 .5  q75 .5   -> hard (at or below q40)
+    #  B 1   n=2 [.5 1]                      q40 [0] .5  q75 [round 0.75=1] 1 -> medium
+    #  C 0   n=3 [0 .5 1]                    q40 [round 0.8=1] .5  -> hard
+    #  D .75 n=4 [0 .5 .75 1]                q40 [1] .5  q75 [round 2.25=2] .75 -> medium
+    #  E .25 n=5 [0 .25 .5 .75 1]            q40 [2] .5  -> hard
+    #  F .8  n=6 [0 .25 .5 .75 .8 1]         q40 [2] .5  q75 [round 3.75=4] .8 -> medium
+    #  G .9  n=7 [0 .25 .5 .75 .8 .9 1]      q75 [round 4.5=4] .8 -> easy (half up would give [5] .9 -> medium)
+    #  H .6  n=8 [0 .25 .5 .6 .75 .8 .9 1]   q40 [round 2.8=3] .6 -> hard
+    #  I 1   n=9 [0 .25 .5 .6 .75 .8 .9 1 1] q75 [round 6.0=6] .9 -> easy
+    sequence = [
+        ("A", 0.5),
+        ("B", 1.0),
+        ("C", 0.0),
+        ("D", 0.75),
+        ("E", 0.25),
+        ("F", 0.8),
+        ("G", 0.9),
+        ("H", 0.6),
+        ("I", 1.0),
+    ]
+    for pid, reward in sequence:
+        assert svc.push_group([make_traj(f"t{pid}", pid, reward)])["accepted"] == 1
+        assert train(svc)["inserted"] == 1
+    expected = {
+        "tA": "hard",
+        "tB": "medium",
+        "tC": "hard",
+        "tD": "medium",
+        "tE": "hard",
+        "tF": "medium",
+        "tG": "easy",
+        "tH": "hard",
+        "tI": "easy",
+    }
+    assert tier_of(svc) == expected
+    # The prompts' tiers now, over all nine: q40 = .6, q75 = .9
+    states = svc.prompt_states(["A", "G", "H", "I"])
+    assert {p: s["tier"] for p, s in states.items()} == {"A": "hard", "G": "medium", "H": "hard", "I": "easy"}
+    assert svc.tier_sizes() == {"easy": 2, "medium": 3, "hard": 4}
+
+
+def test_tier_ratios_capacities_and_sample_counts(make_service):
+    svc = make_service(capacity=20)
+    assert svc.tier_capacities() == {"easy": 5, "medium": 7, "hard": 8}
+    # Prompts with R(q) 0, .5, 1, each with 4 completions of the same reward, pushed first, trained after:
+    # q40 = sorted[round(.8)=1] = .5, q75 = sorted[round(1.5)=2] = 1 -> P0 hard, P5 hard, P1 medium.
+    for pid, reward in [("P0", 0.0), ("P5", 0.5), ("P1", 1.0)]:
+        svc.push_group([make_traj(f"{pid}-{i}", pid, reward) for i in range(4)])
+    train(svc)
+    assert svc.tier_sizes() == {"easy": 0, "medium": 4, "hard": 8}
+    # n = 8 -> easy 2 / medium 3 / hard 3; easy is empty, so its 2 are back-filled from all entries.
+    # fifo makes it exact: medium's 3 oldest, hard's 3 oldest, then the 2 oldest of all (P0 was trained first)
+    got = svc.sample(8, strategy="fifo")
+    assert [s.trajectory.trajectory_id for s in got] == [
+        "P1-0",
+        "P1-1",
+        "P1-2",
+        "P0-0",
+        "P0-1",
+        "P0-2",
+        "P0-0",
+        "P0-1",
+    ]
+    tiers = Counter(s.tier for s in svc.sample(8, strategy="uniform", rng_seed=0))
+    assert tiers["medium"] >= 3 and tiers["hard"] >= 3 and sum(tiers.values()) == 8 and tiers["easy"] == 0
+    # A new prompt with R(q) 1 alone above q75? R(q) values 0 .5 1 1: q75 = sorted[round(2.25)=2] = 1 -> medium;
+    # one with 2.0: [0 .5 1 2] -> q75 = 1 < 2 -> easy. One easy entry: a count of 2 takes it once, back-fills 1.
+    svc.push_group([make_traj("E-0", "E", 2.0)])
+    train(svc)
+    assert tier_of(svc)["E-0"] == "easy"
+    for seed in range(5):
+        got = svc.sample(8, strategy="fifo", rng_seed=seed)
+        # fifo: medium's 3 oldest, hard's 3 oldest, easy's one entry, then the oldest of all as back-fill
+        assert [s.trajectory.trajectory_id for s in got] == [
+            "E-0",
+            "P1-0",
+            "P1-1",
+            "P1-2",
+            "P0-0",
+            "P0-1",
+            "P0-2",
+            "P0-0",
+        ]
+        assert [s.tier for s in got][:7] == ["easy", "medium", "medium", "medium", "hard", "hard", "hard"]
+
+
+def test_fifo_eviction_at_capacity(make_service):
+    svc = make_service(capacity=10)  # easy 2, medium 4, hard 4
+    # One prompt only: its R(q) is its own quantile -> every entry is hard.
+    for i in range(6):
+        svc.push_group([make_traj(f"t{i}", "P", 0.0, group_id=f"g{i}")])
+        train(svc)
+    assert svc.tier_sizes() == {"easy": 0, "medium": 0, "hard": 4}
+    assert [e["trajectory_id"] for e in svc.entries()] == [
+        "t2",
+        "t3",
+        "t4",
+        "t5",
+    ]  # t0, t1 evicted, oldest first
+    assert svc.stats()["evicted"] == 2
+    assert svc.r.hlen(svc.k["blob"]) == 4  # the evicted records' bytes are gone too
+    sampled = {s.trajectory.trajectory_id for s in svc.sample(200, strategy="uniform", rng_seed=1)}
+    assert sampled == {"t2", "t3", "t4", "t5"}
+
+
+def test_priority_sampling_follows_exp_weights(make_service):
+    svc = make_service(capacity=100)
+    # score = advantage - 0.1 * mean_logratio: 0, .5, 1 - .05 = .95, 2 ; T = 1
+    specs = [(0.0, 0.0), (0.5, 0.0), (1.0, 0.5), (2.0, 0.0)]
+    svc.push_group([make_traj(f"t{i}", "P", 1.0) for i in range(4)])
+    ((eid, group),) = svc.read_fresh("learner", 1)
+    for t, (adv, lr) in zip(group, specs, strict=True):
+        t.advantage, t.mean_logratio_old_ref = adv, lr
+    svc.commit([eid], group)
+    weights = np.exp(np.array([0.0, 0.5, 0.95, 2.0]))
+    probs = weights / weights.sum()  # about .0874 .1441 .2260 .6425
+    n = 20_000
+    counts = Counter(s.trajectory.trajectory_id for s in svc.sample(n, rng_seed=1234))
+    observed = np.array([counts[f"t{i}"] for i in range(4)])
+    assert observed.sum() == n
+    assert chisquare(observed, probs * n).pvalue > 0.001
+    # The test has power: the same counts reject uniform sampling outright.
+    assert chisquare(observed, np.full(4, n / 4)).pvalue < 1e-12
+    # Temperature 2 flattens the weights: exp(s / 2).
+    svc2 = ReplayService(svc.config.model_copy(update={"priority_temperature": 2.0}), svc.r)
+    counts2 = Counter(s.trajectory.trajectory_id for s in svc2.sample(n, rng_seed=99))
+    w2 = np.exp(np.array([0.0, 0.5, 0.95, 2.0]) / 2)
+    assert chisquare([counts2[f"t{i}"] for i in range(4)], w2 / w2.sum() * n).pvalue > 0.001
+    # Same seed, same draws; sampling removes nothing.
+    ids = [s.trajectory.trajectory_id for s in svc.sample(16, rng_seed=5)]
+    assert ids == [s.trajectory.trajectory_id for s in svc.sample(16, rng_seed=5)]
+    assert svc.tier_sizes()["hard"] == 4
+
+
+def test_samples_carry_current_rbar_and_honour_age_bound(make_service):
+    svc = make_service(capacity=100, max_age_versions=2, min_size=3)
+    svc.push_group([make_traj("old", "P", 1.0, policy_version=1)])
+    train(svc)
+    assert svc.sample(4) == []  # below min_size 3
+    svc.push_group([make_traj(f"new{i}", "P", 0.0, policy_version=5, group_id="g2") for i in range(2)])
+    train(svc)
+    got = svc.sample(50, rng_seed=0, current_version=6)
+    assert {s.trajectory.trajectory_id for s in got} == {"new0", "new1"}  # version 1 is 5 behind > 2
+    assert all(s.rbar == pytest.approx(1 / 3) for s in got)  # R(q) of P = mean(1, 0, 0)
+    assert got[0].trajectory.advantage == 0.5 and got[0].trajectory.behaviour_logprobs == [-0.5, -0.25, -1.0]
+    assert "old" in {s.trajectory.trajectory_id for s in svc.sample(50, rng_seed=0)}  # no version: no bound
+    svc.push_group([make_traj("more", "P", 1.0, group_id="g3")])  # R(q) -> mean(1, 0, 0, 1) = .5
+    assert svc.sample(1, rng_seed=0)[0].rbar == 0.5
+
+
+def test_idempotent_push_and_commit(make_service):
+    svc = make_service()
+    group = [make_traj(f"t{i}", "P", float(i % 2)) for i in range(4)]
+    first = svc.push_group(group)
+    assert first["accepted"] == 4 and first["entry_id"]
+    again = svc.push_group(group)  # a retried push
+    assert again == {"entry_id": None, "accepted": 0, "duplicates": 4, "dead_lettered": False}
+    assert svc.push_group(encode_group(group))["accepted"] == 0  # the same as bytes
+    # A partly new group: only the new trajectory enters, statistics move for it alone.
+    partial = svc.push_group(group[:2] + [make_traj("t9", "P", 1.0)])
+    assert partial["accepted"] == 1 and partial["duplicates"] == 2
+    state = svc.prompt_states(["P"])["P"]
+    assert state["count"] == 5 and state["rbar"] == pytest.approx(3 / 5)  # rewards 0 1 0 1 1
+    stats = svc.stats()
+    assert stats["fresh_length"] == 2 and stats["pushed_trajectories"] == 5 and stats["duplicates"] == 10
+    got = svc.read_fresh("learner", 10)
+    assert sorted(len(g) for _, g in got) == [1, 4]
+    trained = [t for _, g in got for t in g]
+    entry_ids = [e for e, _ in got]
+    assert svc.commit(entry_ids, trained) == {"acked": 2, "inserted": 5, "evicted": 0, "ignored": 0}
+    assert svc.commit(entry_ids, trained) == {
+        "acked": 0,
+        "inserted": 0,
+        "evicted": 0,
+        "ignored": 5,
+    }  # retried
+    assert sum(svc.tier_sizes().values()) == 5 and svc.stats()["fresh_length"] == 0
+
+
+def test_concurrent_pushers_never_duplicate(make_service):
+    services = [make_service() for _ in range(4)]
+    groups = [[make_traj(f"g{j}-t{i}", f"P{j}", 1.0, group_id=f"g{j}") for i in range(4)] for j in range(30)]
+
+    def pusher(svc):
+        for g in groups:
+            svc.push_group(g)
+
+    threads = [threading.Thread(target=pusher, args=(s,)) for s in services]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    stats = services[0].stats()
+    assert stats["fresh_length"] == 30 and stats["pushed_trajectories"] == 120
+    assert stats["duplicates"] == 3 * 120
+    assert all(s["count"] == 4 for s in services[0].prompt_states([f"P{j}" for j in range(30)]).values())
+
+
+def test_dead_consumer_entries_are_reclaimed_and_trained_once(make_service):
+    svc = make_service()
+    for j in range(5):
+        svc.push_group([make_traj(f"g{j}-t{i}", f"P{j}", 1.0, group_id=f"g{j}") for i in range(2)])
+    crashed = svc.read_fresh("learner-a", max_groups=3)  # learner-a dies before committing
+    assert len(crashed) == 3
+    # learner-b: the entries are not idle long enough to be reclaimed yet -> only the 2 unread ones
+    first = svc.read_fresh("learner-b", max_groups=10, reclaim_idle_ms=60_000)
+    assert len(first) == 2
+    assert svc.stats()["fresh_pending"] == 5
+    time.sleep(0.15)
+    second = svc.read_fresh("learner-b", max_groups=10, reclaim_idle_ms=100)
+    assert sorted(e for e, _ in second) == sorted(
+        e for e, _ in crashed + first
+    )  # learner-a's 3, and b's own 2
+    assert svc.stats()["reclaimed"] == 5
+    trained_groups = Counter()
+    for entry_id, group in second:
+        result = svc.commit([entry_id], group)
+        trained_groups[group[0].group_id] += result["acked"]
+    # learner-a comes back and commits late: nothing is inserted twice
+    assert svc.commit([e for e, _ in crashed], [t for _, g in crashed for t in g])["inserted"] == 0
+    assert trained_groups == Counter({f"g{j}": 1 for j in range(5)})
+    assert sum(svc.tier_sizes().values()) == 10
+    assert svc.stats()["fresh_pending"] == 0 and svc.read_fresh("learner-b", 10, reclaim_idle_ms=0) == []
+
+
+def test_sigkill_and_aof_restart_keep_everything(redis_server, tmp_path):
+    cfg = BufferConfig(redis=redis_server.config(), min_size=0, capacity=100)
+    svc = ReplayService(cfg)
+    for j in range(4):
+        svc.push_group(
+            [make_traj(f"g{j}-t{i}", f"P{j}", float(i == 0 and j < 2), group_id=f"g{j}") for i in range(3)]
+        )
+    train(svc, advantage=0.25)  # all four trained: in the tiers
+    svc.push_group([make_traj(f"g4-t{i}", "P4", 0.0, group_id="g4") for i in range(3)])  # read, not committed
+    ((pending_id, _),) = svc.read_fresh("learner", 1)
+    svc.push_group([make_traj(f"g5-t{i}", "P5", 0.0, group_id="g5") for i in range(3)])  # not even read
+    before_entries = svc.entries()
+    prompts = [f"P{j}" for j in range(6)]
+    before_states = svc.prompt_states(prompts)
+    before_stats = svc.stats()
+    assert before_states["P4"]["hint_active"] and before_states["P4"]["streak"] == 3
+
+    redis_server.kill()  # SIGKILL: only what appendfsync always wrote survives
+    assert not redis_server.alive()
+    with pytest.raises(redis.ConnectionError):
+        svc.r.ping()
+    restarted = start_redis(redis_server.folder, password=redis_server.password, appendfsync="always")
+    try:
+        svc2 = ReplayService(cfg.model_copy(update={"redis": restarted.config()}))
+        assert svc2.entries() == before_entries
+        assert svc2.prompt_states(prompts) == before_states
+        assert svc2.stats() == before_stats
+        # the group read before the crash is redelivered, the unread one delivered
+        got = svc2.read_fresh("learner-2", 10, reclaim_idle_ms=0)
+        assert [e for e, _ in got][0] == pending_id
+        assert [g[0].group_id for _, g in got] == ["g4", "g5"]
+        assert svc2.push_group([make_traj("g5-t0", "P5")])["duplicates"] == 1  # idempotence survived too
+        assert svc2.sample(3, rng_seed=0)[0].trajectory.advantage == 0.25
+    finally:
+        restarted.stop()
+
+
+def test_bad_records_go_to_the_dead_letter_stream(make_service):
+    svc = make_service()
+    good = [make_traj("t1", "P", 1.0)]
+    table = pa.ipc.open_stream(encode_group(good)).read_all()
+
+    def ipc(t):
+        sink = pa.BufferOutputStream()
+        with pa.ipc.new_stream(sink, t.schema) as w:
+            w.write_table(t)
+        return sink.getvalue().to_pybytes()
+
+    wrong_version = ipc(table.replace_schema_metadata({VERSION_KEY: b"99"}))
+    missing = ipc(table.drop_columns(["reward"]))
+    bad_lengths = [make_traj("t2", "P", 1.0, behaviour_logprobs=[-1.0])]
+    for record in (b"not arrow at all", wrong_version, missing, bad_lengths):
+        assert svc.push_group(record)["dead_lettered"] is True
+    # a writer that bypassed push_group: caught when the learner reads it, acknowledged, never redelivered
+    svc.r.xadd(svc.k["fresh"], {"blob": wrong_version, "group_id": "x", "tids": "zz"})
+    assert svc.read_fresh("learner", 10) == []
+    assert svc.read_fresh("learner", 10, reclaim_idle_ms=0) == []
+    letters = svc.dead_letters()
+    reasons = [d["reason"] for d in letters]
+    assert "not an Arrow IPC stream" in reasons[0]
+    assert "schema version 99, expected 1" in reasons[1]
+    assert "missing field 'reward'" in reasons[2]
+    assert "1 behaviour_logprobs for 3 completion tokens" in reasons[3]
+    assert "schema version 99" in reasons[4] and letters[4]["source"] == "fresh"
+    assert letters[1]["payload"] == wrong_version  # kept for inspection, as bytes
+    stats = svc.stats()
+    assert stats["dead_lettered"] == 5 and stats["pushed_trajectories"] == 0 and stats["fresh_length"] == 0
+    assert svc.prompt_states(["P"])["P"]["rbar"] is None  # no statistic moved
+
+
+def test_hint_trigger_streak_window_and_lapse(make_service):
+    svc = make_service(rbar_window=4)
+    svc.push_group([make_traj("a0", "Q", 1.0, group_id="ga")])  # another prompt, R(q) 1
+    svc.push_group([make_traj(f"b{i}", "P", 0.0, group_id="gb") for i in range(2)])
+    st = svc.prompt_states(["P"])["P"]
+    assert st == {"rbar": 0.0, "streak": 2, "hint_active": False, "tier": "hard", "count": 2}
+    svc.push_group([make_traj("c0", "P", 0.0, group_id="gc")])  # third zero in a row
+    assert svc.prompt_states(["P"])["P"]["hint_active"] is True
+    assert svc.stats()["hints_active"] == 1
+    # rewards of P now 0 0 0; add 1, 1, 1 -> window of 4 keeps 0 1 1 1 -> R(q) .75; streak reset
+    svc.push_group([make_traj(f"d{i}", "P", 1.0, group_id="gd") for i in range(3)])
+    # R(q): P .75, Q 1 -> n=2, q40 = sorted[0] = .75 -> P still hard, hint stays
+    st = svc.prompt_states(["P"])["P"]
+    assert st["rbar"] == 0.75 and st["streak"] == 0 and st["tier"] == "hard" and st["hint_active"] is True
+    # a third prompt with R(q) 0: [0 .75 1], q40 = sorted[round(.8)=1] = .75 -> P still hard;
+    # a fourth with 0: [0 0 .75 1], q40 = sorted[round(1.2)=1] = 0 -> P leaves hard -> the hint lapses
+    svc.push_group([make_traj("e0", "R", 0.0, group_id="ge")])
+    assert svc.prompt_states(["P"])["P"]["hint_active"] is True
+    svc.push_group([make_traj("f0", "S", 0.0, group_id="gf")])
+    st = svc.prompt_states(["P"])["P"]
+    assert st["tier"] == "medium" and st["hint_active"] is False
+    assert svc.stats()["hints_active"] == 0
+    # the release's behaviour: hints stay on forever
+    redis_cfg = svc.config.redis.model_copy(update={"key_prefix": "keep"})
+    keep = make_service(rbar_window=4, hint={"lapse_when_not_hard": False}, redis=redis_cfg)
+    keep.push_group([make_traj(f"k{i}", "K", 0.0, group_id="gk") for i in range(3)])  # hint on
+    keep.push_group([make_traj(f"m{i}", "K", 1.0, group_id="gm") for i in range(4)])  # K: R(q) 1
+    for pid in ("M", "N"):
+        keep.push_group([make_traj(f"{pid}0", pid, 0.0, group_id=f"g{pid}")])
+    # [0 0 1] -> q40 = sorted[round(.8)=1] = 0: K is not hard, yet its hint stays on
+    st = keep.prompt_states(["K"])["K"]
+    assert st["tier"] != "hard" and st["hint_active"] is True
+    assert svc.top_streaks(2)[0] in {("R", 1), ("S", 1)}
+
+
+def test_wrong_password_and_passwordless_redis_are_refused(redis_server):
+    with pytest.raises(RedisAuthError, match="refused the password"):
+        connect(RedisConfig(url=redis_server.url, password="not-the-password"))
+    with pytest.raises(RedisAuthError, match="refused the password"):
+        ReplayService(BufferConfig(redis=RedisConfig(url=redis_server.url, password="nope")))
+    with pytest.raises(RedisAuthError, match="requires a password and none was given"):
+        connect(RedisConfig(url=redis_server.url))
+    assert connect(redis_server.config()).ping()
+    # the same server with its password removed: refused unless declared a throwaway local one
+    redis_server.client().config_set("requirepass", "")
+    with pytest.raises(RedisAuthError, match="accepts clients without a password"):
+        ReplayService(BufferConfig(redis=RedisConfig(url=redis_server.url)))
+    svc = ReplayService(BufferConfig(redis=RedisConfig(url=redis_server.url, throwaway_local=True)))
+    assert svc.stats()["pushed_groups"] == 0
+
+
+def test_inspect_prints_tiers_distributions_and_streaks(make_service, redis_server, capsys):
+    svc = make_service()
+    svc.push_group([make_traj(f"a{i}", "hard-prompt", 0.0, group_id="ga") for i in range(4)])
+    svc.push_group([make_traj(f"b{i}", "easy-prompt", 1.0, group_id="gb") for i in range(2)])
+    train(svc, advantage=-0.5)
+    text = inspect_text(svc, top=5)
+    assert "hard         4 / 4000" in text and "medium       2 / 3500" in text
+    assert "advantage                    mean -0.500" in text
+    assert "hard-prompt" in text and "streak   4" in text and "hint on" in text
+    code = main(["--url", redis_server.url, "--password", redis_server.password])
+    assert code == 0 and "hard-prompt" in capsys.readouterr().out
+    assert main(["--url", redis_server.url, "--password", "wrong"]) == 2
+    assert "refused the password" in capsys.readouterr().err
