@@ -10,7 +10,10 @@ STAGE_WEIGHTS: dict[int, dict[str, float]] = {
     0: {"format": 0.5, "accuracy": 0.5},
     1: {"format": 0.5, "accuracy": 0.5},
     2: {"format": 0.2, "accuracy": 0.4, "self": 0.4},
-    3: {"format": 0.5, "judge": 1.0},  # stage 3 weights are unpublished; the release uses format 0.5 + task 1.0
+    3: {
+        "format": 0.5,
+        "judge": 1.0,
+    },  # stage 3 weights are unpublished; the release uses format 0.5 + task 1.0
 }
 
 
@@ -28,8 +31,11 @@ class JudgeConfig(_Strict):
     num_frames: int = Field(0, ge=0, description="frames shown to the judge (0 = text only)")
     timeout_s: float = Field(30.0, gt=0)
     retries: int = Field(2, ge=0)
+    retry_backoff_s: float = Field(0.2, ge=0, description="sleep before retry k: k * retry_backoff_s")
     max_concurrency: int = Field(4, ge=1)
-    fallback: float = Field(0.0, ge=0, le=1, description="score used when the judge fails; the term is marked missing")
+    fallback: float = Field(
+        0.0, ge=0, le=1, description="score used when the judge fails; the term is marked missing"
+    )
 
 
 class RewardConfig(_Strict):
@@ -39,4 +45,5 @@ class RewardConfig(_Strict):
     numerical: Literal["binary", "dense"] = "binary"
     judge: JudgeConfig = Field(default_factory=JudgeConfig)
     num_workers: int = Field(1, ge=1)
+    groups_per_worker: int = Field(4, ge=1, description="groups one RewardWorker scores at a time (threads)")
     max_pending_groups: int = Field(64, ge=1, description="back-pressure: groups queued for scoring at most")

@@ -1,0 +1,197 @@
+"""The RewardWorker pool: Ray actors that score groups while generation goes on.
+
+The driver submits a generated group and returns to generation at once; it collects scored groups with
+poll(). At most cfg.max_pending_groups groups are in flight: submit() then waits for one to finish (or, with a
+timeout, raises PoolFull), which is the back-pressure. A worker scores cfg.groups_per_worker groups at a time
+(threads: the judge is I/O bound), so a slow judge slows scoring, never the caller until the bound is hit."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import ray
+
+from buffer_service.records import Trajectory
+from data.sample import PromptSample
+
+from .config import STAGE_WEIGHTS, RewardConfig
+from .judge import Judge, OpenAIJudgeBackend
+from .judge_engine import JudgeEngineActor, LocalJudgeBackend
+from .scoring import score_group
+
+
+class PoolFull(Exception):
+    """submit() found max_pending_groups groups in flight and none finished within its timeout."""
+
+
+@dataclass
+class ScoredGroup:
+    trajectories: list[Trajectory]
+    sample_id: str
+    started_at: float  # unix seconds, on the worker
+    finished_at: float
+    worker: int
+    error: str | None = None  # set when scoring raised: the trajectories are then unscored
+    judge_failures: int = 0
+
+
+def build_judge(cfg: RewardConfig, engine=None) -> Judge | None:
+    """The Judge the config describes: the OpenAI-compatible client, or the local engine actor `engine`.
+    None when there is no judge to reach (no endpoint, no engine)."""
+    jc = cfg.judge
+    if jc.backend == "openai":
+        return Judge(jc, OpenAIJudgeBackend(jc)) if jc.endpoint else None
+    return Judge(jc, LocalJudgeBackend(jc, engine)) if engine is not None else None
+
+
+@ray.remote(num_cpus=0)
+class RewardWorker:
+    def __init__(self, cfg: dict, index: int, judge_engine=None):
+        self.cfg = RewardConfig.model_validate(cfg)
+        self.index = index
+        self.judge = build_judge(self.cfg, judge_engine)
+        self.counts = {"groups_scored": 0, "groups_failed": 0, "trajectories_scored": 0, "scoring_s_sum": 0.0}
+
+    def score(self, trajectories: list[Trajectory], sample: PromptSample, frames: list[bytes] | None = None):
+        started = time.time()
+        error = None
+        try:
+            score_group(trajectories, sample, self.cfg, self.judge, frames)
+        except Exception as e:  # a bad group is reported with its reason, never dropped silently
+            error = f"{type(e).__name__}: {e}"
+        finished = time.time()
+        self.counts["groups_failed" if error else "groups_scored"] += 1
+        self.counts["trajectories_scored"] += 0 if error else len(trajectories)
+        self.counts["scoring_s_sum"] += finished - started
+        failures = sum(1 for t in trajectories if "judge" in t.rewards and t.rewards["judge"] is None)
+        return ScoredGroup(trajectories, sample.id, started, finished, self.index, error, failures)
+
+    def stats(self) -> dict[str, float]:
+        return {**self.counts, **(self.judge.stats() if self.judge else {})}
+
+    def close(self) -> None:
+        if self.judge is not None:
+            self.judge.close()
+
+
+@dataclass
+class _Inflight:
+    worker: int
+    submitted_at: float
+    trajectories: list[Trajectory]
+    sample_id: str
+
+
+@dataclass
+class RewardPool:
+    """Driver-side handle of the worker pool (not thread-safe: one driver loop submits and polls)."""
+
+    cfg: RewardConfig
+    judge_engine: object | None = None  # a JudgeEngineActor handle; created here when None and needed
+    workers: list = field(default_factory=list)
+    _inflight: dict = field(default_factory=dict)  # ObjectRef -> _Inflight
+    _ready: list = field(default_factory=list)
+    _owns_engine: bool = False
+    _counts: dict = field(default_factory=lambda: {"groups_submitted": 0, "submit_blocked_s_sum": 0.0})
+
+    def __post_init__(self):
+        jc = self.cfg.judge
+        if self.judge_engine is None and jc.backend == "local" and jc.model_path and self._needs_judge():
+            self.judge_engine = JudgeEngineActor.remote(jc.model_path)
+            self._owns_engine = True
+        options = {"max_concurrency": self.cfg.groups_per_worker + 1}  # +1: stats() answers while busy
+        cfg = self.cfg.model_dump()
+        self.workers = [
+            RewardWorker.options(**options).remote(cfg, i, self.judge_engine)
+            for i in range(self.cfg.num_workers)
+        ]
+
+    @property
+    def pending(self) -> int:
+        """Groups submitted and not finished."""
+        return len(self._inflight)
+
+    def submit(
+        self,
+        trajectories: list[Trajectory],
+        sample: PromptSample,
+        frames: list[bytes] | None = None,
+        timeout: float | None = None,
+    ) -> None:
+        """Queue one group for scoring. Waits while max_pending_groups are in flight (up to `timeout` seconds;
+        None = as long as it takes, 0 = not at all) and raises PoolFull when the wait runs out."""
+        t0 = time.monotonic()
+        while len(self._inflight) >= self.cfg.max_pending_groups:
+            left = None if timeout is None else timeout - (time.monotonic() - t0)
+            if left is not None and left <= 0:
+                raise PoolFull(f"{len(self._inflight)} groups in flight (reward.max_pending_groups)")
+            self._collect(timeout=left, wait_one=True)
+        self._counts["submit_blocked_s_sum"] += time.monotonic() - t0
+        loads = [0] * len(self.workers)
+        for item in self._inflight.values():
+            loads[item.worker] += 1
+        w = loads.index(min(loads))
+        ref = self.workers[w].score.remote(trajectories, sample, frames)
+        self._inflight[ref] = _Inflight(w, time.time(), trajectories, sample.id)
+        self._counts["groups_submitted"] += 1
+
+    def poll(self, timeout: float = 0.0, max_groups: int | None = None) -> list[ScoredGroup]:
+        """Scored groups finished so far, in order of completion; waits up to `timeout` for the first one."""
+        self._collect(timeout=0.0)
+        if not self._ready and timeout and self._inflight:
+            self._collect(timeout=timeout, wait_one=True)
+        n = len(self._ready) if max_groups is None else max_groups
+        out, self._ready = self._ready[:n], self._ready[n:]
+        return out
+
+    def drain(self, timeout: float | None = None) -> list[ScoredGroup]:
+        """Wait for every group in flight; return all unpolled scored groups."""
+        if self._inflight:
+            refs = list(self._inflight)
+            done, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout)
+            self._take(done)
+        return self.poll()
+
+    def stats(self) -> dict[str, float]:
+        """Counters summed over workers (groups_scored, judge_failures, judge_latency_s_sum, ...) plus the pool's
+        own (groups_submitted, pending, submit_blocked_s_sum)."""
+        total: dict[str, float] = {}
+        for s in ray.get([w.stats.remote() for w in self.workers]):
+            for k, v in s.items():
+                total[k] = max(total.get(k, 0.0), v) if k.endswith("_max") else total.get(k, 0) + v
+        return {**total, **self._counts, "pending": len(self._inflight)}
+
+    def shutdown(self) -> None:
+        """Close the workers and, when the pool started it, shut the judge engine down (before ray.shutdown)."""
+        ray.get([w.close.remote() for w in self.workers])
+        for w in self.workers:
+            ray.kill(w)
+        self.workers = []
+        if self._owns_engine and self.judge_engine is not None:
+            ray.get(self.judge_engine.shutdown.remote())
+            ray.kill(self.judge_engine)
+            self.judge_engine = None
+
+    def _needs_judge(self) -> bool:
+        weights = [self.cfg.weights] if self.cfg.weights is not None else list(STAGE_WEIGHTS.values())
+        return any(w.get("judge") for w in weights)
+
+    def _collect(self, timeout: float | None, wait_one: bool = False) -> None:
+        if not self._inflight:
+            return
+        refs = list(self._inflight)
+        done, _ = ray.wait(refs, num_returns=1 if wait_one else len(refs), timeout=timeout if wait_one else 0)
+        self._take(done)
+
+    def _take(self, done: list) -> None:
+        for ref in done:
+            item = self._inflight.pop(ref)
+            try:
+                self._ready.append(ray.get(ref))
+            except Exception as e:  # the worker died: report the group, do not lose it silently
+                failed = ScoredGroup(
+                    item.trajectories, item.sample_id, item.submitted_at, time.time(), item.worker
+                )
+                failed.error = f"worker failed: {type(e).__name__}: {e}"
+                self._ready.append(failed)
