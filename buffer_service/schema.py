@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
+import numpy as np
 import pyarrow as pa
 
 from buffer_service.records import Trajectory
@@ -30,13 +31,14 @@ class RecordError(ValueError):
     """A record that decodes but is not valid (e.g. log-probs and tokens of different lengths)."""
 
 
-# (name, Arrow type, nullable). Log-probs are float64 so that a record round-trips exactly.
+# (name, Arrow type, nullable). Token ids fit int32 (vocabularies are far below 2**31); log-probs are float64
+# so that a record round-trips exactly.
 _FIELDS: list[tuple[str, pa.DataType, bool]] = [
     ("trajectory_id", pa.string(), False),
     ("group_id", pa.string(), False),
     ("prompt_id", pa.string(), False),
-    ("prompt_token_ids", pa.list_(pa.int64()), False),
-    ("completion_token_ids", pa.list_(pa.int64()), False),
+    ("prompt_token_ids", pa.list_(pa.int32()), False),
+    ("completion_token_ids", pa.list_(pa.int32()), False),
     ("behaviour_logprobs", pa.list_(pa.float64()), False),
     ("policy_version", pa.int64(), False),
     ("completion_text", pa.string(), False),
@@ -58,6 +60,22 @@ TRAJECTORY_SCHEMA = pa.schema(
 )
 
 
+_NUMPY = {pa.int32(): np.int32, pa.float64(): np.float64}
+
+
+def _list_array(rows: list, typ: pa.ListType) -> pa.Array:
+    """list<number> column through numpy: an order of magnitude faster than pa.array on Python lists."""
+    dtype = _NUMPY[typ.value_type]
+    parts = [np.asarray(r, dtype=np.int64 if dtype is np.int32 else dtype) for r in rows if r is not None]
+    flat = np.concatenate(parts) if parts else np.zeros(0, dtype=dtype)
+    if dtype is np.int32 and flat.size and (flat.min() < -(2**31) or flat.max() >= 2**31):
+        raise OverflowError(f"token id out of int32 range ({flat.min()}..{flat.max()})")
+    offsets = np.zeros(len(rows) + 1, dtype=np.int32)
+    np.cumsum([0 if r is None else len(r) for r in rows], out=offsets[1:])
+    mask = pa.array([r is None for r in rows]) if any(r is None for r in rows) else None
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat.astype(dtype)), type=typ, mask=mask)
+
+
 def encode_group(group: list[Trajectory]) -> bytes:
     """A list of trajectories -> Arrow IPC stream bytes (schema version in the metadata)."""
     columns: dict[str, list] = {name: [] for name, _, _ in _FIELDS}
@@ -68,10 +86,14 @@ def encode_group(group: list[Trajectory]) -> bytes:
                 value = list(value.items())
             columns[name].append(value)
     try:
-        batch = pa.record_batch(
-            [pa.array(columns[name], type=typ) for name, typ, _ in _FIELDS], schema=TRAJECTORY_SCHEMA
-        )
-    except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, OverflowError) as exc:
+        arrays = []
+        for name, typ, _ in _FIELDS:
+            if pa.types.is_list(typ):
+                arrays.append(_list_array(columns[name], typ))
+            else:
+                arrays.append(pa.array(columns[name], type=typ))
+        batch = pa.record_batch(arrays, schema=TRAJECTORY_SCHEMA)
+    except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, ValueError, OverflowError) as exc:
         raise RecordError(f"cannot encode group: {exc}") from None
     sink = pa.BufferOutputStream()
     with pa.ipc.new_stream(sink, TRAJECTORY_SCHEMA) as writer:
@@ -112,13 +134,22 @@ def decode_group(data: bytes) -> list[Trajectory]:
             raise SchemaError(f"field '{name}' has type {column.type}, expected {typ}")
         if not nullable and column.null_count:
             raise SchemaError(f"field '{name}' is null but is required")
-        columns[name] = column.to_pylist()
+        columns[name] = _list_column(column) if pa.types.is_list(typ) else column.to_pylist()
     group = []
     for row in range(table.num_rows):
         values = {name: columns[name][row] for name, _, _ in _FIELDS}
         values["rewards"] = dict(values["rewards"])
         group.append(Trajectory(**values))
     return group
+
+
+def _list_column(column: pa.ChunkedArray) -> list:
+    """list<number> column -> Python lists through numpy (to_pylist converts element by element)."""
+    arr = column.combine_chunks()
+    values = arr.values.to_numpy(zero_copy_only=False)
+    offsets = arr.offsets.to_numpy()
+    nulls = arr.is_null().to_pylist() if arr.null_count else [False] * len(arr)
+    return [None if nulls[i] else values[offsets[i] : offsets[i + 1]].tolist() for i in range(len(arr))]
 
 
 def decode_trajectory(data: bytes) -> Trajectory:
@@ -129,7 +160,9 @@ def decode_trajectory(data: bytes) -> Trajectory:
 
 
 def _finite(values) -> bool:
-    return all(math.isfinite(v) for v in values)
+    # One C-speed sum instead of a Python loop: inf or nan anywhere makes the sum non-finite
+    # (a sum of log-probs cannot overflow to inf).
+    return math.isfinite(sum(values))
 
 
 def validate_trajectory(traj: Trajectory) -> None:

@@ -301,6 +301,7 @@ class ReplayService:
             if payload is not None:
                 group = decode_group(bytes(payload))
             validate_group(group)
+            blob = bytes(payload) if payload is not None else encode_group(group)
         except (SchemaError, RecordError) as exc:
             self._dead_letter("push", str(exc), payload if payload is not None else self._try_encode(group))
             result["dead_lettered"] = True
@@ -315,7 +316,7 @@ class ReplayService:
                 return result
             args = [
                 self.prefix,
-                encode_group(new),
+                blob if len(new) == len(group) else encode_group(new),
                 new[0].group_id,
                 new[0].prompt_id,
                 cfg.rbar_window,

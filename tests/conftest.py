@@ -46,7 +46,7 @@ def make_traj(tid: str, prompt_id: str, reward: float = 0.0, group_id: str | Non
         trajectory_id=tid,
         group_id=group_id or f"{prompt_id}/g",
         prompt_id=prompt_id,
-        prompt_token_ids=[1, 2],
+        prompt_token_ids=kw.pop("prompt_token_ids", [1, 2]),
         policy_version=kw.pop("policy_version", 0),
         reward=reward,
         **kw,

@@ -319,7 +319,8 @@ def test_bad_records_go_to_the_dead_letter_stream(make_service):
     wrong_version = ipc(table.replace_schema_metadata({VERSION_KEY: b"99"}))
     missing = ipc(table.drop_columns(["reward"]))
     bad_lengths = [make_traj("t2", "P", 1.0, behaviour_logprobs=[-1.0])]
-    for record in (b"not arrow at all", wrong_version, missing, bad_lengths):
+    too_big = [make_traj("t3", "P", 1.0, prompt_token_ids=[2**40])]
+    for record in (b"not arrow at all", wrong_version, missing, bad_lengths, too_big):
         assert svc.push_group(record)["dead_lettered"] is True
     # a writer that bypassed push_group: caught when the learner reads it, acknowledged, never redelivered
     svc.r.xadd(svc.k["fresh"], {"blob": wrong_version, "group_id": "x", "tids": "zz"})
@@ -331,10 +332,11 @@ def test_bad_records_go_to_the_dead_letter_stream(make_service):
     assert "schema version 99, expected 1" in reasons[1]
     assert "missing field 'reward'" in reasons[2]
     assert "1 behaviour_logprobs for 3 completion tokens" in reasons[3]
-    assert "schema version 99" in reasons[4] and letters[4]["source"] == "fresh"
+    assert "cannot encode group" in reasons[4] and letters[4]["payload"] == b""
+    assert "schema version 99" in reasons[5] and letters[5]["source"] == "fresh"
     assert letters[1]["payload"] == wrong_version  # kept for inspection, as bytes
     stats = svc.stats()
-    assert stats["dead_lettered"] == 5 and stats["pushed_trajectories"] == 0 and stats["fresh_length"] == 0
+    assert stats["dead_lettered"] == 6 and stats["pushed_trajectories"] == 0 and stats["fresh_length"] == 0
     assert svc.prompt_states(["P"])["P"]["rbar"] is None  # no statistic moved
 
 

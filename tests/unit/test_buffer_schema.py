@@ -91,6 +91,11 @@ def test_wrong_type_and_null_are_named():
         decode_group(_ipc(nulls.replace_schema_metadata(TRAJECTORY_SCHEMA.metadata)))
 
 
+def test_unencodable_record_is_a_record_error():
+    with pytest.raises(RecordError, match="cannot encode group"):
+        encode_group([full_traj(completion_token_ids=[1, 2, 2**31])])
+
+
 def test_garbage_is_not_arrow():
     with pytest.raises(SchemaError, match="not an Arrow IPC stream"):
         decode_group(b"\x80\x04K\x01.")  # a pickle of 1: never unpickled, just rejected
