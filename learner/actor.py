@@ -1,0 +1,145 @@
+"""The learner as Ray actors: one LearnerWorker per rank, driven together through a LearnerGroup.
+
+The driver calls the group; every call goes to all ranks (each trains on its share of the same batch, and
+ZeRO needs all ranks in every collective) and rank 0's answer comes back.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import asdict
+from pathlib import Path
+
+from .config import LearnerConfig
+from .distributed import free_port
+from .learner import Learner, MediaProvider
+
+
+class LearnerWorker:
+    """One rank. Constructed cheaply; setup() joins the process group and builds the engine."""
+
+    def __init__(self, cfg: LearnerConfig | dict, model_path: str, rank: int, world_size: int,
+                 media_provider: MediaProvider | None = None, publish_dir: str | None = None):
+        self.cfg = cfg if isinstance(cfg, LearnerConfig) else LearnerConfig.model_validate(cfg)
+        self.model_path, self.rank, self.world_size = model_path, rank, world_size
+        self.media_provider, self.publish_dir = media_provider, publish_dir
+        self.learner: Learner | None = None
+        self.transport = None
+
+    def address(self) -> tuple[str, int]:
+        """Where rank 0 hosts the rendezvous: this node's address and a free port on it."""
+        host = os.environ.get("AVATAR_LEARNER_HOST") or socket.gethostbyname(socket.gethostname())
+        return ("127.0.0.1" if host.startswith("127.") else host), free_port()
+
+    def setup(self, master_addr: str, master_port: int) -> dict:
+        self.learner = Learner(self.cfg, self.model_path, media_provider=self.media_provider, rank=self.rank,
+                               world_size=self.world_size, master_addr=master_addr, master_port=master_port)
+        if self.rank == 0 and self.publish_dir and self.cfg.transport == "safetensors":
+            from .transport import SafetensorsTransport
+
+            self.transport = SafetensorsTransport(self.publish_dir, timeout_s=self.cfg.publish_timeout_s)
+        return self.state()
+
+    def init_broadcast(self, host: str, port: int, group_size: int) -> None:
+        """For cfg.transport == "nccl": join the weight group as its rank 0 (receivers call
+        learner.transport.init_weight_group with ranks 1..group_size-1 at the same time)."""
+        import torch
+
+        from .transport import CollectiveTransport, init_weight_group
+
+        if self.rank != 0:
+            return
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        group = init_weight_group(host, port, 0, group_size, backend, self.cfg.publish_timeout_s)
+        self.transport = CollectiveTransport(group, 0, self.learner.device, timeout_s=self.cfg.publish_timeout_s)
+
+    def state(self) -> dict:
+        return {"rank": self.rank, "step": self.learner.step, "policy_version": self.learner.policy_version}
+
+    def train_step(self, fresh_groups, replay_samples=()) -> dict:
+        return self.learner.train_step(fresh_groups, replay_samples)
+
+    def sft_step(self, examples) -> dict:
+        return self.learner.sft_step(examples)
+
+    def completion_logprobs(self, items) -> list[list[float]]:
+        return [lp.tolist() for lp in self.learner.completion_logprobs(items)]
+
+    def publish(self) -> dict | None:
+        published = self.learner.publish(self.transport)
+        return asdict(published) if published else None
+
+    def save_checkpoint(self, directory: str) -> str:
+        return str(self.learner.save_checkpoint(directory))
+
+    def load_checkpoint(self, directory: str) -> dict:
+        self.learner.load_checkpoint(directory)
+        return self.state()
+
+    def export_hf(self, out_dir: str) -> str:
+        return str(self.learner.export_hf(out_dir))
+
+    def shutdown(self) -> None:
+        from .distributed import shutdown_distributed
+
+        if self.learner is not None:
+            self.learner.close()
+        shutdown_distributed()
+
+
+class LearnerGroup:
+    """Driver-side handle on `cfg.num_ranks` LearnerWorker actors."""
+
+    def __init__(self, cfg: LearnerConfig, model_path: str | Path, *, media_provider: MediaProvider | None = None,
+                 publish_dir: str | Path | None = None, num_cpus_per_rank: float = 1,
+                 num_gpus_per_rank: float = 0):
+        import ray
+
+        actor = ray.remote(LearnerWorker).options(num_cpus=num_cpus_per_rank, num_gpus=num_gpus_per_rank)
+        self.workers = [
+            actor.remote(cfg.model_dump(), str(model_path), rank, cfg.num_ranks, media_provider,
+                         str(publish_dir) if publish_dir else None)
+            for rank in range(cfg.num_ranks)
+        ]
+        addr, port = ray.get(self.workers[0].address.remote())
+        ray.get([w.setup.remote(addr, port) for w in self.workers])
+
+    def _all(self, method: str, *args):
+        import ray
+
+        refs = [ray.put(a) for a in args]  # serialise the batch once for all ranks
+        return ray.get([getattr(w, method).remote(*refs) for w in self.workers])[0]
+
+    def train_step(self, fresh_groups, replay_samples=()) -> dict:
+        return self._all("train_step", list(fresh_groups), list(replay_samples))
+
+    def sft_step(self, examples) -> dict:
+        return self._all("sft_step", list(examples))
+
+    def completion_logprobs(self, items) -> list[list[float]]:
+        return self._all("completion_logprobs", list(items))
+
+    def publish(self) -> dict | None:
+        return self._all("publish")
+
+    def save_checkpoint(self, directory: str | Path) -> str:
+        return self._all("save_checkpoint", str(directory))
+
+    def load_checkpoint(self, directory: str | Path) -> dict:
+        return self._all("load_checkpoint", str(directory))
+
+    def export_hf(self, out_dir: str | Path) -> str:
+        return self._all("export_hf", str(out_dir))
+
+    def state(self) -> dict:
+        return self._all("state")
+
+    def shutdown(self) -> None:
+        import ray
+
+        try:
+            ray.get([w.shutdown.remote() for w in self.workers], timeout=60)
+        finally:
+            for w in self.workers:
+                ray.kill(w)

@@ -1,0 +1,442 @@
+"""The DeepSpeed learner: feeds the pure objective (learner/objective.py) and steps.
+
+One Learner per rank. It holds the policy inside a DeepSpeed engine (ZeRO 0-3, fp32 or bf16), the reference
+policy (the base model with LoRA adapters disabled, or a frozen copy of the starting weights), the policy
+version, and turns fresh groups plus replayed samples into one optimizer step.
+
+Why the reference log-probs are computed here and not at rollout time: the rollout engines (vLLM) hold only
+the current policy; a second model per engine would double their memory, and the reference never changes, so
+one no-grad forward in the learner (cheap next to the backward) keeps the engines lean. A trajectory that
+already carries ref_logprobs (e.g. from an earlier pass) is not recomputed.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from buffer_service.records import ReplaySample, Trajectory
+from policy.logprobs import gather_logprobs, repeat_media
+from policy.model import is_omni, load_policy
+
+from .config import LearnerConfig
+from .distributed import init_distributed, setup_accelerator_env
+from .objective import mixed_advantages, policy_loss, sft_loss
+from .transport import PublishedWeights, WeightTransport
+
+MediaProvider = Callable[[str], Mapping[str, torch.Tensor] | None]
+
+
+@dataclass
+class SFTExample:
+    """A stage-0 target: the processed prompt and the chain-of-thought completion to imitate."""
+
+    prompt_token_ids: list[int]
+    target_token_ids: list[int]
+    prompt_id: str | None = None  # for media, as for trajectories
+
+
+@dataclass
+class _Row:
+    prompt_id: str | None
+    prompt: list[int]
+    completion: list[int]
+    old: list[float] | None = None
+    ref: list[float] | None = None
+
+
+class WarmupSchedule:
+    """lr multiplier: linear warm-up over `warmup` steps, then constant or a linear/cosine decay to 0."""
+
+    def __init__(self, warmup: int, total: int, kind: str = "constant"):
+        self.warmup, self.total, self.kind = warmup, total, kind
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup:
+            return (step + 1) / (self.warmup + 1)
+        if self.kind == "constant":
+            return 1.0
+        progress = min(1.0, (step - self.warmup) / max(1, self.total - self.warmup))
+        return 1.0 - progress if self.kind == "linear" else 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def plan_micro_batches(keys: Sequence[str | None], micro: int, world: int, by_key: bool) -> list[list[list[int]]]:
+    """Split row indices into micro-batches of at most `micro` rows, deal them round-robin to the ranks and
+    pad every rank to the same count with empty micro-batches (ZeRO needs the same collectives on all
+    ranks). by_key keeps rows of one prompt together (their media are repeated, not mixed)."""
+    if by_key:
+        groups: dict[str | None, list[int]] = {}
+        for i, k in enumerate(keys):
+            groups.setdefault(k, []).append(i)
+        chunks = [g[j : j + micro] for g in groups.values() for j in range(0, len(g), micro)]
+    else:
+        chunks = [list(range(j, min(j + micro, len(keys)))) for j in range(0, len(keys), micro)]
+    per_rank = [chunks[r::world] for r in range(world)]
+    count = max(1, max(len(c) for c in per_rank))
+    return [c + [[] for _ in range(count - len(c))] for c in per_rank]
+
+
+def _pad(rows: Sequence[Sequence[float]], width: int, starts: Sequence[int]) -> torch.Tensor:
+    out = torch.zeros(len(rows), width)
+    for i, (values, s) in enumerate(zip(rows, starts)):
+        if values:
+            out[i, s : s + len(values)] = torch.tensor(values, dtype=torch.float32)
+    return out
+
+
+class Learner:
+    def __init__(
+        self,
+        cfg: LearnerConfig,
+        model_path: str | Path,
+        *,
+        media_provider: MediaProvider | None = None,
+        rank: int = 0,
+        world_size: int = 1,
+        master_addr: str = "127.0.0.1",
+        master_port: int | None = None,
+    ):
+        setup_accelerator_env()
+        import deepspeed
+
+        init_distributed(rank, world_size, master_addr, master_port)
+        self.cfg, self.rank, self.world_size = cfg, rank, world_size
+        self.model_path = Path(model_path)
+        self.media_provider = media_provider
+        self._media_cache: OrderedDict[str, Mapping[str, torch.Tensor] | None] = OrderedDict()
+        _seed_everything(cfg.seed + rank)
+        dtype = "bfloat16" if cfg.precision == "bf16" else "float32"
+
+        loaded = load_policy(model_path, dtype)
+        self.tokenizer, self.multimodal = loaded.tokenizer, loaded.multimodal
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        self.key_prefix = "thinker." if is_omni(model_path) else ""
+        model = loaded.model
+        self.ref_model = None
+        uses_ref = cfg.reference == "frozen_model" and cfg.objective.kl_beta > 0
+        if cfg.lora.enabled:
+            from peft import LoraConfig as PeftLoraConfig
+            from peft import get_peft_model
+
+            peft_cfg = PeftLoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
+                                      target_modules="all-linear", bias="none")
+            model = get_peft_model(model, peft_cfg)
+        elif uses_ref:
+            self.ref_model = load_policy(model_path, dtype).model.eval().requires_grad_(False)
+        self.uses_ref = uses_ref
+
+        warmup = math.ceil(cfg.warmup_ratio * cfg.total_steps)
+        ds_config = {
+            "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
+            "gradient_accumulation_steps": 1,  # micro-batches are accumulated by hand (set_..._boundary)
+            "gradient_clipping": cfg.grad_clip,
+            "zero_optimization": {"stage": cfg.zero_stage},
+            "bf16": {"enabled": cfg.precision == "bf16"},
+            "optimizer": {"type": "AdamW", "params": {
+                "lr": cfg.lr, "weight_decay": cfg.weight_decay, "betas": [0.9, 0.999], "eps": 1e-8,
+                "torch_adam": True,  # no JIT-compiled fused Adam (40 s on CPU)
+            }},
+            "steps_per_print": 10**9,
+        }
+        schedule = WarmupSchedule(warmup, cfg.total_steps, cfg.lr_schedule)
+        self.engine, _, _, self.scheduler = deepspeed.initialize(
+            model=model,
+            model_parameters=[p for p in model.parameters() if p.requires_grad],
+            config=ds_config,
+            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule),
+        )
+        self.device = self.engine.device
+        if self.ref_model is not None:
+            self.ref_model.to(self.device)
+        self.step = 0
+        self.policy_version = 0
+
+    # --- forward passes -----------------------------------------------------------------------------------
+
+    def _media(self, prompt_id: str | None) -> Mapping[str, torch.Tensor] | None:
+        """Prompt media from the provider (the same processor as the rollout), cached per prompt_id."""
+        if not self.multimodal or self.media_provider is None or prompt_id is None:
+            return None
+        if prompt_id not in self._media_cache:
+            self._media_cache[prompt_id] = self.media_provider(prompt_id)
+            while len(self._media_cache) > 256:
+                self._media_cache.popitem(last=False)
+        self._media_cache.move_to_end(prompt_id)
+        return self._media_cache[prompt_id]
+
+    def _inputs(self, rows: Sequence[_Row]) -> tuple[dict, torch.Tensor, list[int]]:
+        seqs = [r.prompt + r.completion for r in rows]
+        width = max(len(s) for s in seqs)
+        input_ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        attention = torch.zeros((len(rows), width), dtype=torch.long)
+        mask = torch.zeros((len(rows), width))
+        for i, (r, s) in enumerate(zip(rows, seqs)):
+            input_ids[i, : len(s)] = torch.tensor(s)
+            attention[i, : len(s)] = 1
+            mask[i, len(r.prompt) : len(s)] = 1
+        kwargs = {"input_ids": input_ids.to(self.device), "attention_mask": attention.to(self.device),
+                  "use_cache": False}
+        media = self._media(rows[0].prompt_id)
+        if media:  # micro-batches hold one prompt each when media are in play (plan_micro_batches)
+            kwargs.update({k: v.to(self.device) for k, v in repeat_media(media, len(rows)).items()})
+        return kwargs, mask.to(self.device), [len(r.prompt) for r in rows]
+
+    @staticmethod
+    def _logprobs(model: torch.nn.Module, kwargs: dict) -> torch.Tensor:
+        """[B, L]: entry t is log p(input_ids[t] | input_ids[:t]) (entry 0 is 0)."""
+        logits = model(**kwargs).logits
+        ids = kwargs["input_ids"]
+        logp = gather_logprobs(logits[:, :-1], ids[:, 1:])
+        return torch.cat([torch.zeros_like(logp[:, :1]), logp], dim=1)
+
+    @torch.no_grad()
+    def _ref_logprobs(self, kwargs: dict) -> torch.Tensor:
+        if self.cfg.lora.enabled:
+            with self.engine.module.disable_adapter():
+                return self._logprobs(self.engine.module, kwargs)
+        return self._logprobs(self.ref_model, kwargs)
+
+    @torch.no_grad()
+    def completion_logprobs(self, items: Sequence[Trajectory | SFTExample]) -> list[torch.Tensor]:
+        """Current-policy log-probs of each item's completion tokens (all ranks must call under ZeRO-3)."""
+        rows = [_to_row(x) for x in items]
+        out = []
+        for chunk in plan_micro_batches([r.prompt_id for r in rows], self.cfg.micro_batch_size, 1,
+                                        self.multimodal)[0]:
+            if not chunk:
+                continue
+            kwargs, mask, _ = self._inputs([rows[i] for i in chunk])
+            logp = self._logprobs(self.engine, kwargs)
+            out += [(i, logp[j][mask[j].bool()].float().cpu()) for j, i in enumerate(chunk)]
+        return [lp for _, lp in sorted(out, key=lambda x: x[0])]
+
+    # --- training steps -----------------------------------------------------------------------------------
+
+    def train_step(self, fresh_groups: Sequence[Sequence[Trajectory]],
+                   replay_samples: Sequence[ReplaySample] = ()) -> dict:
+        """One optimizer step of the AVATAR objective on fresh groups (group advantages) plus replayed
+        samples (VCRS advantages against their rbar). Every rank gets the same full batch and trains on its
+        share. Returns the step's metrics and, per trajectory id, the advantage it used and the mean
+        (behaviour - reference) log-prob, for the replay service's priority score."""
+        start = time.perf_counter()
+        trajs = [t for g in fresh_groups for t in g] + [s.trajectory for s in replay_samples]
+        if not trajs:
+            raise ValueError("train_step: empty batch (no fresh groups and no replay samples)")
+        for t in trajs:
+            if len(t.behaviour_logprobs) != len(t.completion_token_ids) or not t.completion_token_ids:
+                raise ValueError(f"trajectory {t.trajectory_id}: {len(t.completion_token_ids)} completion tokens "
+                                 f"but {len(t.behaviour_logprobs)} behaviour log-probs (need equal, non-zero)")
+        n_fresh = len(trajs) - len(replay_samples)
+        group_ids = {gid: i for i, gid in enumerate(dict.fromkeys(t.group_id for t in trajs))}
+        adv = mixed_advantages(
+            torch.tensor([t.reward for t in trajs], dtype=torch.float32),
+            torch.tensor([group_ids[t.group_id] for t in trajs]),
+            torch.tensor([i >= n_fresh for i in range(len(trajs))]),
+            torch.tensor([0.0] * n_fresh + [s.rbar for s in replay_samples], dtype=torch.float32),
+            self.cfg.objective.vcrs_alpha, self.cfg.objective.adv_eps, self.cfg.objective.vcrs_guard_zero_std,
+        )
+        rows = [_to_row(t) for t in trajs]
+        obj = self.cfg.objective
+        totals = self._accumulate(rows, lambda logp, old, ref, mask, idx, n_seq, n_tok: policy_loss(
+            logp, old, ref, mask, adv[idx].to(logp.device), clip_eps=obj.clip_eps, kl_beta=obj.kl_beta,
+            tas_shape=obj.tas_shape, tas_lambda=obj.tas_lambda, aggregation=obj.aggregation,
+            num_sequences=n_seq, num_tokens=n_tok))
+        gap = totals.pop("old_minus_ref")
+        return {
+            **totals,
+            "adv_abs_mean": adv.abs().mean().item(),
+            "replay_fraction": len(replay_samples) / len(trajs),
+            "seconds": time.perf_counter() - start,
+            "advantages": {t.trajectory_id: float(a) for t, a in zip(trajs, adv)},
+            "mean_logratio_old_ref": {t.trajectory_id: gap.get(i) for i, t in enumerate(trajs)},
+        }
+
+    def sft_step(self, examples: Sequence[SFTExample]) -> dict:
+        """Stage 0: one optimizer step of supervised fine-tuning on chain-of-thought targets."""
+        start = time.perf_counter()
+        if not examples:
+            raise ValueError("sft_step: no examples")
+        rows = [_to_row(e) for e in examples]
+        totals = self._accumulate(rows, lambda logp, old, ref, mask, idx, n_seq, n_tok: _SFTOut(
+            sft_loss(logp, mask, self.cfg.objective.aggregation, n_seq, n_tok)), needs_old=False)
+        totals.pop("old_minus_ref")
+        return {**totals, "seconds": time.perf_counter() - start}
+
+    def _accumulate(self, rows: list[_Row], loss_fn, needs_old: bool = True) -> dict:
+        """Forward/backward this rank's micro-batches (gradients accumulate), then one engine step. Losses
+        use the whole step's denominators, times world_size because DeepSpeed averages gradients over ranks."""
+        import torch.distributed as dist
+
+        n_seq, n_tok = len(rows), sum(len(r.completion) for r in rows)
+        plan = plan_micro_batches([r.prompt_id for r in rows], self.cfg.micro_batch_size, self.world_size,
+                                  self.multimodal)[self.rank]
+        sums = torch.zeros(5, dtype=torch.float64)  # loss, tokens, clip*tok, kl*tok, zero_adv*tok
+        ratio_max = torch.tensor([0.0], dtype=torch.float64)
+        gap: dict[int, float] = {}
+        self.engine.train()
+        for k, chunk in enumerate(plan):
+            dummy = not chunk  # keeps collectives in step on a rank without work; contributes 0
+            idx = chunk or [0]
+            self.engine.set_gradient_accumulation_boundary(k == len(plan) - 1)
+            kwargs, mask, starts = self._inputs([rows[i] for i in idx])
+            width = mask.shape[1]
+            old = _pad([rows[i].old or [] for i in idx], width, starts).to(self.device) if needs_old else None
+            ref = None
+            if needs_old and self.uses_ref:
+                if all(rows[i].ref is not None for i in idx):
+                    ref = _pad([rows[i].ref for i in idx], width, starts).to(self.device)
+                else:
+                    ref = self._ref_logprobs(kwargs).float()
+                for j, i in enumerate(idx):
+                    sel = mask[j].bool()
+                    gap[i] = (old[j][sel] - ref[j][sel]).mean().item()
+            logp = self._logprobs(self.engine, kwargs)
+            out = loss_fn(logp, old, ref, mask, torch.tensor(idx), n_seq, n_tok)
+            loss = out.loss * (0.0 if dummy else float(self.world_size))
+            self.engine.backward(loss, scale_wrt_gas=False)
+            if not dummy:
+                tok = out.stats.get("tokens", float(mask.sum()))
+                sums += torch.tensor([out.loss.item(), tok, out.stats.get("clip_fraction", 0.0) * tok,
+                                      out.stats.get("kl", 0.0) * tok, out.stats.get("zero_adv_token_fraction", 0.0)
+                                      * tok], dtype=torch.float64)
+                ratio_max = torch.maximum(ratio_max, torch.tensor([out.stats.get("ratio_max", 0.0)],
+                                                                  dtype=torch.float64))
+        self.engine.step()
+        self.step += 1
+        if self.world_size > 1:
+            dist.all_reduce(sums)
+            dist.all_reduce(ratio_max, op=dist.ReduceOp.MAX)
+            gathered: list[dict] = [{} for _ in range(self.world_size)]
+            dist.all_gather_object(gathered, gap)
+            gap = {k: v for g in gathered for k, v in g.items()}
+        tokens = max(sums[1].item(), 1.0)
+        grad_norm = self.engine.get_global_grad_norm()
+        return {
+            "step": self.step, "policy_version": self.policy_version, "lr": self.scheduler.get_last_lr()[0],
+            "loss": sums[0].item(), "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+            "tokens": int(n_tok), "sequences": n_seq, "clip_fraction": sums[2].item() / tokens,
+            "kl": sums[3].item() / tokens, "zero_adv_token_fraction": sums[4].item() / tokens,
+            "ratio_max": ratio_max.item(), "old_minus_ref": gap,
+        }
+
+    # --- weights out --------------------------------------------------------------------------------------
+
+    def checkpoint_state_dict(self) -> dict[str, torch.Tensor]:
+        """The policy's full weights (LoRA merged) on CPU, named exactly as in the base checkpoint
+        (`thinker.` prefix for Qwen2.5-Omni; tied lm_head left out where the base leaves it out).
+        Every rank must call (ZeRO-3 gathers the partitions)."""
+        from contextlib import nullcontext
+
+        import deepspeed
+
+        module = self.engine.module
+        gather = (deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None)
+                  if self.cfg.zero_stage == 3 else nullcontext())
+        with gather:
+            raw = {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+        if self.cfg.lora.enabled:
+            raw = _merge_lora(raw, self.cfg.lora.alpha / self.cfg.lora.r)
+        base_keys = _checkpoint_keys(self.model_path)
+        out = {self.key_prefix + k: v for k, v in raw.items() if self.key_prefix + k in base_keys}
+        missing = {k for k in base_keys if k.startswith(self.key_prefix)} - set(out)
+        if missing:
+            raise RuntimeError(f"checkpoint_state_dict: {len(missing)} base weights not produced, e.g. "
+                               f"{sorted(missing)[:3]}")
+        return out
+
+    def publish(self, transport: WeightTransport | None) -> PublishedWeights | None:
+        """Bump the policy version and publish the weights under it (rank 0 sends; other ranks only help
+        gather). Returns what was published (None off rank 0)."""
+        state = self.checkpoint_state_dict()
+        self.policy_version += 1
+        if self.rank != 0 or transport is None:
+            return None
+        return transport.publish(state, self.policy_version)
+
+    def export_hf(self, out_dir: str | Path) -> Path:
+        from .checkpoint import export_hf
+
+        state = self.checkpoint_state_dict()
+        if self.rank == 0:
+            export_hf(state, self.model_path, out_dir, self.key_prefix)
+        _barrier()
+        return Path(out_dir)
+
+    def save_checkpoint(self, directory: str | Path) -> Path:
+        from .checkpoint import save_checkpoint
+
+        return save_checkpoint(self, directory)
+
+    def load_checkpoint(self, directory: str | Path) -> dict:
+        from .checkpoint import load_checkpoint
+
+        return load_checkpoint(self, directory)
+
+    def close(self) -> None:
+        """Free the engine; the process group stays (tests and actors tear it down with the process)."""
+        self.engine.destroy() if hasattr(self.engine, "destroy") else None
+        self.engine = None
+        self.ref_model = None
+
+
+class _SFTOut:
+    def __init__(self, loss: torch.Tensor):
+        self.loss, self.stats = loss, {}
+
+
+def _to_row(x: Trajectory | SFTExample) -> _Row:
+    if isinstance(x, Trajectory):
+        return _Row(x.prompt_id, list(x.prompt_token_ids), list(x.completion_token_ids),
+                    list(x.behaviour_logprobs), list(x.ref_logprobs) if x.ref_logprobs is not None else None)
+    return _Row(x.prompt_id, list(x.prompt_token_ids), list(x.target_token_ids))
+
+
+def _merge_lora(raw: dict[str, torch.Tensor], scaling: float) -> dict[str, torch.Tensor]:
+    """peft names -> base names with W + scaling * B @ A folded in (done by hand so it also works on
+    gathered ZeRO-3 copies)."""
+    out = {}
+    for key, value in raw.items():
+        if ".lora_" in key:
+            continue
+        name = key.removeprefix("base_model.model.")
+        if ".base_layer." in key:
+            stem = key.split(".base_layer.")[0]
+            name = name.replace(".base_layer.", ".")
+            if key.endswith(".weight") and f"{stem}.lora_A.default.weight" in raw:
+                a, b = raw[f"{stem}.lora_A.default.weight"], raw[f"{stem}.lora_B.default.weight"]
+                value = (value.float() + scaling * (b.float() @ a.float())).to(value.dtype)
+        out[name] = value
+    return out
+
+
+def _checkpoint_keys(model_path: Path) -> set[str]:
+    from safetensors import safe_open
+
+    keys: set[str] = set()
+    for f in sorted(model_path.glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as h:
+            keys.update(h.keys())
+    if not keys:
+        raise FileNotFoundError(f"{model_path}: no *.safetensors weights found")
+    return keys
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()

@@ -1,0 +1,233 @@
+"""The DeepSpeed learner in one process on tiny random models (CPU, gloo): it learns, accumulates gradients
+exactly, resumes bit-for-bit, runs LoRA and SFT, exports checkpoints that transformers loads, trains the
+Omni thinker with video+audio media, and publishes weights through both transports."""
+
+from __future__ import annotations
+
+import glob
+import multiprocessing as mp
+
+import pytest
+import torch
+
+from buffer_service.records import ReplaySample, Trajectory
+from learner.config import LearnerConfig, LoraConfig
+from learner.learner import Learner, SFTExample
+from learner.transport import (
+    CollectiveTransport,
+    SafetensorsTransport,
+    init_weight_group,
+    latest_published,
+    load_published,
+    receive_broadcast,
+    state_dict_checksum,
+)
+from policy.config import TinyModelConfig
+from policy.logprobs import completion_logprobs
+from policy.model import load_policy
+from policy.tiny import ensure_tiny_model
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def text_model(tmp_path_factory):
+    return ensure_tiny_model(TinyModelConfig(kind="text"), tmp_path_factory.mktemp("models"))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _process_group():
+    """One gloo group for the module; removed (with DeepSpeed's shm leftovers of this run) afterwards."""
+    before = set(glob.glob("/dev/shm/deepspeed_*"))
+    yield
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    for path in set(glob.glob("/dev/shm/deepspeed_*")) - before:
+        try:
+            import os
+
+            os.unlink(path)
+        except OSError:
+            pass
+
+
+def cfg(**kw) -> LearnerConfig:
+    base = dict(zero_stage=1, lr=1e-2, warmup_ratio=0.0, micro_batch_size=4, total_steps=20)
+    base.update(kw)
+    return LearnerConfig(**base)
+
+
+def problem(seed=0, n=4, plen=8, clen=6, vocab=500):
+    g = torch.Generator().manual_seed(seed)
+    prompt = torch.randint(0, vocab, (plen,), generator=g).tolist()
+    comps = [torch.randint(0, vocab, (clen + i % 2,), generator=g).tolist() for i in range(n)]
+    return prompt, comps
+
+
+def make_group(learner_or_logprobs, prompt, comps, rewards, tag, prompt_id="p0"):
+    probes = [Trajectory(f"{tag}/{i}", tag, prompt_id, prompt, c, [0.0] * len(c), 0) for i, c in enumerate(comps)]
+    lps = learner_or_logprobs(probes) if callable(learner_or_logprobs) else learner_or_logprobs
+    return [Trajectory(f"{tag}/{i}", tag, prompt_id, prompt, c, [float(x) for x in lp], 0, reward=r)
+            for i, (c, lp, r) in enumerate(zip(comps, lps, rewards))]
+
+
+def seq_logps(learner, prompt, comps):
+    return [float(lp.sum()) for lp in learner.completion_logprobs(make_group(lambda p: [[0.0] * len(c) for c in comps],
+                                                                              prompt, comps, [0] * len(comps), "x"))]
+
+
+@pytest.mark.parametrize("zero_stage", [1, 2])
+def test_learner_raises_logprob_of_rewarded_completion(text_model, zero_stage):
+    learner = Learner(cfg(zero_stage=zero_stage), text_model)
+    prompt, comps = problem()
+    rewards = [1.0, 0.0, 0.0, 0.0]
+    before = seq_logps(learner, prompt, comps)
+    for step in range(4):  # on-policy: behaviour log-probs from the current weights each step
+        out = learner.train_step([make_group(learner.completion_logprobs, prompt, comps, rewards, f"g{step}")])
+        assert out["step"] == step + 1 and out["ratio_max"] == pytest.approx(1.0, abs=1e-4)
+    after = seq_logps(learner, prompt, comps)
+    assert after[0] - before[0] > 5.0, (before, after)  # rewarded: clearly more likely
+    gains = [a - b for a, b in zip(after, before)]
+    assert gains[0] > max(gains[1:]) + 5.0, gains  # and far more than the unrewarded ones
+    assert set(out["advantages"]) == {f"g3/{i}" for i in range(4)}
+    assert out["advantages"]["g3/0"] > 0 > out["advantages"]["g3/1"]
+    assert out["mean_logratio_old_ref"]["g3/0"] > 0  # the policy moved away from the reference on it
+    learner.close()
+
+
+def test_replay_and_accumulation_match_one_big_micro_batch(text_model):
+    """Mixed fresh+replay step: micro-batches of 1 accumulate to the same update as one micro-batch of 8."""
+    prompt, comps = problem(seed=1)
+    params = []
+    for micro in (8, 1):
+        learner = Learner(cfg(micro_batch_size=micro, zero_stage=2), text_model)
+        fresh = make_group(learner.completion_logprobs, prompt, comps, [1.0, 0.0, 1.0, 0.0], "f")
+        old = make_group(learner.completion_logprobs, prompt, comps[:3], [1.0, 0.0, 0.0], "r", prompt_id="p1")
+        old[0].behaviour_logprobs = [x - 0.3 for x in old[0].behaviour_logprobs]  # stale: ratio != 1
+        replay = [ReplaySample(t, rbar=0.4, tier="hard") for t in old]
+        out = learner.train_step([fresh], replay)
+        params.append((out, torch.cat([p.detach().flatten().clone() for p in learner.engine.module.parameters()])))
+        learner.close()
+    (a, pa), (b, pb) = params
+    assert a["loss"] == pytest.approx(b["loss"], abs=1e-6)
+    assert a["advantages"] == pytest.approx(b["advantages"])
+    assert a["replay_fraction"] == pytest.approx(3 / 7) and a["ratio_max"] > 1.2  # exp(0.3)
+    assert a["clip_fraction"] > 0
+    assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5)  # same gradient scale (Adam hides it)
+    assert torch.allclose(pa, pb, atol=1e-4)  # Adam's first step is ~lr * sign(g): 1e-4 is 1% of a step
+
+
+def test_resume_is_bit_for_bit(text_model, tmp_path):
+    prompt, comps = problem(seed=2)
+    rewards = [0.0, 1.0, 0.5, 0.0]
+    base = Learner(cfg(zero_stage=2, warmup_ratio=0.25, lr_schedule="cosine", total_steps=8), text_model)
+    batches = [make_group(base.completion_logprobs, prompt, comps, rewards, f"b{i}") for i in range(4)]
+    full = [base.train_step([b])["loss"] for b in batches]
+    base.close()
+
+    first = Learner(cfg(zero_stage=2, warmup_ratio=0.25, lr_schedule="cosine", total_steps=8), text_model)
+    head = [first.train_step([b])["loss"] for b in batches[:2]]
+    first.policy_version = 7
+    first.save_checkpoint(tmp_path / "ckpt")
+    first.close()
+    resumed = Learner(cfg(zero_stage=2, warmup_ratio=0.25, lr_schedule="cosine", total_steps=8), text_model)
+    resumed.load_checkpoint(tmp_path / "ckpt")
+    assert (resumed.step, resumed.policy_version) == (2, 7)
+    tail = [resumed.train_step([b])["loss"] for b in batches[2:]]
+    assert head + tail == full  # exact equality, not approx
+    assert len(set(full)) == 4
+    resumed.close()
+
+
+def test_lora_learns_and_merged_export_matches(text_model, tmp_path):
+    learner = Learner(cfg(lora=LoraConfig(enabled=True), lr=5e-2), text_model)
+    trainable = [n for n, p in learner.engine.module.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    prompt, comps = problem(seed=3)
+    before = seq_logps(learner, prompt, comps)
+    for step in range(3):
+        out = learner.train_step([make_group(learner.completion_logprobs, prompt, comps, [0, 0, 1.0, 0], f"l{step}")])
+    after = seq_logps(learner, prompt, comps)
+    assert after[2] - before[2] > 1.0
+    assert out["kl"] > 0  # reference = adapters disabled, so the KL sees the update
+    learner.export_hf(tmp_path / "export")
+    hf = load_policy(tmp_path / "export")
+    lps = completion_logprobs(hf.model, prompt, comps, hf.tokenizer.pad_token_id)
+    assert [float(x.sum()) for x in lps] == pytest.approx(after, abs=1e-3)
+    learner.close()
+
+
+def test_sft_stage0_lowers_target_nll(text_model):
+    learner = Learner(cfg(mode="sft", lr=1e-2), text_model)
+    prompt, comps = problem(seed=4)
+    examples = [SFTExample(prompt, c) for c in comps[:2]]
+    losses = [learner.sft_step(examples)["loss"] for _ in range(4)]
+    assert losses[-1] < losses[0] - 0.5, losses
+    learner.close()
+
+
+def test_export_hf_text_and_transformers_greedy(text_model, tmp_path):
+    learner = Learner(cfg(zero_stage=2), text_model)
+    prompt, comps = problem(seed=5)
+    learner.train_step([make_group(learner.completion_logprobs, prompt, comps, [1.0, 0, 0, 0], "e")])
+    out = learner.export_hf(tmp_path / "export")
+    assert {p.name for p in out.iterdir()} >= {"config.json", "model.safetensors", "tokenizer.json"}
+    hf = load_policy(out)
+    ours = seq_logps(learner, prompt, comps)
+    theirs = [float(x.sum()) for x in completion_logprobs(hf.model, prompt, comps, hf.tokenizer.pad_token_id)]
+    assert theirs == pytest.approx(ours, abs=1e-4)
+    base = [float(x.sum()) for x in completion_logprobs(load_policy(text_model).model, prompt, comps, 0)]
+    assert theirs != pytest.approx(base, abs=1e-3)  # the export holds the trained weights
+    learner.close()
+
+
+# --- weight publishing ----------------------------------------------------------------------------------------
+
+
+def test_safetensors_publish_bumps_version_and_verifies(text_model, tmp_path):
+    learner = Learner(cfg(), text_model)
+    transport = SafetensorsTransport(tmp_path / "pub", keep=2)
+    infos = [learner.publish(transport) for _ in range(3)]
+    assert [i.version for i in infos] == [1, 2, 3] and learner.policy_version == 3
+    version, path = latest_published(tmp_path / "pub")
+    assert version == 3
+    v, sd, checksum = load_published(path)
+    assert v == 3 and checksum == infos[-1].checksum == state_dict_checksum(learner.checkpoint_state_dict())
+    assert "lm_head.weight" not in sd  # tied, as in the base checkpoint (what vLLM's reload expects)
+    assert len(list((tmp_path / "pub").glob("weights-v*.safetensors"))) == 2  # old versions pruned
+    raw = bytearray(path.read_bytes())
+    raw[-8] ^= 0xFF  # flip a weight byte
+    path.write_bytes(bytes(raw))
+    with pytest.raises(ValueError, match="checksum"):
+        load_published(path)
+    learner.close()
+
+
+def _receiver(port, queue):
+    group = init_weight_group("127.0.0.1", port, 1, 2, "gloo", timeout_s=60)
+    version, sd, checksum = receive_broadcast(group, timeout_s=60)
+    queue.put((version, checksum, state_dict_checksum(sd), sorted(sd)))
+
+
+def test_collective_transport_broadcasts_in_buckets(text_model):
+    from learner.distributed import free_port
+
+    sd = {k.removeprefix(""): v for k, v in load_policy(text_model).model.state_dict().items()}
+    sd["bf16_extra"] = torch.randn(3, 5).to(torch.bfloat16)
+    port = free_port()
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_receiver, args=(port, queue))
+    proc.start()
+    try:
+        group = init_weight_group("127.0.0.1", port, 0, 2, "gloo", timeout_s=60)
+        info = CollectiveTransport(group, bucket_bytes=64 << 10, timeout_s=60).publish(sd, 5)
+        version, checksum, recomputed, names = queue.get(timeout=120)
+    finally:
+        proc.join(timeout=30)
+        if proc.is_alive():
+            proc.kill()
+    assert version == 5 and checksum == info.checksum == recomputed == state_dict_checksum(sd)
+    assert names == sorted(sd)
