@@ -30,11 +30,13 @@ Public API
     - w_kl * mean(old - ref logp); uniform; fifo: the oldest first, cycling. With max_age_versions set and
     current_version given, entries older than the bound are not eligible. Returns [] while the tiers hold
     fewer than min_size entries, or none is eligible.
-    Each ReplaySample carries rbar = the prompt's current R(q) and the tier. Sampling removes nothing.
+    Each ReplaySample carries rbar = the prompt's current R(q) and the tier. Sampling removes nothing; a
+    trajectory drawn twice is the same object twice (copy before mutating it).
 - prompt_states(prompt_ids: list[str]) -> dict[str, dict]
     prompt_id -> {"rbar": float | None, "streak": int, "hint_active": bool, "tier": str | None, "count": int}.
     tier is the prompt's tier now by the quantile rule. A hint is active while triggered and, with
-    hint.lapse_when_not_hard, while the prompt is hard; leaving the hard tier clears it.
+    hint.lapse_when_not_hard, while the prompt is hard; leaving the hard tier clears it (persisted, evaluated
+    when the prompt is pushed or its state is asked for).
 - stats() -> dict[str, int]: counters (pushed_groups, pushed_trajectories, duplicates, dead_lettered,
     read, reclaimed, acked, inserted, evicted, commit_ignored, sampled) and gauges (tier sizes, fresh_length,
     fresh_pending, dead_letter_length, prompts, hints_active).

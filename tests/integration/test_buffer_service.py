@@ -404,3 +404,23 @@ def test_inspect_prints_tiers_distributions_and_streaks(make_service, redis_serv
     assert code == 0 and "hard-prompt" in capsys.readouterr().out
     assert main(["--url", redis_server.url, "--password", "wrong"]) == 2
     assert "refused the password" in capsys.readouterr().err
+
+
+def test_hint_extra_condition_and_disabled(make_service, redis_server):
+    # max_rbar 0.2: three zeros after rewards 1 1 1 1 give R(q) 4/7 > .2 -> no hint despite the streak
+    svc = make_service(hint={"max_rbar": 0.2})
+    svc.push_group([make_traj(f"a{i}", "P", 1.0, group_id="ga") for i in range(4)])
+    svc.push_group([make_traj(f"b{i}", "P", 0.0, group_id="gb") for i in range(3)])
+    st = svc.prompt_states(["P"])["P"]
+    assert st["streak"] == 3 and st["rbar"] == pytest.approx(4 / 7) and st["hint_active"] is False
+    svc.push_group([make_traj(f"c{i}", "Q", 0.0, group_id="gc") for i in range(3)])  # R(q) 0 < .2 -> hint
+    assert svc.prompt_states(["Q"])["Q"]["hint_active"] is True
+    off = make_service(hint={"enabled": False}, redis=redis_server.config(key_prefix="off"))
+    off.push_group([make_traj(f"d{i}", "Q", 0.0, group_id="gd") for i in range(5)])
+    assert off.prompt_states(["Q"])["Q"] == {
+        "rbar": 0.0,
+        "streak": 5,
+        "hint_active": False,
+        "tier": "hard",
+        "count": 5,
+    }
