@@ -7,6 +7,7 @@ timeout, raises PoolFull), which is the back-pressure. A worker scores cfg.group
 
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -51,9 +52,14 @@ class RewardWorker:
         self.cfg = RewardConfig.model_validate(cfg)
         self.index = index
         self.judge = build_judge(self.cfg, judge_engine)
+        self._slots = threading.BoundedSemaphore(self.cfg.groups_per_worker)  # the actor has one thread more
         self.counts = {"groups_scored": 0, "groups_failed": 0, "trajectories_scored": 0, "scoring_s_sum": 0.0}
 
     def score(self, trajectories: list[Trajectory], sample: PromptSample, frames: list[bytes] | None = None):
+        with self._slots:
+            return self._score(trajectories, sample, frames)
+
+    def _score(self, trajectories, sample, frames) -> ScoredGroup:
         started = time.time()
         error = None
         try:
@@ -93,7 +99,9 @@ class RewardPool:
     _inflight: dict = field(default_factory=dict)  # ObjectRef -> _Inflight
     _ready: list = field(default_factory=list)
     _owns_engine: bool = False
-    _counts: dict = field(default_factory=lambda: {"groups_submitted": 0, "submit_blocked_s_sum": 0.0})
+    _counts: dict = field(
+        default_factory=lambda: {"groups_submitted": 0, "submits_blocked": 0, "submit_blocked_s_sum": 0.0}
+    )
 
     def __post_init__(self):
         jc = self.cfg.judge
@@ -122,6 +130,8 @@ class RewardPool:
         """Queue one group for scoring. Waits while max_pending_groups are in flight (up to `timeout` seconds;
         None = as long as it takes, 0 = not at all) and raises PoolFull when the wait runs out."""
         t0 = time.monotonic()
+        if len(self._inflight) >= self.cfg.max_pending_groups:
+            self._counts["submits_blocked"] += 1
         while len(self._inflight) >= self.cfg.max_pending_groups:
             left = None if timeout is None else timeout - (time.monotonic() - t0)
             if left is not None and left <= 0:
@@ -155,7 +165,7 @@ class RewardPool:
 
     def stats(self) -> dict[str, float]:
         """Counters summed over workers (groups_scored, judge_failures, judge_latency_s_sum, ...) plus the pool's
-        own (groups_submitted, pending, submit_blocked_s_sum)."""
+        own (groups_submitted, pending, submits_blocked, submit_blocked_s_sum)."""
         total: dict[str, float] = {}
         for s in ray.get([w.stats.remote() for w in self.workers]):
             for k, v in s.items():

@@ -25,6 +25,7 @@ class StubJudgeServer:
     def __init__(self, handler: Handler = always_valid):
         self.handler = handler
         self.requests = 0
+        self.authorizations: list[str | None] = []  # the Authorization header of each request
         self._lock = threading.Lock()
         stub = self
 
@@ -32,6 +33,7 @@ class StubJudgeServer:
             def do_POST(self):  # noqa: N802 (http.server's name)
                 with stub._lock:
                     stub.requests += 1
+                    stub.authorizations.append(self.headers.get("Authorization"))
                 length = int(self.headers.get("Content-Length", 0))
                 body = json.loads(self.rfile.read(length) or b"{}")
                 if self.path.rstrip("/") != "/v1/chat/completions":
