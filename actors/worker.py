@@ -1,0 +1,171 @@
+"""RolloutWorker: builds a prompt's inputs (policy.PromptProcessor, hint as the first system message),
+generates G_on completions with behaviour log-probs on its engine, and returns them as a group of
+Trajectory records tagged with the engine's policy version (reward fields are left to the reward workers).
+
+Run it as a Ray actor (`RolloutWorkerActor`, restartable), either fed directly (`generate(tasks)`) or pulling
+from a shared PromptQueue (`run(queue)`). A prompt whose media cannot be read is skipped, counted and logged;
+the worker lives on.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import ray
+
+from buffer_service.records import Trajectory
+from policy.config import ProcessorConfig
+from policy.media import MediaError
+from policy.processor import PromptProcessor
+
+from .config import RolloutConfig
+from .engines import EngineInput, Sampling, create_engine
+from .prompt_queue import PromptTask
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Skipped:
+    key: str
+    prompt_id: str
+    reason: str
+
+
+@dataclass
+class GroupResult:
+    """What a worker hands on for one task: a group of G_on trajectories, or the reason it was skipped."""
+
+    key: str
+    prompt_id: str
+    trajectories: list[Trajectory] = field(default_factory=list)
+    skipped: Skipped | None = None
+
+
+class RolloutWorker:
+    def __init__(
+        self,
+        worker_id: str,
+        model_path: str | Path,
+        rollout: RolloutConfig,
+        processor: ProcessorConfig | None = None,
+        queue=None,
+        dtype: str = "float32",
+        seed: int = 0,
+    ):
+        self.worker_id = worker_id
+        self.cfg = rollout
+        self.engine = create_engine(rollout, model_path, dtype=dtype, seed=seed)
+        self.processor = PromptProcessor(
+            processor or ProcessorConfig(), self.engine.tokenizer, self.engine.multimodal
+        )
+        self.counts = {
+            "prompts": 0,
+            "completions": 0,
+            "tokens": 0,
+            "skipped_media": 0,
+            "generate_seconds": 0.0,
+        }
+        self.given_back = 0
+        if queue is not None:  # a restarted worker gives back what its previous life had leased
+            self.given_back = ray.get(queue.release_worker.remote(worker_id))
+            if self.given_back:
+                log.warning("worker %s restarted: gave back %d leased prompts", worker_id, self.given_back)
+
+    # generation -------------------------------------------------------------------------------------------
+    def generate(self, tasks: list[PromptTask], seed: int | None = None) -> list[GroupResult]:
+        """One group of cfg.group_size completions per task (tasks with unreadable media are skipped)."""
+        results: list[GroupResult] = []
+        ready: list[tuple[PromptTask, EngineInput, bool]] = []
+        for task in tasks:
+            hint = task.sample.hint if task.use_hint else None
+            if task.use_hint and not hint:
+                log.warning("prompt %s: hint requested but the sample has none", task.sample.id)
+            try:
+                built = self.processor.build(task.sample, hint)
+            except (MediaError, OSError) as exc:
+                self.counts["skipped_media"] += 1
+                log.error("worker %s: skipping prompt %s: %s", self.worker_id, task.sample.id, exc)
+                results.append(
+                    GroupResult(task.key, task.sample.id, skipped=Skipped(task.key, task.sample.id, str(exc)))
+                )
+                continue
+            ready.append((task, EngineInput(built.prompt_token_ids, built.media), built.hinted))
+        if not ready:
+            return results
+        start = time.perf_counter()
+        outputs = self.engine.generate(
+            [inp for _, inp, _ in ready], Sampling.from_config(self.cfg, seed=seed)
+        )
+        self.counts["generate_seconds"] += time.perf_counter() - start
+        version, now = self.engine.version, time.time()
+        for (task, _, hinted), out in zip(ready, outputs):
+            group_id = uuid.uuid4().hex
+            trajectories = [
+                Trajectory(
+                    trajectory_id=f"{group_id}-{i}",
+                    group_id=group_id,
+                    prompt_id=task.sample.id,
+                    prompt_token_ids=out.prompt_token_ids,
+                    completion_token_ids=c.token_ids,
+                    behaviour_logprobs=c.logprobs,
+                    policy_version=version,
+                    completion_text=c.text,
+                    hinted=hinted,
+                    stage=task.sample.stage,
+                    truncated=c.truncated,
+                    created_at=now,
+                )
+                for i, c in enumerate(out.completions)
+            ]
+            self.counts["prompts"] += 1
+            self.counts["completions"] += len(trajectories)
+            self.counts["tokens"] += sum(len(c.token_ids) for c in out.completions)
+            results.append(GroupResult(task.key, task.sample.id, trajectories))
+        return results
+
+    def run(self, queue, batch_size: int = 1, max_tasks: int | None = None, seed: int | None = None) -> int:
+        """Lease tasks from a PromptQueue actor, generate, complete them there, until the queue is empty (or
+        max_tasks are done). Returns the number of tasks this call completed."""
+        done = 0
+        while max_tasks is None or done < max_tasks:
+            want = batch_size if max_tasks is None else min(batch_size, max_tasks - done)
+            tasks = ray.get(queue.lease.remote(self.worker_id, want))
+            if not tasks:
+                break
+            for result in self.generate(tasks, seed=seed):
+                ray.get(queue.complete.remote(self.worker_id, result.key, result))
+                done += 1
+        return done
+
+    # weights and lifecycle ------------------------------------------------------------------------------
+    def load_weights(self, path: str, version: int, checksum: str) -> float:
+        """Load a published version (learner.transport); raises WeightLoadError and keeps the old version
+        if the file is not the announced one or fails to load. Returns the seconds taken."""
+        seconds = self.engine.load_weights(path, version, checksum)
+        log.info("worker %s: now at policy v%d (%.2f s)", self.worker_id, version, seconds)
+        return seconds
+
+    def version(self) -> int:
+        return self.engine.version
+
+    def stats(self) -> dict:
+        return {**self.counts, "version": self.engine.version, "given_back": self.given_back}
+
+    def pid(self) -> int:
+        import os
+
+        return os.getpid()
+
+    def shutdown(self) -> None:
+        """Stop the engine (frees vLLM's shared memory); call before killing the actor or ray.shutdown()."""
+        self.engine.shutdown()
+
+
+def rollout_worker_actor(num_cpus: float = 1, max_restarts: int = 3):
+    """The Ray actor class of RolloutWorker, restartable by Ray (its leases go back to the queue)."""
+    return ray.remote(num_cpus=num_cpus, max_restarts=max_restarts, max_task_retries=0)(RolloutWorker)
