@@ -24,10 +24,13 @@ class _Strict(BaseModel):
 class JudgeConfig(_Strict):
     backend: Literal["local", "openai"] = "local"
     model_path: str | None = Field(None, description="local judge model folder (backend local)")
+    engine: Literal["vllm", "hf"] = Field("vllm", description="local judge engine (actors.engines)")
     endpoint: str | None = Field(None, description="base URL of an OpenAI-compatible server (backend openai)")
     model_name: str | None = None
     api_key_env: str = "AVATAR_JUDGE_API_KEY"
     max_new_tokens: int = Field(512, ge=1)
+    max_model_len: int = Field(4096, ge=128, description="local judge engine context length")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs reserved for the local judge engine actor")
     num_frames: int = Field(0, ge=0, description="frames shown to the judge (0 = text only)")
     timeout_s: float = Field(30.0, gt=0)
     retries: int = Field(2, ge=0)

@@ -1,53 +1,16 @@
-"""The local judge: a text engine in its own Ray actor, and the Judge backend that calls it.
+"""The local judge: a rollout engine (actors.engines) in its own Ray actor, and the Judge backend that calls it.
 
-Until the rollout engine interface of actors/ is in place, the engine is vLLM's LLM used directly (text only,
-greedy). Frames are not shown to a local judge yet: image parts of a message are dropped."""
+Frames are not shown to a local judge yet: image parts of a message are dropped (text only, greedy)."""
 
 from __future__ import annotations
 
-import gc
-import os
 import threading
-from typing import Protocol
 
 import ray
 from ray.exceptions import GetTimeoutError
 
 from .config import JudgeConfig
 from .judge import JudgeError, Messages
-
-
-class TextEngine(Protocol):
-    def chat(self, batch: list[Messages], max_new_tokens: int) -> list[str]:
-        """Greedy completions of chat conversations, one per conversation."""
-        ...
-
-    def shutdown(self) -> None: ...
-
-
-class VLLMTextEngine:
-    """vllm.LLM on a local model folder; its tokenizer's chat template renders the messages."""
-
-    def __init__(self, model_path: str, max_model_len: int = 4096, cpu_kvcache_gib: int = 1, seed: int = 0):
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(cpu_kvcache_gib))
-        from vllm import LLM
-
-        self.llm = LLM(model=model_path, max_model_len=max_model_len, seed=seed, dtype="float32")
-
-    def chat(self, batch: list[Messages], max_new_tokens: int) -> list[str]:
-        from vllm import SamplingParams
-
-        params = SamplingParams(temperature=0.0, max_tokens=max_new_tokens)
-        outputs = self.llm.chat([text_only(m) for m in batch], params, use_tqdm=False)
-        return [o.outputs[0].text for o in outputs]
-
-    def shutdown(self) -> None:
-        """Stop the engine process and free its shared memory (before ray.shutdown, see STACK.md)."""
-        llm, self.llm = getattr(self, "llm", None), None
-        if llm is not None:
-            llm.llm_engine.engine_core.shutdown()
-            del llm
-            gc.collect()
 
 
 def text_only(messages: Messages) -> Messages:
@@ -63,15 +26,23 @@ def text_only(messages: Messages) -> Messages:
 
 @ray.remote(num_cpus=0)
 class JudgeEngineActor:
-    """Owns the judge engine; one per cluster, shared by every RewardWorker."""
+    """Owns the judge engine (actors.engines: vLLM, or the transformers fallback); one per cluster, shared by
+    every RewardWorker. Greedy, text only."""
 
-    def __init__(self, model_path: str, max_model_len: int = 4096, cpu_kvcache_gib: int = 1):
-        self.engine: TextEngine = VLLMTextEngine(model_path, max_model_len, cpu_kvcache_gib)
+    def __init__(
+        self, model_path: str, max_model_len: int = 4096, engine: str = "vllm", cpu_kvcache_gib: int = 1
+    ):
+        from actors.config import RolloutConfig
+        from actors.engines import create_engine
+
+        cfg = RolloutConfig(engine=engine, max_model_len=max_model_len, cpu_kvcache_gib=cpu_kvcache_gib)
+        self.engine = create_engine(cfg, model_path)
 
     def chat(self, batch: list[Messages], max_new_tokens: int) -> list[str]:
-        return self.engine.chat(batch, max_new_tokens)
+        return self.engine.chat([text_only(m) for m in batch], max_new_tokens, temperature=0.0)
 
     def shutdown(self) -> None:
+        """Stop the engine inside this actor (before ray.shutdown, see STACK.md)."""
         self.engine.shutdown()
 
 

@@ -106,7 +106,8 @@ class RewardPool:
     def __post_init__(self):
         jc = self.cfg.judge
         if self.judge_engine is None and jc.backend == "local" and jc.model_path and self._needs_judge():
-            self.judge_engine = JudgeEngineActor.remote(jc.model_path)
+            engine = JudgeEngineActor.options(num_gpus=jc.num_gpus)
+            self.judge_engine = engine.remote(jc.model_path, jc.max_model_len, jc.engine)
             self._owns_engine = True
         options = {"max_concurrency": self.cfg.groups_per_worker + 1}  # +1: stats() answers while busy
         cfg = self.cfg.model_dump()

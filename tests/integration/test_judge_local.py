@@ -11,7 +11,7 @@ from policy.config import TinyModelConfig
 from policy.tiny import ensure_tiny_model
 from reward_workers.config import JudgeConfig, RewardConfig
 from reward_workers.judge import Judge, JudgeRequest, build_judge_messages, parse_judge_output
-from reward_workers.judge_engine import LocalJudgeBackend
+from reward_workers.judge_engine import JudgeEngineActor, LocalJudgeBackend
 from reward_workers.pool import RewardPool
 
 pytestmark = pytest.mark.integration
@@ -87,3 +87,28 @@ def test_tiny_local_judge_falls_back_and_counts(ray_local, tmp_path):
     assert parse_judge_output(raw[0]) is None
     assert (late.score, late.value, late.attempts) == (None, 0.25, 1) and late.error.startswith("timeout")
     assert timed.stats()["judge_request_errors"] == 1
+
+
+def test_transformers_fallback_engine_as_judge(ray_local, tmp_path):
+    model = ensure_tiny_model(TinyModelConfig(kind="text"), tmp_path)
+    jc = JudgeConfig(
+        backend="local",
+        model_path=str(model),
+        engine="hf",
+        max_new_tokens=8,
+        timeout_s=300,
+        retries=2,
+        fallback=0.0,
+    )
+    engine = JudgeEngineActor.remote(str(model), 4096, "hf")
+    try:
+        judge = Judge(jc, LocalJudgeBackend(jc, engine))
+        results = judge.score([JudgeRequest.of(t, SAMPLE) for t in TEXTS])
+    finally:
+        ray.get(engine.shutdown.remote())
+        ray.kill(engine)
+    assert [(r.score, r.value, r.attempts) for r in results] == [
+        (None, 0.0, 1)
+    ] * 3  # parse failures: no retry
+    assert all(r.error.startswith("parse") and isinstance(r.raw, str) for r in results)
+    assert judge.stats()["judge_parse_failures"] == 3
