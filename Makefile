@@ -1,7 +1,6 @@
 # `make run` and `make test` install whatever is missing (scripts/setup.sh), then run.
 VENV ?= .venv
 PY := $(VENV)/bin/python
-CONFIG ?= configs/demo.yaml
 PYTEST_ARGS ?=
 export VENV
 
@@ -11,7 +10,7 @@ setup:
 	@bash scripts/setup.sh
 
 run: setup
-	$(PY) -m cluster.cli demo $(CONFIG)
+	$(PY) -m cluster.cli demo
 
 test: setup
 	$(PY) -m pytest tests $(PYTEST_ARGS)

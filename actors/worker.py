@@ -9,9 +9,9 @@ the worker lives on.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -77,8 +77,12 @@ class RolloutWorker:
                 log.warning("worker %s restarted: gave back %d leased prompts", worker_id, self.given_back)
 
     # generation -------------------------------------------------------------------------------------------
-    def generate(self, tasks: list[PromptTask], seed: int | None = None) -> list[GroupResult]:
-        """One group of cfg.group_size completions per task (tasks with unreadable media are skipped)."""
+    def generate(self, tasks: list[PromptTask], seed: int | None = None,
+                 sampling: dict | None = None) -> list[GroupResult]:
+        """One group of cfg.group_size completions per task (tasks with unreadable media are skipped).
+        `sampling` overrides fields of the configured Sampling (e.g. greedy evaluation: n=1, temperature=0).
+        Ids derive from the task key, so a task generated again (after a crash) yields the same trajectory
+        ids and the replay service drops it as a duplicate."""
         results: list[GroupResult] = []
         ready: list[tuple[PromptTask, EngineInput, bool]] = []
         for task in tasks:
@@ -98,16 +102,17 @@ class RolloutWorker:
         if not ready:
             return results
         start = time.perf_counter()
-        outputs = self.engine.generate(
-            [inp for _, inp, _ in ready], Sampling.from_config(self.cfg, seed=seed)
-        )
+        params = Sampling.from_config(self.cfg, seed=seed)
+        if sampling:
+            params = dataclasses.replace(params, **sampling)
+        outputs = self.engine.generate([inp for _, inp, _ in ready], params)
         self.counts["generate_seconds"] += time.perf_counter() - start
         version, now = self.engine.version, time.time()
         for (task, _, hinted), out in zip(ready, outputs):
-            group_id = uuid.uuid4().hex
+            group_id = task.key
             trajectories = [
                 Trajectory(
-                    trajectory_id=f"{group_id}-{i}",
+                    trajectory_id=f"{group_id}/{i}",
                     group_id=group_id,
                     prompt_id=task.sample.id,
                     prompt_token_ids=out.prompt_token_ids,

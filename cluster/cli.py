@@ -1,9 +1,14 @@
 """Command line: `python -m cluster.cli <command> ...`.
 
-  demo CONFIG [overrides]     the CPU demo (embedded Ray + Redis, tiny model, synthetic data)
-  smoke CONFIG [overrides]    build the tiny model and data, one forward/backward and generate
-  data synth OUT_DIR [...]    write the synthetic audio-visual dataset
-  config CONFIG [overrides]   print the resolved config
+  train CONFIG [key=value ...]          one stage (0 = SFT, 1-3 = RL); resumes from the run's last checkpoint
+  curriculum CONFIG [CONFIG ...]        stages in sequence, each from the previous stage's exported policy
+  demo [CONFIG]                         the CPU demo: stage-0 SFT, then a short AVATAR stage (make run)
+  eval CONFIG [key=value ...]           greedy accuracy of the config's model (or init_from) on the eval split
+  smoke CONFIG [key=value ...]          build the tiny model and data, one forward/backward and generate
+  report RUN_DIR                        PNG plots from a run's history
+  buffer inspect --url URL --password P replay tiers, ages, rewards, advantages, streaks
+  data synth OUT_DIR [num_items=N ...]  write the synthetic audio-visual dataset
+  config CONFIG [key=value ...]         print the resolved config
 """
 
 from __future__ import annotations
@@ -15,39 +20,78 @@ from pathlib import Path
 from .config import ConfigError, dump_config, load_config
 
 
-def _job(args):
-    cfg = load_config(args.config, args.overrides)
-    run_dir = Path(cfg.run_dir) / cfg.name
-    run_dir.mkdir(parents=True, exist_ok=True)
-    return cfg, run_dir
+def _configs_with_overrides(items: list[str]) -> tuple[list[str], list[str]]:
+    files = [x for x in items if "=" not in x]
+    overrides = [x for x in items if "=" in x]
+    return files, overrides
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m cluster.cli", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    for name in ("demo", "smoke", "config"):
+    for name in ("train", "smoke", "config", "eval"):
         p = sub.add_parser(name)
-        p.add_argument("config", nargs="?", default=None)
+        p.add_argument("config")
         p.add_argument("overrides", nargs="*", help="key.sub=value")
+        if name == "train":
+            p.add_argument("--fresh", action="store_true", help="ignore existing checkpoints of this run")
+    for name in ("curriculum", "demo"):
+        p = sub.add_parser(name)
+        p.add_argument("items", nargs="*", help="config files, then key.sub=value overrides for every stage")
+        p.add_argument("--fresh", action="store_true")
+    rep = sub.add_parser("report")
+    rep.add_argument("run_dir")
+    buf = sub.add_parser("buffer").add_subparsers(dest="buffer_command", required=True)
+    ins = buf.add_parser("inspect", add_help=False)
+    ins.add_argument("rest", nargs=argparse.REMAINDER)
     data = sub.add_parser("data").add_subparsers(dest="data_command", required=True)
     synth = data.add_parser("synth")
     synth.add_argument("out_dir")
     synth.add_argument("overrides", nargs="*", help="synth settings, e.g. num_items=100 stage=2")
     args = parser.parse_args(argv)
+
     import transformers
 
     transformers.logging.set_verbosity_error()  # the Omni config warns about talker ids we never use
-
     try:
         if args.command == "config":
-            cfg = load_config(args.config, args.overrides)
-            print(dump_config(cfg), end="")
-        elif args.command in ("smoke", "demo"):
+            print(dump_config(load_config(args.config, args.overrides)), end="")
+        elif args.command == "train":
+            from .job import run_stage
+
+            summary = run_stage(load_config(args.config, args.overrides), resume=not args.fresh)
+            _print_summary([summary])
+        elif args.command in ("curriculum", "demo"):
+            from .job import run_curriculum
+
+            files, overrides = _configs_with_overrides(args.items)
+            if args.command == "demo" and not files:
+                files = ["configs/demo_stage0.yaml", "configs/demo.yaml"]
+            if not files:
+                raise ConfigError("curriculum: give one config file per stage")
+            summaries = run_curriculum([load_config(f, overrides) for f in files], resume=not args.fresh)
+            _print_summary(summaries)
+        elif args.command == "eval":
+            from .job import run_eval
+
+            print(run_eval(load_config(args.config, args.overrides)))
+        elif args.command == "smoke":
             from .smoke import run_smoke
 
-            cfg, run_dir = _job(args)
+            cfg = load_config(args.config, args.overrides)
+            run_dir = Path(cfg.run_dir) / cfg.name
+            run_dir.mkdir(parents=True, exist_ok=True)
             run_smoke(cfg, run_dir)
+        elif args.command == "report":
+            from .report import write_report
+
+            for path in write_report(args.run_dir):
+                print(f"[report] wrote {path}")
+        elif args.command == "buffer":
+            from buffer_service.inspect import main as inspect_main
+
+            return inspect_main(args.rest) or 0
         elif args.command == "data":
             from data.synth import generate
 
@@ -57,6 +101,21 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0
+
+
+def _print_summary(summaries: list[dict]) -> None:
+    print("\n=== done ===")
+    for s in summaries:
+        before = (s.get("before") or {}).get("accuracy")
+        after = (s.get("after") or {}).get("accuracy")
+        print(f"stage {s['stage']}: {s['steps']} steps, {s['completions_generated']} completions generated; "
+              f"eval accuracy {before:.3f} -> {after:.3f}" if before is not None and after is not None
+              else f"stage {s['stage']}: {s['steps']} steps")
+        print(f"  run folder: {s['run_dir']}  (history.jsonl, summary.json, checkpoints/, report/)")
+        print(f"  exported policy: {s['export']}")
+    first, last = summaries[0].get("before") or {}, summaries[-1].get("after") or {}
+    if first.get("accuracy") is not None and last.get("accuracy") is not None:
+        print(f"accuracy before training {first['accuracy']:.3f} -> after {last['accuracy']:.3f}")
 
 
 if __name__ == "__main__":

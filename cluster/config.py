@@ -113,20 +113,38 @@ def format_validation_error(exc: ValidationError, source: str, model: type[BaseM
     return "\n".join(lines)
 
 
+def deep_merge(base: dict, top: dict) -> dict:
+    out = dict(base)
+    for key, value in top.items():
+        out[key] = deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def read_yaml_tree(path: Path, _seen: tuple = ()) -> dict:
+    """A YAML mapping; `base: other.yaml` (relative to this file) is loaded first and overlaid, so a config
+    can say only how it differs (the ablations say just that)."""
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    if path.resolve() in _seen:
+        raise ConfigError(f"{path}: `base` chain loops back to itself")
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping, got {type(tree).__name__}")
+    base = tree.pop("base", None)
+    if base is None:
+        return tree
+    return deep_merge(read_yaml_tree(path.parent / base, (*_seen, path.resolve())), tree)
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> JobConfig:
     """Load a YAML config (or the defaults when path is None) and apply `a.b=value` overrides."""
     tree: dict = {}
     source = "defaults"
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        try:
-            tree = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
-        if not isinstance(tree, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping, got {type(tree).__name__}")
+        tree = read_yaml_tree(Path(path))
         source = str(path)
     for text in overrides:
         parts, value = parse_override(text)

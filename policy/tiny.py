@@ -51,6 +51,7 @@ def _omni_config(cfg: TinyModelConfig, tok) -> Qwen2_5OmniConfig:
             num_key_value_heads=cfg.num_kv_heads, max_position_embeddings=cfg.max_position_embeddings,
             rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0, "mrope_section": mrope},
             eos_token_id=ids["im_end"], pad_token_id=ids["eos_token"],
+            tie_word_embeddings=False,  # the thinker has its own lm_head; vLLM reads this flag
         ),
         audio_token_index=ids["audio_token"],
         image_token_index=ids["image_token"],

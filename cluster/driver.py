@@ -1,0 +1,220 @@
+"""The driver loop: rollouts kept busy within a staleness bound, scored groups into the replay service's
+fresh stream, training batches of fresh groups plus replayed samples, weights published every k steps.
+
+One step, top to bottom (see DESIGN.md for the data flow):
+  submit prompts (hint decided from the buffer's per-prompt state) while the staleness bound allows
+  -> generated groups go to the reward pool -> scored groups enter the fresh stream
+  -> the learner reads `prompts_per_step` fresh groups, samples G_off replayed samples per group,
+     trains one step, the step is checkpointed, then the fresh entries are committed into the tiers
+  -> every `publish_every` steps the weights go to the rollout workers (version + 1).
+Exactly once: a task's group id is derived from its key, so a group regenerated after a crash is a
+duplicate the buffer drops; a step's commit is saved with its checkpoint and replayed on resume.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import ray
+from tqdm import tqdm
+
+from actors.prompt_queue import PromptTask
+from buffer_service.schema import decode_group, encode_group
+
+from .components import Components
+from .config import JobConfig
+from .metrics import JobMetrics
+from .prompts import PromptOrder
+from .state import RunState, save_state
+
+
+class Rollouts:
+    """Tasks handed to the rollout workers, round robin, one task per call."""
+
+    def __init__(self, workers: list):
+        self.workers = workers
+        self.inflight: dict = {}  # ObjectRef -> task
+        self._next = 0
+
+    def submit(self, task: PromptTask) -> None:
+        worker = self.workers[self._next % len(self.workers)]
+        self._next += 1
+        self.inflight[worker.generate.remote([task])] = task
+
+    def finished(self, timeout: float) -> list:
+        if not self.inflight:
+            time.sleep(timeout)
+            return []
+        done, _ = ray.wait(list(self.inflight), num_returns=len(self.inflight), timeout=timeout)
+        results = []
+        for ref in done:
+            task = self.inflight.pop(ref)
+            try:
+                results += ray.get(ref)
+            except ray.exceptions.RayActorError as exc:
+                # The worker died mid-task and Ray restarts it: the task is handed out again.
+                print(f"[driver] rollout worker died on {task.key} ({type(exc).__name__}); resubmitting", flush=True)
+                self.submit(task)
+        return results
+
+    def drain(self) -> None:
+        """Wait for what is still generating (its groups enter the buffer on the next run)."""
+        if self.inflight:
+            ray.wait(list(self.inflight), num_returns=len(self.inflight), timeout=300)
+            self.inflight.clear()
+
+
+def train_rl(cfg: JobConfig, run_dir: Path, comps: Components, order: PromptOrder, state: RunState,
+             metrics: JobMetrics, history: Path) -> RunState:
+    pcfg = cfg.pipeline
+    per_step = pcfg.prompts_per_step
+    rollouts = Rollouts(comps.workers)
+    by_id = {s.id: s for s in order.samples}
+    submitted = state.cursor  # tasks handed out so far (the prompt order's cursor)
+    not_pushed: dict[str, int] = {}  # task key -> index, for tasks whose group has not entered the buffer
+    held: list = []  # fresh entries read from the stream, waiting for a full batch
+    reclaim_ms = 0  # the first read takes back what a previous run of this job had read and not committed
+    bar = tqdm(total=pcfg.steps, initial=state.step, desc=f"stage {cfg.stage} RL", unit="step", dynamic_ncols=True)
+    commit_pending(comps, state)  # the previous run may have stopped between its checkpoint and its commit
+
+    while state.step < pcfg.steps:
+        # 1. keep rollouts busy: a task may start if it will be trained within max_staleness versions
+        allowed = (state.step + 1 + pcfg.max_staleness) * per_step + state.counters.get("skipped_prompts", 0)
+        room = pcfg.max_prompts_in_flight - len(rollouts.inflight)
+        wanted = [order.task(i) for i in range(submitted, min(allowed, submitted + max(room, 0)))]
+        if wanted:
+            states = ray.get(comps.buffer.prompt_states.remote([s.id for _, s in wanted]))
+            for key, sample in wanted:
+                hinted = cfg.buffer.hint.enabled and states.get(sample.id, {}).get("hint_active") and sample.hint
+                rollouts.submit(PromptTask(key=key, sample=sample, use_hint=bool(hinted)))
+                not_pushed[key] = submitted
+                submitted += 1
+
+        # 2. generated groups -> the reward pool; scored groups -> the fresh stream
+        for result in rollouts.finished(timeout=0.1):
+            if result.skipped is not None:
+                metrics.count_to("avatar_buffer_events_total", state.bump("skipped_prompts"), event="skipped_prompt")
+                not_pushed.pop(result.key, None)
+                continue
+            state.completions_generated += len(result.trajectories)
+            comps.rewards.submit(result.trajectories, by_id[result.prompt_id])
+        for scored in comps.rewards.poll(timeout=0.0):
+            if scored.error:  # counted by the pool; the task is given another chance after a resume
+                print(f"[driver] scoring failed for {scored.sample_id}: {scored.error}", flush=True)
+                continue
+            ray.get(comps.buffer.push_group.remote(scored.trajectories))
+            not_pushed.pop(scored.trajectories[0].group_id, None)
+        state.cursor = min(not_pushed.values(), default=submitted)
+
+        # 3. a training step once a full batch of fresh groups has been read
+        if len(held) < per_step:
+            held += ray.get(comps.buffer.read_fresh.remote("learner", per_step - len(held), 100, reclaim_ms))
+            reclaim_ms = None
+        if len(held) < per_step:
+            continue
+        batch, held = held[:per_step], held[per_step:]
+        groups = [g for _, g in batch]
+        n_replay = pcfg.replay_per_group * per_step
+        replay = ray.get(comps.buffer.sample.remote(n_replay, None, None, state.policy_version)) if n_replay else []
+        stats = comps.learner.train_step(groups, replay)
+        state.step += 1
+        trained = [t for g in groups for t in g]
+        for t in trained:
+            t.advantage = stats["advantages"][t.trajectory_id]
+            t.mean_logratio_old_ref = stats["mean_logratio_old_ref"].get(t.trajectory_id)
+        state.pending_commit["entry_ids"] += [e for e, _ in batch]
+        state.pending_commit["trained"].append(encode_group(trained).hex())
+
+        # 4. publish every k steps; the workers load before they generate again (actor calls are ordered)
+        sync_s = None
+        if state.step % cfg.learner.publish_every == 0:
+            t0 = time.perf_counter()
+            state.policy_version = comps.publish_weights()
+            sync_s = time.perf_counter() - t0
+
+        # 5. record, checkpoint (with the commit it owes), then commit into the tiers
+        row = record_step(cfg, state, stats, groups, replay, comps, metrics, sync_s)
+        with history.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        if state.step % pcfg.checkpoint_every == 0 or state.step == pcfg.steps:
+            save_state(run_dir, state, comps.learner)
+            commit_pending(comps, state)
+        bar.update(1)
+        bar.set_postfix(reward=f"{row['reward_mean']:.2f}", acc=f"{row['accuracy']:.2f}", replay=len(replay),
+                        v=state.policy_version)
+    bar.close()
+    rollouts.drain()
+    return state
+
+
+def commit_pending(comps: Components, state: RunState) -> None:
+    """Acknowledge the trained fresh entries and insert them into the tiers (idempotent in the service)."""
+    pending = state.pending_commit
+    if pending["entry_ids"]:
+        trained = [t for blob in pending["trained"] for t in decode_group(bytes.fromhex(blob))]
+        ray.get(comps.buffer.commit.remote(pending["entry_ids"], trained))
+    state.pending_commit = {"entry_ids": [], "trained": []}
+
+
+def record_step(cfg, state, stats, groups, replay, comps, metrics, sync_s) -> dict:
+    trajs = [t for g in groups for t in g]
+    terms = sorted({k for t in trajs for k in t.rewards})
+    term_means = {k: _mean([t.rewards.get(k) for t in trajs]) for k in terms}
+    fresh_adv = [round(stats["advantages"][t.trajectory_id], 4) for t in trajs]
+    replay_adv = [round(stats["advantages"][s.trajectory.trajectory_id], 4) for s in replay]
+    buffer_stats = ray.get(comps.buffer.stats.remote())
+    reward_stats = comps.rewards.stats()
+    worker_stats = ray.get([w.stats.remote() for w in comps.workers])
+    tiers = {k: int(buffer_stats.get(f"tier_{k}", 0)) for k in ("easy", "medium", "hard")}
+    staleness = max(state.policy_version - t.policy_version for t in trajs)
+    row = {
+        "mode": "rl", "stage": cfg.stage, "step": state.step, "policy_version": state.policy_version,
+        "completions_generated": state.completions_generated, "reward_mean": _mean([t.reward for t in trajs]),
+        "accuracy": term_means.get("accuracy", 0.0), "reward_terms": term_means,
+        "loss": stats["loss"], "kl": stats["kl"], "clip_fraction": stats["clip_fraction"],
+        "zero_adv_token_fraction": stats["zero_adv_token_fraction"], "step_seconds": stats["seconds"],
+        "staleness_max": staleness, "hint_rate": _mean([float(g[0].hinted) for g in groups]),
+        "trained_groups": [g[0].group_id for g in groups], "trained_prompts": [g[0].prompt_id for g in groups],
+        "advantages_fresh": fresh_adv, "advantages_replay": replay_adv, "tier_sizes": tiers,
+        "weight_sync_seconds": sync_s, "time": time.time(),
+    }
+    m = metrics
+    m.set("avatar_policy_version", state.policy_version)
+    m.count_to("avatar_learner_steps_total", state.step)
+    m.set("avatar_learner_step_seconds", stats["seconds"])
+    m.set("avatar_loss", stats["loss"], term="total")
+    m.set("avatar_clip_fraction", stats["clip_fraction"])
+    m.set("avatar_kl", stats["kl"])
+    m.set("avatar_advantage_abs_mean", _mean([abs(a) for a in fresh_adv]), source="fresh")
+    m.set("avatar_advantage_abs_mean", _mean([abs(a) for a in replay_adv]), source="replay")
+    m.set("avatar_zero_advantage_fraction", stats["zero_adv_token_fraction"])
+    for k, v in term_means.items():
+        m.set("avatar_reward_mean", v, term=k)
+    m.set("avatar_reward_mean", row["reward_mean"], term="total")
+    m.set("avatar_accuracy", row["accuracy"])
+    tokens = sum(s["tokens"] for s in worker_stats)
+    gen_s = sum(s["generate_seconds"] for s in worker_stats)
+    m.set("avatar_rollout_tokens_per_second", tokens / gen_s if gen_s else 0.0)
+    m.count_to("avatar_completions_total", state.completions_generated)
+    m.set("avatar_queue_depth", buffer_stats.get("fresh_length", 0), queue="fresh_stream")
+    m.set("avatar_queue_depth", reward_stats.get("pending", 0), queue="reward_pool")
+    m.set("avatar_staleness_versions", staleness)
+    for tier, size in tiers.items():
+        m.set("avatar_buffer_tier_size", size, tier=tier)
+    for event in ("pushed_groups", "duplicates", "dead_lettered", "reclaimed", "inserted", "evicted", "sampled"):
+        m.count_to("avatar_buffer_events_total", buffer_stats.get(event, 0), event=event)
+    m.set("avatar_hint_rate", row["hint_rate"])
+    lat_n = reward_stats.get("judge_requests", 0)
+    m.set("avatar_judge_latency_seconds", reward_stats.get("judge_latency_s_sum", 0.0) / lat_n if lat_n else 0.0)
+    m.count_to("avatar_judge_failures_total", reward_stats.get("judge_failures", 0))
+    if sync_s is not None:
+        m.set("avatar_weight_sync_seconds", sync_s)
+    m.set("avatar_prompts_in_flight", reward_stats.get("pending", 0))
+    return row
+
+
+def _mean(values) -> float:
+    values = [v for v in values if v is not None]
+    return float(sum(values) / len(values)) if values else 0.0
