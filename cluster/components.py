@@ -11,7 +11,10 @@ import ray
 from actors.worker import rollout_worker_actor
 from buffer_service.service import ReplayService
 from learner.actor import LearnerGroup
+from policy.config import TinyModelConfig
+from policy.tiny import ensure_tiny_model
 from reward_workers.pool import RewardPool
+from reward_workers.scoring import stage_weights
 
 from .config import JobConfig
 from .prompts import PromptMedia
@@ -24,9 +27,10 @@ class Components:
     workers: list = field(default_factory=list)
     rewards: RewardPool | None = None
 
-    def publish_weights(self) -> int:
-        """The learner publishes (version + 1); every rollout worker loads and verifies it. Returns the version."""
-        published = self.learner.publish()
+    def publish_weights(self, bump: bool = True) -> int:
+        """The learner publishes (version + 1, or the current version again with bump=False); every rollout
+        worker loads and verifies it. Returns the version."""
+        published = self.learner.publish(bump)
         ray.get([w.load_weights.remote(published["location"], published["version"], published["checksum"])
                  for w in self.workers])
         return published["version"]
@@ -45,6 +49,17 @@ class Components:
         ray.kill(self.buffer)
 
 
+def _with_judge_model(cfg: JobConfig, run_dir: Path):
+    """A stage that weights the judge with a local backend and no model gets the tiny text judge (the CPU
+    demo and tests); real runs name reward.judge.model_path or an endpoint."""
+    judge = cfg.reward.judge
+    if not stage_weights(cfg.reward, cfg.stage).get("judge") or judge.backend != "local" or judge.model_path:
+        return cfg.reward
+    path = ensure_tiny_model(TinyModelConfig(kind="text", seed=cfg.seed + 7), Path(cfg.run_dir) / "_models")
+    print(f"[job] reward.judge.model_path not set: judging with the tiny random text model {path}", flush=True)
+    return cfg.reward.model_copy(update={"judge": judge.model_copy(update={"model_path": str(path)})})
+
+
 def start_components(cfg: JobConfig, run_dir: Path, model_path: Path, samples, redis_cfg, rl: bool) -> Components:
     buffer_cfg = cfg.buffer.model_copy(update={"redis": redis_cfg})
     buffer = ray.remote(num_cpus=0)(ReplayService).remote(buffer_cfg)
@@ -59,5 +74,5 @@ def start_components(cfg: JobConfig, run_dir: Path, model_path: Path, samples, r
         for i in range(cfg.rollout.num_workers)
     ]
     if rl:
-        comps.rewards = RewardPool(cfg.reward)
+        comps.rewards = RewardPool(_with_judge_model(cfg, run_dir))
     return comps

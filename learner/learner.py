@@ -352,11 +352,13 @@ class Learner:
                                f"{sorted(missing)[:3]}")
         return out
 
-    def publish(self, transport: WeightTransport | None) -> PublishedWeights | None:
+    def publish(self, transport: WeightTransport | None, bump: bool = True) -> PublishedWeights | None:
         """Bump the policy version and publish the weights under it (rank 0 sends; other ranks only help
-        gather). Returns what was published (None off rank 0)."""
+        gather). Returns what was published (None off rank 0). bump=False republishes the current version
+        (a resumed job handing its restored weights to fresh rollout workers)."""
         state = self.checkpoint_state_dict()
-        self.policy_version += 1
+        if bump:
+            self.policy_version += 1
         if self.rank != 0 or transport is None:
             return None
         return transport.publish(state, self.policy_version)

@@ -1,0 +1,175 @@
+"""The whole loop: tiny Omni model, real Ray, Redis, vLLM-CPU rollouts, reward workers with the judge,
+the DeepSpeed learner; observed through a real Prometheus; killed and resumed."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+import psutil
+import pytest
+
+from buffer_service.config import BufferConfig
+from buffer_service.redis_server import start_redis
+from buffer_service.service import ReplayService
+from cluster.config import load_config
+from cluster.dashboard import DASHBOARD
+from cluster.prompts import PromptOrder, load_prompts
+from cluster.report import write_report
+
+from .conftest import ROOT, history, start_job, wait_for, wait_job, write_config
+
+pytestmark = pytest.mark.e2e
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _prom_query(port: int, expr: str) -> list:
+    url = f"http://127.0.0.1:{port}/api/v1/query?" + urllib.parse.urlencode({"query": expr})
+    with urllib.request.urlopen(url, timeout=5) as r:
+        return json.loads(r.read())["data"]["result"]
+
+
+def test_synchronous_stage_with_judge_scraped_by_prometheus(tmp_path):
+    """Staleness 0 (synchronous GRPO timing), stage 3 so the LLM judge scores every completion; a real
+    Prometheus scrapes the job and every query of the Grafana dashboard returns data."""
+    config = write_config(tmp_path, "sync", stage=3, **{"pipeline.max_staleness": 0, "pipeline.steps": 6,
+                                                         "data.synth.stage": 3})
+    run_dir = tmp_path / "runs" / "sync"
+    log = tmp_path / "sync.log"
+    job = start_job(config, log)
+    prom_port = _free_port()
+    prometheus = None
+    try:
+        wait_for(lambda: (run_dir / "prometheus.yml").is_file(), 240, "the job's scrape config")
+        prometheus = subprocess.Popen(
+            ["prometheus", f"--config.file={run_dir / 'prometheus.yml'}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+             f"--web.listen-address=127.0.0.1:{prom_port}"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        queries = [t["expr"] for p in json.loads(DASHBOARD.read_text())["panels"] for t in p["targets"]]
+        missing = set(queries)
+        deadline = time.monotonic() + 400
+        while missing and job.poll() is None and time.monotonic() < deadline:
+            time.sleep(2)
+            for q in list(missing):
+                try:
+                    if _prom_query(prom_port, q):
+                        missing.discard(q)
+                except OSError:
+                    pass
+        assert not missing, f"dashboard queries without data while the job ran: {sorted(missing)}"
+        wait_job(job, log)
+    finally:
+        if job.poll() is None:
+            os.killpg(job.pid, signal.SIGKILL)
+        if prometheus is not None:
+            prometheus.terminate()
+            prometheus.wait(10)
+
+    rows = history(run_dir)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    assert all(r["staleness_max"] == 0 for r in rows)  # every group trained on the version that made it
+    assert [r["policy_version"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    # the judge scored (the tiny random judge answers garbage: counted failures, the term marked missing)
+    text = log.read_text()
+    assert "judging with the tiny random text model" in text
+    keys = [k for r in rows for k in r["trained_groups"]]
+    assert len(keys) == len(set(keys)) == 12
+    assert sum(len(r["advantages_replay"]) for r in rows) > 0  # replay joined once the buffer held min_size
+    paths = write_report(run_dir)
+    assert [p.name for p in paths] == ["reward_vs_completions.png", "advantage_histogram.png", "tier_sizes.png"]
+    assert all(p.stat().st_size > 10_000 for p in paths)
+
+
+def test_async_stage_killed_and_resumed_trains_each_group_once(tmp_path):
+    """Staleness 2: generation runs ahead of training by up to two versions. The driver is killed (SIGKILL)
+    mid-run and started again: no prompt is skipped and no group is trained twice."""
+    steps = 8
+    config = write_config(tmp_path, "async", **{"pipeline.max_staleness": 2, "pipeline.steps": steps,
+                                                 "learner.total_steps": steps})
+    run_dir = tmp_path / "runs" / "async"
+    log = tmp_path / "async.log"
+    job = start_job(config, log)
+    try:
+        wait_for(lambda: len(history(run_dir)) >= 3 or job.poll() is not None, 400, "three trained steps")
+        assert job.poll() is None, f"job ended early:\n{log.read_text()[-3000:]}"
+        os.kill(job.pid, signal.SIGKILL)  # the driver only: its Ray and redis-server are orphaned
+        job.wait(30)
+        killed_at = len(history(run_dir))
+        job = start_job(config, log)
+        wait_job(job, log)
+    finally:
+        if job.poll() is None:
+            os.killpg(job.pid, signal.SIGKILL)
+    assert "stopped" in log.read_text() and "resumed from step-" in log.read_text()
+
+    rows = history(run_dir)
+    assert [r["step"] for r in rows] == list(range(1, steps + 1)), killed_at
+    assert max(r["staleness_max"] for r in rows) <= 2
+    trained = [k for r in rows for k in r["trained_groups"]]
+    assert len(trained) == len(set(trained)) == steps * 2, "a group was trained twice"
+
+    # Every task before the final cursor was trained or is still waiting in the fresh stream.
+    state = json.loads((run_dir / "checkpoints" / (run_dir / "checkpoints" / "latest").read_text() / "state.json")
+                       .read_text())
+    cfg = load_config(config)
+    order = PromptOrder(load_prompts(cfg, run_dir), cfg.data.seed, cfg.data.shuffle)
+    password = next(line.split(" ", 1)[1] for line in (run_dir / "redis" / "redis.conf").read_text().splitlines()
+                    if line.startswith("requirepass "))
+    server = start_redis(run_dir / "redis", password=password)
+    try:
+        service = ReplayService(BufferConfig(redis=server.config()))
+        waiting = {g[0].group_id for _, g in service.read_fresh("inspector", 100, None, 0)}
+    finally:
+        server.stop()
+    for i in range(state["cursor"]):
+        key = order.task(i)[0]
+        assert key in trained or key in waiting, f"task {i} ({key}) was skipped"
+    assert not set(trained) & waiting
+
+
+def test_ray_job_submit_to_a_local_head(tmp_path):
+    """`ray job submit` against `ray start --head` on 127.0.0.1 runs a short job to success, with the
+    replay service on an existing (password-protected) Redis given by URL."""
+    redis = start_redis(tmp_path / "redis")
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "AVATAR_REDIS_PASSWORD": redis.password}
+    gcs, dash = _free_port(), _free_port()
+    ray_bin = str(Path(sys.executable).with_name("ray"))
+    temp = tempfile.mkdtemp(prefix="avatar-rayjob-")
+    config = write_config(tmp_path, "submitted", **{"pipeline.steps": 2, "learner.total_steps": 2,
+                                                     "buffer.redis.url": redis.url})
+    try:
+        subprocess.run([ray_bin, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs}",
+                        "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--num-cpus=2",
+                        f"--temp-dir={temp}", "--disable-usage-stats"], env=env, check=True, capture_output=True,
+                       timeout=180)
+        runtime_env = json.dumps({"env_vars": {"AVATAR_REDIS_PASSWORD": redis.password, "PYTHONUNBUFFERED": "1"}})
+        out = subprocess.run(
+            [ray_bin, "job", "submit", f"--address=http://127.0.0.1:{dash}", "--working-dir", str(ROOT),
+             "--runtime-env-json", runtime_env, "--", sys.executable, "-m", "cluster.cli", "train", str(config)],
+            env=env, capture_output=True, text=True, timeout=600)
+        assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]
+        assert "succeeded" in out.stdout
+        assert [r["step"] for r in history(tmp_path / "runs" / "submitted")] == [1, 2]
+    finally:
+        # only this test's Ray: every process of it names its temp dir on the command line
+        ray_procs = [p for p in psutil.process_iter(["cmdline"]) if temp in " ".join(p.info["cmdline"] or [])]
+        for p in ray_procs:
+            p.kill()
+        psutil.wait_procs(ray_procs, timeout=30)
+        shutil.rmtree(temp, ignore_errors=True)
+        redis.stop()
