@@ -22,6 +22,7 @@ from .config import JobConfig, dump_config
 from .driver import train_rl
 from .metrics import JobMetrics, write_scrape_config
 from .prompts import PromptOrder, load_prompts
+from .report import write_report
 from .state import RunState, latest_checkpoint, load_state, save_state
 
 
@@ -124,6 +125,8 @@ def run_stage(cfg: JobConfig, resume: bool = True) -> dict:
         summary["after"] = evaluate(comps, eval_samples, cfg)
         print(f"[job] accuracy after: {summary['after']}", flush=True)
         summary["export"] = comps.learner.export_hf(run_dir / "export")
+        if rl and state.step:
+            summary["report"] = [str(p) for p in write_report(run_dir)]
         summary.update({"stage": cfg.stage, "steps": state.step, "completions_generated": state.completions_generated,
                         "counters": state.counters, "run_dir": str(run_dir)})
         summary_path.write_text(json.dumps(summary, indent=2))
