@@ -111,8 +111,11 @@ def _print_summary(summaries: list[dict]) -> None:
         print(f"stage {s['stage']}: {s['steps']} steps, {s['completions_generated']} completions generated; "
               f"eval accuracy {before:.3f} -> {after:.3f}" if before is not None and after is not None
               else f"stage {s['stage']}: {s['steps']} steps")
-        print(f"  run folder: {s['run_dir']}  (history.jsonl, summary.json, checkpoints/, report/)")
-        print(f"  exported policy: {s['export']}")
+        run = Path(s["run_dir"])
+        print(f"  checkpoints: {run / 'checkpoints'}   exported policy: {s['export']}")
+        print(f"  metrics: {run / 'history.jsonl'} (per step), {run / 'prometheus.yml'} (scrape config)")
+        for png in s.get("report", []):
+            print(f"  plot: {png}")
     first, last = summaries[0].get("before") or {}, summaries[-1].get("after") or {}
     if first.get("accuracy") is not None and last.get("accuracy") is not None:
         print(f"accuracy before training {first['accuracy']:.3f} -> after {last['accuracy']:.3f}")

@@ -13,6 +13,7 @@ duplicate the buffer drops; a step's commit is saved with its checkpoint and rep
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from pathlib import Path
@@ -78,6 +79,7 @@ def train_rl(cfg: JobConfig, run_dir: Path, comps: Components, order: PromptOrde
     reclaim_ms = 0  # the first read takes back what a previous run of this job had read and not committed
     bar = tqdm(total=pcfg.steps, initial=state.step, desc=f"stage {cfg.stage} RL", unit="step", dynamic_ncols=True)
     commit_pending(comps, state)  # the previous run may have stopped between its checkpoint and its commit
+    phase = _PhaseTimer()  # driver wall time per phase since the last recorded step (benchmarks/pipeline.py)
 
     while state.step < pcfg.steps:
         # 1. keep rollouts busy: a task may start if it will be trained within max_staleness versions
@@ -85,7 +87,8 @@ def train_rl(cfg: JobConfig, run_dir: Path, comps: Components, order: PromptOrde
         room = pcfg.max_prompts_in_flight - len(rollouts.inflight)
         wanted = [order.task(i) for i in range(submitted, min(allowed, submitted + max(room, 0)))]
         if wanted:
-            states = ray.get(comps.buffer.prompt_states.remote([s.id for _, s in wanted]))
+            with phase("buffer"):
+                states = ray.get(comps.buffer.prompt_states.remote([s.id for _, s in wanted]))
             for key, sample in wanted:
                 hinted = cfg.buffer.hint.enabled and states.get(sample.id, {}).get("hint_active") and sample.hint
                 rollouts.submit(PromptTask(key=key, sample=sample, use_hint=bool(hinted)))
@@ -93,32 +96,41 @@ def train_rl(cfg: JobConfig, run_dir: Path, comps: Components, order: PromptOrde
                 submitted += 1
 
         # 2. generated groups -> the reward pool; scored groups -> the fresh stream
-        for result in rollouts.finished(timeout=0.1):
+        with phase("rollout_wait"):
+            finished = rollouts.finished(timeout=0.1)
+        for result in finished:
             if result.skipped is not None:
                 metrics.count_to("avatar_buffer_events_total", state.bump("skipped_prompts"), event="skipped_prompt")
                 not_pushed.pop(result.key, None)
                 continue
             state.completions_generated += len(result.trajectories)
-            comps.rewards.submit(result.trajectories, by_id[result.prompt_id])
-        for scored in comps.rewards.poll(timeout=0.0):
+            with phase("scoring"):
+                comps.rewards.submit(result.trajectories, by_id[result.prompt_id])
+        with phase("scoring"):
+            polled = comps.rewards.poll(timeout=0.0)
+        for scored in polled:
             if scored.error:  # counted by the pool; the task is given another chance after a resume
                 print(f"[driver] scoring failed for {scored.sample_id}: {scored.error}", flush=True)
                 continue
-            ray.get(comps.buffer.push_group.remote(scored.trajectories))
+            with phase("buffer"):
+                ray.get(comps.buffer.push_group.remote(scored.trajectories))
             not_pushed.pop(scored.trajectories[0].group_id, None)
         state.cursor = min(not_pushed.values(), default=submitted)
 
         # 3. a training step once a full batch of fresh groups has been read
         if len(held) < per_step:
-            held += ray.get(comps.buffer.read_fresh.remote("learner", per_step - len(held), 100, reclaim_ms))
+            with phase("buffer"):
+                held += ray.get(comps.buffer.read_fresh.remote("learner", per_step - len(held), 100, reclaim_ms))
             reclaim_ms = None
         if len(held) < per_step:
             continue
         batch, held = held[:per_step], held[per_step:]
         groups = [g for _, g in batch]
         n_replay = pcfg.replay_per_group * per_step
-        replay = ray.get(comps.buffer.sample.remote(n_replay, None, None, state.policy_version)) if n_replay else []
-        stats = comps.learner.train_step(groups, replay)
+        with phase("buffer"):
+            replay = ray.get(comps.buffer.sample.remote(n_replay, None, None, state.policy_version)) if n_replay else []
+        with phase("train"):
+            stats = comps.learner.train_step(groups, replay)
         state.step += 1
         trained = [t for g in groups for t in g]
         for t in trained:
@@ -133,16 +145,21 @@ def train_rl(cfg: JobConfig, run_dir: Path, comps: Components, order: PromptOrde
         sync_s = None
         if state.step % cfg.learner.publish_every == 0:
             t0 = time.perf_counter()
-            state.policy_version = comps.publish_weights()
+            with phase("weight_sync"):
+                state.policy_version = comps.publish_weights()
             sync_s = time.perf_counter() - t0
 
         # 5. record, checkpoint (with the commit it owes), then commit into the tiers
-        row = record_step(cfg, state, stats, groups, replay, comps, metrics, sync_s, staleness)
+        with phase("record"):
+            row = record_step(cfg, state, stats, groups, replay, comps, metrics, sync_s, staleness)
+        row["phase_seconds"] = phase.take()  # this step's record time is counted in the next row
         with history.open("a") as f:
             f.write(json.dumps(row) + "\n")
         if state.step % pcfg.checkpoint_every == 0 or state.step == pcfg.steps:
-            save_state(run_dir, state, comps.learner)
-            commit_pending(comps, state)
+            with phase("checkpoint"):
+                save_state(run_dir, state, comps.learner)
+            with phase("buffer"):
+                commit_pending(comps, state)
         bar.update(1)
         bar.set_postfix(reward=f"{row['reward_mean']:.2f}", acc=f"{row['accuracy']:.2f}", replay=len(replay),
                         v=state.policy_version)
@@ -180,7 +197,12 @@ def record_step(cfg, state, stats, groups, replay, comps, metrics, sync_s, stale
         "trained_groups": [g[0].group_id for g in groups], "trained_prompts": [g[0].prompt_id for g in groups],
         "advantages_fresh": fresh_adv, "advantages_replay": replay_adv, "tier_sizes": tiers,
         "weight_sync_seconds": sync_s, "time": time.time(),
+        "judge_missing": sum(1 for t in trajs if "judge" in t.rewards and t.rewards["judge"] is None),
+        "judge_failures_total": reward_stats.get("judge_failures", 0),
     }
+    # cumulative busy seconds of the rollout workers (generation) and reward workers (scoring)
+    row["rollout_generate_seconds"] = sum(s["generate_seconds"] for s in worker_stats)
+    row["reward_scoring_seconds"] = float(reward_stats.get("scoring_s_sum", 0.0))
     m = metrics
     m.set("avatar_policy_version", state.policy_version)
     m.count_to("avatar_learner_steps_total", state.step)
@@ -214,6 +236,25 @@ def record_step(cfg, state, stats, groups, replay, comps, metrics, sync_s, stale
         m.set("avatar_weight_sync_seconds", sync_s)
     m.set("avatar_prompts_in_flight", reward_stats.get("pending", 0))
     return row
+
+
+class _PhaseTimer:
+    """Wall seconds the driver spends in each phase; `take()` returns them and starts over."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
+
+    def take(self) -> dict[str, float]:
+        out, self.seconds = {k: round(v, 4) for k, v in self.seconds.items()}, {}
+        return out
 
 
 def _mean(values) -> float:

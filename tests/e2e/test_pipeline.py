@@ -48,7 +48,8 @@ def test_synchronous_stage_with_judge_scraped_by_prometheus(tmp_path):
     """Staleness 0 (synchronous GRPO timing), stage 3 so the LLM judge scores every completion; a real
     Prometheus scrapes the job and every query of the Grafana dashboard returns data."""
     config = write_config(tmp_path, "sync", stage=3, **{"pipeline.max_staleness": 0, "pipeline.steps": 6,
-                                                         "data.synth.stage": 3})
+                                                         "data.synth.stage": 3,
+                                                         "reward.weights": {"format": 0.5, "judge": 1.0}})
     run_dir = tmp_path / "runs" / "sync"
     log = tmp_path / "sync.log"
     job = start_job(config, log)
@@ -85,8 +86,10 @@ def test_synchronous_stage_with_judge_scraped_by_prometheus(tmp_path):
     assert all(r["staleness_max"] == 0 for r in rows)  # every group trained on the version that made it
     assert [r["policy_version"] for r in rows] == [1, 2, 3, 4, 5, 6]
     # the judge scored (the tiny random judge answers garbage: counted failures, the term marked missing)
-    text = log.read_text()
-    assert "judging with the tiny random text model" in text
+    assert "judging with the tiny random text model" in log.read_text()
+    # its garbage is never a silent 0: every judge term is marked missing and counted as a failure
+    assert all(r["judge_missing"] == 8 for r in rows)  # 2 prompts x 4 completions per step
+    assert rows[-1]["judge_failures_total"] >= 6 * 8
     keys = [k for r in rows for k in r["trained_groups"]]
     assert len(keys) == len(set(keys)) == 12
     assert sum(len(r["advantages_replay"]) for r in rows) > 0  # replay joined once the buffer held min_size
