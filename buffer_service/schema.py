@@ -109,8 +109,10 @@ def _read_table(data: bytes) -> pa.Table:
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise SchemaError(f"expected Arrow IPC bytes, got {type(data).__name__}")
     try:
-        return pa.ipc.open_stream(pa.py_buffer(data)).read_all()
-    except (pa.ArrowInvalid, pa.ArrowIOError, OSError) as exc:
+        table = pa.ipc.open_stream(pa.py_buffer(data)).read_all()
+        table.validate(full=True)  # offsets and lengths inside their buffers before anything reads them
+        return table
+    except (pa.ArrowException, OSError) as exc:
         raise SchemaError(f"not an Arrow IPC stream: {exc}") from None
 
 

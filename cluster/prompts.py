@@ -16,7 +16,8 @@ def load_prompts(cfg, run_dir: Path, split: str = "train") -> list[PromptSample]
     """The manifest named by cfg.data.manifest, or the synthetic dataset generated (once) into the run
     folder. The eval split is generated with another seed, so it holds prompts never trained on."""
     if cfg.data.manifest:
-        samples, rejected = load_manifest(cfg.data.manifest, on_error="skip")
+        samples, rejected = load_manifest(cfg.data.manifest, on_error="skip",
+                                          allow_outside_paths=cfg.data.allow_outside_paths)
         if rejected:
             print(f"[data] skipped {len(rejected)} invalid manifest rows, e.g. line {rejected[0][0]}: "
                   f"{rejected[0][1]}", flush=True)

@@ -27,5 +27,8 @@ class SynthConfig(_Strict):
 class DataConfig(_Strict):
     manifest: str | None = Field(None, description="JSONL or Parquet manifest; None = generate synthetic data")
     synth: SynthConfig = Field(default_factory=SynthConfig)
+    allow_outside_paths: bool = Field(
+        False, description="allow manifest media paths outside the manifest's folder (absolute, `..`, symlinks)"
+    )
     shuffle: bool = True
     seed: int = 0

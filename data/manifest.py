@@ -31,18 +31,26 @@ def _read_rows(path: Path) -> list[tuple[int, Any]]:
 
         return list(enumerate(pq.read_table(path).to_pylist(), start=1))
     rows = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for n, raw in enumerate(path.read_bytes().splitlines(), start=1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            rows.append((n, ValueError(f"not valid UTF-8 (byte {exc.start})")))
+            continue
         if not line.strip():
             continue
         try:
             rows.append((n, json.loads(line)))
         except json.JSONDecodeError as exc:
             rows.append((n, ValueError(f"not valid JSON ({exc.msg} at column {exc.colno})")))
+        except RecursionError:
+            rows.append((n, ValueError("not valid JSON (nested too deeply)")))
     return rows
 
 
-def validate_row(row: Any, root: Path) -> PromptSample:
-    """A PromptSample from one manifest row, or ValueError with the reason."""
+def validate_row(row: Any, root: Path, allow_outside_paths: bool = False) -> PromptSample:
+    """A PromptSample from one manifest row, or ValueError with the reason. Media paths are relative to `root`
+    and must stay inside it (after resolving `..` and symlinks) unless allow_outside_paths."""
     if isinstance(row, Exception):
         raise row
     if not isinstance(row, dict):
@@ -74,7 +82,7 @@ def validate_row(row: Any, root: Path) -> PromptSample:
         if not math.isfinite(value):
             raise ValueError(f"numerical answer {answer!r} is not finite")
     stage = row.get("stage", 1)
-    if not isinstance(stage, int) or stage not in (0, 1, 2, 3):
+    if type(stage) is not int or stage not in (0, 1, 2, 3):
         raise ValueError(f"stage must be 0, 1, 2 or 3, got {stage!r}")
     paths = {}
     for key in ("video", "audio"):
@@ -82,8 +90,13 @@ def validate_row(row: Any, root: Path) -> PromptSample:
         if value in (None, ""):
             paths[key] = None
             continue
+        if not isinstance(value, str) or "\x00" in value:
+            raise ValueError(f"{key} must be a path string, got {type(value).__name__}")
         p = Path(value)
         p = p if p.is_absolute() else root / p
+        if not allow_outside_paths and not p.resolve().is_relative_to(Path(root).resolve()):
+            raise ValueError(f"{key} path {value!r} is outside the manifest's folder {root} "
+                             "(set data.allow_outside_paths=true to allow it)")
         if not p.is_file():
             raise ValueError(f"{key} file not found: {p}")
         paths[key] = p
@@ -95,9 +108,11 @@ def validate_row(row: Any, root: Path) -> PromptSample:
     )
 
 
-def load_manifest(path: str | Path, on_error: str = "raise") -> tuple[list[PromptSample], list[tuple[int, str]]]:
+def load_manifest(path: str | Path, on_error: str = "raise", allow_outside_paths: bool = False
+                  ) -> tuple[list[PromptSample], list[tuple[int, str]]]:
     """Load and validate a manifest. on_error="raise" (default) fails listing every bad row;
-    on_error="skip" returns the good rows and the rejected (line, reason) pairs for counting and logging."""
+    on_error="skip" returns the good rows and the rejected (line, reason) pairs for counting and logging.
+    Media paths must stay inside the manifest's folder unless allow_outside_paths."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"manifest not found: {path}")
@@ -106,7 +121,7 @@ def load_manifest(path: str | Path, on_error: str = "raise") -> tuple[list[Promp
     samples, rejected, seen = [], [], set()
     for n, row in _read_rows(path):
         try:
-            sample = validate_row(row, path.parent)
+            sample = validate_row(row, path.parent, allow_outside_paths)
             if sample.id in seen:
                 raise ValueError(f"duplicate id {sample.id!r}")
         except ValueError as exc:

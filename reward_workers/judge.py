@@ -119,6 +119,8 @@ def parse_judge_output(text: str | None) -> float | None:
             obj, _ = decoder.raw_decode(text, start)
         except json.JSONDecodeError:
             obj = None
+        except RecursionError:  # nested deeper than the parser goes: garbage, and every later "{" is inside it
+            return None
         if isinstance(obj, dict):
             values = [_criterion(obj.get(k)) for k in JUDGE_KEYS]
             if all(v is not None for v in values):
