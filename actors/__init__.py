@@ -1,21 +1,29 @@
 """Rollout workers: generation engines (vLLM, transformers fallback) behind one interface, the shared prompt
-queue with leases, and the RolloutWorker Ray actor."""
+queue with leases, and the RolloutWorker Ray actor.
+
+Config and record names load eagerly; the rest (torch, Ray, vLLM behind them) on first use, so
+that reading a config stays cheap."""
 
 from .config import RolloutConfig
-from .engines import (
-    Completion,
-    EngineBroken,
-    EngineInput,
-    GenerationResult,
-    HFEngine,
-    RolloutEngine,
-    Sampling,
-    VLLMEngine,
-    WeightLoadError,
-    create_engine,
-)
-from .prompt_queue import PromptQueue, PromptTask
-from .worker import GroupResult, RolloutWorker, Skipped, rollout_worker_actor
+
+_LAZY = {
+    "Completion": "engines",
+    "EngineBroken": "engines",
+    "EngineInput": "engines",
+    "GenerationResult": "engines",
+    "GroupResult": "worker",
+    "HFEngine": "engines",
+    "PromptQueue": "prompt_queue",
+    "PromptTask": "prompt_queue",
+    "RolloutEngine": "engines",
+    "RolloutWorker": "worker",
+    "Sampling": "engines",
+    "Skipped": "worker",
+    "VLLMEngine": "engines",
+    "WeightLoadError": "engines",
+    "create_engine": "engines",
+    "rollout_worker_actor": "worker",
+}
 
 __all__ = [
     "Completion",
@@ -36,3 +44,11 @@ __all__ = [
     "create_engine",
     "rollout_worker_actor",
 ]
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

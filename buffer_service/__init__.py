@@ -2,47 +2,64 @@
 
 The record schema (the contract with rollout workers, reward workers and the learner), the private/external
 Redis helpers, and ReplayService (fresh stream, stratified tiers, VCRS statistics, sampling).
-"""
 
-from buffer_service.config import BufferConfig, HintConfig, RedisConfig
-from buffer_service.records import ReplaySample, Trajectory
-from buffer_service.redis_server import LocalRedis, RedisAuthError, connect, start_redis
-from buffer_service.schema import (
-    SCHEMA_VERSION,
-    TRAJECTORY_SCHEMA,
-    RecordError,
-    SchemaError,
-    decode_group,
-    decode_trajectory,
-    encode_group,
-    encode_trajectory,
-    validate_group,
-    validate_trajectory,
-)
-from buffer_service.service import TIERS, ReplayService, allocate, priority_score
+Config and record names load eagerly; the rest (torch, Ray, vLLM behind them) on first use, so
+that reading a config stays cheap."""
+
+from .config import BufferConfig, HintConfig, RedisConfig
+from .records import ReplaySample, Trajectory
+
+_LAZY = {
+    "LocalRedis": "redis_server",
+    "RecordError": "schema",
+    "RedisAuthError": "redis_server",
+    "ReplayService": "service",
+    "SCHEMA_VERSION": "schema",
+    "SchemaError": "schema",
+    "TIERS": "service",
+    "TRAJECTORY_SCHEMA": "schema",
+    "allocate": "service",
+    "connect": "redis_server",
+    "decode_group": "schema",
+    "decode_trajectory": "schema",
+    "encode_group": "schema",
+    "encode_trajectory": "schema",
+    "priority_score": "service",
+    "start_redis": "redis_server",
+    "validate_group": "schema",
+    "validate_trajectory": "schema",
+}
 
 __all__ = [
     "BufferConfig",
     "HintConfig",
+    "LocalRedis",
+    "RecordError",
+    "RedisAuthError",
     "RedisConfig",
     "ReplaySample",
-    "Trajectory",
-    "LocalRedis",
-    "RedisAuthError",
-    "connect",
-    "start_redis",
+    "ReplayService",
     "SCHEMA_VERSION",
-    "TRAJECTORY_SCHEMA",
-    "RecordError",
     "SchemaError",
+    "TIERS",
+    "TRAJECTORY_SCHEMA",
+    "Trajectory",
+    "allocate",
+    "connect",
     "decode_group",
     "decode_trajectory",
     "encode_group",
     "encode_trajectory",
+    "priority_score",
+    "start_redis",
     "validate_group",
     "validate_trajectory",
-    "TIERS",
-    "ReplayService",
-    "allocate",
-    "priority_score",
 ]
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -13,10 +13,12 @@ from buffer_service.service import ReplayService
 from learner.actor import LearnerGroup
 from policy.config import TinyModelConfig
 from policy.tiny import ensure_tiny_model
+from reward_workers.judge_engine import JudgeEngineActor
 from reward_workers.pool import RewardPool
 from reward_workers.scoring import stage_weights
 
 from .config import JobConfig
+from .placement import Placement, plan_bundles, reserve
 from .prompts import PromptMedia
 
 
@@ -26,6 +28,8 @@ class Components:
     learner: LearnerGroup
     workers: list = field(default_factory=list)
     rewards: RewardPool | None = None
+    judge_engine: object | None = None  # started here (placed with the job); the pool only uses it
+    placement: Placement | None = None
 
     def publish_weights(self, bump: bool = True) -> int:
         """The learner publishes (version + 1, or the current version again with bump=False); every rollout
@@ -45,8 +49,15 @@ class Components:
             ray.kill(w)
         if self.rewards is not None:
             self.rewards.shutdown()
+        if self.judge_engine is not None:
+            ray.get(self.judge_engine.shutdown.remote(), timeout=60)
+            ray.kill(self.judge_engine)
         self.learner.shutdown()
         ray.kill(self.buffer)
+        if self.placement is not None and self.placement.group is not None:
+            from ray.util.placement_group import remove_placement_group
+
+            remove_placement_group(self.placement.group)
 
 
 def _with_judge_model(cfg: JobConfig, run_dir: Path):
@@ -61,18 +72,33 @@ def _with_judge_model(cfg: JobConfig, run_dir: Path):
 
 
 def start_components(cfg: JobConfig, run_dir: Path, model_path: Path, samples, redis_cfg, rl: bool) -> Components:
+    reward_cfg = _with_judge_model(cfg, run_dir) if rl else cfg.reward
+    needs_judge = rl and bool(stage_weights(cfg.reward, cfg.stage).get("judge")) and reward_cfg.judge.backend == "local"
+    placement = reserve(cfg, needs_judge)
+    gpu = placement.group is not None
     buffer_cfg = cfg.buffer.model_copy(update={"redis": redis_cfg})
     buffer = ray.remote(num_cpus=0)(ReplayService).remote(buffer_cfg)
     learner_cfg = cfg.learner.model_copy(update={"seed": cfg.seed, "mode": "rl" if rl else "sft"})
-    learner = LearnerGroup(learner_cfg, model_path, media_provider=PromptMedia(samples, cfg.processor, str(model_path)),
-                           publish_dir=run_dir / "published", num_cpus_per_rank=0)
-    comps = Components(buffer=buffer, learner=learner)
+    learner = LearnerGroup(
+        learner_cfg, model_path, media_provider=PromptMedia(samples, cfg.processor, str(model_path)),
+        publish_dir=run_dir / "published", num_cpus_per_rank=1 if gpu else 0, num_gpus_per_rank=1 if gpu else 0,
+        scheduling_strategies=[placement.options("learner", r).get("scheduling_strategy")
+                               for r in range(cfg.learner.num_ranks)] if gpu else None)
+    comps = Components(buffer=buffer, learner=learner, placement=placement)
     # Workers are created for SFT too: they run the accuracy evaluations before and after.
     actor = rollout_worker_actor(num_cpus=0, max_restarts=3)
     comps.workers = [
-        actor.remote(f"rollout-{i}", str(model_path), cfg.rollout, cfg.processor, None, cfg.model.dtype, cfg.seed + i)
+        actor.options(num_gpus=cfg.rollout.tensor_parallel_size if gpu else 0, **placement.options("rollout", i))
+        .remote(f"rollout-{i}", str(model_path), cfg.rollout, cfg.processor, None, cfg.model.dtype, cfg.seed + i)
         for i in range(cfg.rollout.num_workers)
     ]
     if rl:
-        comps.rewards = RewardPool(_with_judge_model(cfg, run_dir))
+        judge_engine = None
+        if needs_judge and reward_cfg.judge.model_path:
+            jc = reward_cfg.judge
+            judge_engine = JudgeEngineActor.options(num_gpus=plan_bundles(cfg, True)["judge"][0]["GPU"] if gpu else 0,
+                                                    **placement.options("judge", 0)
+                                                    ).remote(jc.model_path, jc.max_model_len, jc.engine)
+        comps.rewards = RewardPool(reward_cfg, judge_engine=judge_engine)
+        comps.judge_engine = judge_engine
     return comps

@@ -1,23 +1,16 @@
 """learner package: the AVATAR objective, the DeepSpeed learner, checkpoints and weight publishing.
 
-Light names are imported eagerly; the learner itself (transformers, DeepSpeed) loads on first use.
+Config names are imported eagerly; the rest (torch, transformers, DeepSpeed) loads on first use.
 """
 
 from .config import LearnerConfig, LoraConfig, ObjectiveConfig
-from .objective import avatar_loss, group_advantages, mixed_advantages, policy_loss, sft_loss, tas_weights
-from .transport import (
-    CollectiveTransport,
-    PublishedWeights,
-    SafetensorsTransport,
-    WeightTransport,
-    init_weight_group,
-    latest_published,
-    load_published,
-    receive_broadcast,
-    state_dict_checksum,
-)
 
 _LAZY = {"Learner": "learner", "SFTExample": "learner", "LearnerGroup": "actor", "LearnerWorker": "actor"}
+_LAZY.update({n: "objective" for n in ("avatar_loss", "group_advantages", "mixed_advantages", "policy_loss",
+                                       "sft_loss", "tas_weights")})
+_LAZY.update({n: "transport" for n in ("CollectiveTransport", "PublishedWeights", "SafetensorsTransport",
+                                       "WeightTransport", "init_weight_group", "latest_published", "load_published",
+                                       "receive_broadcast", "state_dict_checksum")})
 
 __all__ = [
     "CollectiveTransport", "Learner", "LearnerConfig", "LearnerGroup", "LearnerWorker", "LoraConfig",

@@ -93,13 +93,14 @@ class LearnerGroup:
 
     def __init__(self, cfg: LearnerConfig, model_path: str | Path, *, media_provider: MediaProvider | None = None,
                  publish_dir: str | Path | None = None, num_cpus_per_rank: float = 1,
-                 num_gpus_per_rank: float = 0):
+                 num_gpus_per_rank: float = 0, scheduling_strategies: list | None = None):
         import ray
 
         actor = ray.remote(LearnerWorker).options(num_cpus=num_cpus_per_rank, num_gpus=num_gpus_per_rank)
         self.workers = [
-            actor.remote(cfg.model_dump(), str(model_path), rank, cfg.num_ranks, media_provider,
-                         str(publish_dir) if publish_dir else None)
+            (actor.options(scheduling_strategy=scheduling_strategies[rank]) if scheduling_strategies else actor)
+            .remote(cfg.model_dump(), str(model_path), rank, cfg.num_ranks, media_provider,
+                    str(publish_dir) if publish_dir else None)
             for rank in range(cfg.num_ranks)
         ]
         addr, port = ray.get(self.workers[0].address.remote())

@@ -1,26 +1,41 @@
-"""reward_workers: the rule-based rewards, the LLM judge, stage weighting and the RewardWorker pool."""
+"""reward_workers: the rule-based rewards, the LLM judge, stage weighting and the RewardWorker pool.
 
-from .answers import canonical_answer, choice_letter, extract_answer, parse_number
+Config and record names load eagerly; the rest (torch, Ray, vLLM behind them) on first use, so
+that reading a config stays cheap."""
+
 from .config import STAGE_WEIGHTS, JudgeConfig, RewardConfig
-from .judge import (
-    JUDGE_KEYS,
-    Judge,
-    JudgeError,
-    JudgeRequest,
-    JudgeResult,
-    OpenAIJudgeBackend,
-    build_judge_messages,
-    parse_judge_output,
-)
-from .judge_engine import JudgeEngineActor, LocalJudgeBackend
-from .pool import PoolFull, RewardPool, RewardWorker, ScoredGroup, build_judge
-from .rewards import GroupContext, accuracy_reward, format_reward, self_consistency_reward
-from .scoring import score_group, stage_weights
+
+_LAZY = {
+    "GroupContext": "rewards",
+    "JUDGE_KEYS": "judge",
+    "Judge": "judge",
+    "JudgeEngineActor": "judge_engine",
+    "JudgeError": "judge",
+    "JudgeRequest": "judge",
+    "JudgeResult": "judge",
+    "LocalJudgeBackend": "judge_engine",
+    "OpenAIJudgeBackend": "judge",
+    "PoolFull": "pool",
+    "RewardPool": "pool",
+    "RewardWorker": "pool",
+    "ScoredGroup": "pool",
+    "accuracy_reward": "rewards",
+    "build_judge": "pool",
+    "build_judge_messages": "judge",
+    "canonical_answer": "answers",
+    "choice_letter": "answers",
+    "extract_answer": "answers",
+    "format_reward": "rewards",
+    "parse_judge_output": "judge",
+    "parse_number": "answers",
+    "score_group": "scoring",
+    "self_consistency_reward": "rewards",
+    "stage_weights": "scoring",
+}
 
 __all__ = [
-    "JUDGE_KEYS",
-    "STAGE_WEIGHTS",
     "GroupContext",
+    "JUDGE_KEYS",
     "Judge",
     "JudgeConfig",
     "JudgeEngineActor",
@@ -33,6 +48,7 @@ __all__ = [
     "RewardConfig",
     "RewardPool",
     "RewardWorker",
+    "STAGE_WEIGHTS",
     "ScoredGroup",
     "accuracy_reward",
     "build_judge",
@@ -47,3 +63,11 @@ __all__ = [
     "self_consistency_reward",
     "stage_weights",
 ]
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
