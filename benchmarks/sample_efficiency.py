@@ -1,0 +1,288 @@
+"""AVATAR against GRPO in miniature: generated completions until a target training accuracy.
+
+    .venv/bin/python -m benchmarks.sample_efficiency [--seeds 3] [--steps 20] [--target 0.5]
+
+One stage-0 SFT checkpoint of the tiny Qwen2.5-Omni thinker on the synthetic audio-visual data
+(configs/demo_stage0.yaml, built once and cached under the output folder), then four arms from it, each over
+the same seeds (seed s sets the learner/rollout seeds and the prompt order), run one after another as
+`python -m cluster.cli train configs/demo.yaml ...` subprocesses:
+
+    grpo         G = 8 fresh completions, uniform token weights, no replay, no hints
+    avatar       G_on = 4 fresh + G_off = 4 replayed per group, TAS parabola, hints
+    tas_only     G = 8 fresh, TAS parabola, no replay, no hints
+    replay_only  4 fresh + 4 replayed, uniform weights, hints
+
+Every arm: 4 prompts per step, the same number of learner steps (20), lr 1e-4, reward 0.1 format + 0.9 accuracy,
+staleness 0 (synchronous: the comparison is about samples, not overlap), a checkpoint (and so a commit into the
+replay tiers) after every step. Training accuracy = the accuracy reward of the freshly generated completions,
+over a sliding window of the last `--window` generated completions (the same sample count for every arm, so
+the same noise); "completions to target" = the cumulative generated completions at the first step where that
+window reaches `--target`. Held-out accuracy: greedy decoding on 48 unseen prompts before and after.
+Prints a table, writes benchmarks/results/sample_efficiency.json and .png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+
+ARMS = {
+    "grpo": ["rollout.group_size=8", "pipeline.replay_per_group=0", "learner.objective.tas_shape=uniform",
+             "buffer.hint.enabled=false"],
+    "avatar": ["rollout.group_size=4", "pipeline.replay_per_group=4", "learner.objective.tas_shape=parabola",
+               "buffer.hint.enabled=true"],
+    "tas_only": ["rollout.group_size=8", "pipeline.replay_per_group=0", "learner.objective.tas_shape=parabola",
+                 "buffer.hint.enabled=false"],
+    "replay_only": ["rollout.group_size=4", "pipeline.replay_per_group=4", "learner.objective.tas_shape=uniform",
+                    "buffer.hint.enabled=true"],
+}
+
+
+def _python() -> str:
+    venv = ROOT / ".venv" / "bin" / "python"
+    return str(venv) if venv.exists() else sys.executable
+
+
+def _train(config: str, overrides: list[str], log: Path) -> dict:
+    """One stage as a subprocess of the CLI; returns its summary.json. Cached: a finished run with the same
+    overrides is not run again."""
+    run_dir = Path(next(o.split("=", 1)[1] for o in overrides if o.startswith("run_dir=")))
+    name = next(o.split("=", 1)[1] for o in overrides if o.startswith("name="))
+    folder = run_dir / name
+    key = hashlib.sha256(json.dumps([config, overrides]).encode()).hexdigest()[:16]
+    stamp = folder / "benchmark_key"
+    summary = folder / "summary.json"
+    if stamp.is_file() and stamp.read_text() == key and summary.is_file() and "after" in json.loads(summary.read_text()):
+        print(f"[bench] {name}: cached ({folder})", flush=True)
+        return json.loads(summary.read_text())
+    log.parent.mkdir(parents=True, exist_ok=True)
+    cmd = [_python(), "-m", "cluster.cli", "train", config, *overrides, "--fresh"]
+    print(f"[bench] {name}: {' '.join(cmd[1:])}", flush=True)
+    t0 = time.time()
+    with log.open("w") as f:
+        rc = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT).returncode
+    if rc != 0:
+        raise SystemExit(f"[bench] {name} failed (exit {rc}); see {log}")
+    out = json.loads(summary.read_text())
+    out["wall_seconds"] = time.time() - t0
+    summary.write_text(json.dumps(out, indent=2))
+    stamp.write_text(key)
+    print(f"[bench] {name}: done in {out['wall_seconds']:.0f} s, held-out accuracy {out['before']['accuracy']} -> "
+          f"{out['after']['accuracy']}", flush=True)
+    return out
+
+
+def ensure_stage0(out: Path) -> str:
+    """The stage-0 SFT export all arms start from (configs/demo_stage0.yaml), built once."""
+    runs = out / "runs"
+    summary = _train("configs/demo_stage0.yaml", [f"run_dir={runs}", "name=stage0"], out / "logs" / "stage0.log")
+    return str(Path(summary["export"]).resolve() if Path(summary["export"]).is_absolute()
+               else (ROOT / summary["export"]).resolve())
+
+
+def arm_overrides(arm: str, seed: int, steps: int, init_from: str, runs: Path, lr: float) -> list[str]:
+    return [f"run_dir={runs}", f"name={arm}_s{seed}", f"init_from={init_from}", f"seed={seed}", f"data.seed={seed}",
+            f"pipeline.steps={steps}", f"learner.total_steps={steps}", f"learner.lr={lr}",
+            "pipeline.max_staleness=0", "pipeline.checkpoint_every=1", "pipeline.eval_items=48", *ARMS[arm]]
+
+
+def read_history(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "history.jsonl").read_text().splitlines() if line.strip()]
+
+
+def curve(rows: list[dict], window: int) -> list[tuple[int, float | None]]:
+    """(cumulative completions, accuracy over the last `window` fresh completions) after every step; None until
+    the window is full. Each step contributes its fresh completions (groups x group size) at its mean accuracy."""
+    out, recent = [], []  # recent: (n, acc) per step, newest last
+    for r in rows:
+        n = len(r["advantages_fresh"])
+        recent.append((n, r["accuracy"]))
+        # keep the newest steps that cover the window (a step is taken whole or partly, newest first)
+        need, num, den = window, 0.0, 0
+        for k, a in reversed(recent):
+            take = min(k, need)
+            num, den, need = num + take * a, den + take, need - take
+            if need == 0:
+                break
+        out.append((r["completions_generated"], num / den if need == 0 else None))
+    return out
+
+
+def to_target(points: list[tuple[int, float | None]], target: float) -> int | None:
+    for c, acc in points:
+        if acc is not None and acc >= target - 1e-9:
+            return c
+    return None
+
+
+def _fmt_reach(values: list[int | None], budget: int) -> str:
+    reached = sorted(v for v in values if v is not None)
+    if not reached:
+        return f"not reached (> {budget})"
+    # median over all seeds, a seed that never reached counting as above the budget
+    full = sorted(v if v is not None else float("inf") for v in values)
+    med = statistics.median(full)
+    med_s = f"> {budget}" if med == float("inf") else f"{med:.0f}"
+    return f"{med_s} [{reached[0]}-{reached[-1]}]"
+
+
+def _median_or_none(values: list[int | None]) -> float | None:
+    """Median with a seed that never reached the target counted as above every budget; None if that is the median."""
+    med = statistics.median([v if v is not None else float("inf") for v in values])
+    return None if med == float("inf") else med
+
+
+def summarise(results: dict, target: float, window: int, extra_targets: list[float]) -> dict:
+    table = {}
+    for arm, runs in results.items():
+        budget = max(r["completions"] for r in runs)
+        tt = {str(t): [to_target(r["curve"], t) for r in runs] for t in [target, *extra_targets]}
+        finals = [r["curve"][-1][1] for r in runs]
+        table[arm] = {
+            "seeds": [r["seed"] for r in runs],
+            "completions_budget": budget,
+            "to_target": tt,
+            "reached": sum(v is not None for v in tt[str(target)]),
+            "median_to_target": _median_or_none(tt[str(target)]),
+            "final_train_acc_window": finals,
+            "heldout_before": [r["heldout_before"] for r in runs],
+            "heldout_after": [r["heldout_after"] for r in runs],
+            "zero_adv_token_fraction": statistics.mean(r["zero_adv_token_fraction"] for r in runs),
+            "fresh_zero_adv_fraction": statistics.mean(r["fresh_zero_adv_fraction"] for r in runs),
+            "hint_rate": statistics.mean(r["hint_rate"] for r in runs),
+            "wall_seconds": [round(r["wall_seconds"], 1) for r in runs],
+        }
+    return table
+
+
+def print_table(table: dict, target: float, window: int, extra: list[float]) -> list[str]:
+    lines = [f"completions generated until the training accuracy over the last {window} completions reaches "
+             f"{target:.2f} (median [min-max of the seeds that reached it]); held-out = greedy, 48 prompts",
+             "",
+             "| arm | seeds reaching | completions to target | final train acc (window) | held-out before -> after "
+             "(mean, per seed) | zero-adv token frac | hint rate | wall s/run |",
+             "|---|---|---|---|---|---|---|---|"]
+    for arm, t in table.items():
+        tt = t["to_target"][str(target)]
+        finals = ", ".join(f"{v:.2f}" for v in t["final_train_acc_window"])
+        after = t["heldout_after"]
+        lines.append(
+            f"| {arm} | {t['reached']}/{len(tt)} | {_fmt_reach(tt, t['completions_budget'])} | {finals} | "
+            f"{statistics.mean(t['heldout_before']):.3f} -> {statistics.mean(after):.3f} "
+            f"({', '.join(f'{a:.3f}' for a in after)}) | {t['zero_adv_token_fraction']:.2f} | {t['hint_rate']:.2f} | "
+            f"{statistics.mean(t['wall_seconds']):.0f} |")
+    lines.append("")
+    for x in extra:
+        cells = [f"{arm} {_fmt_reach(t['to_target'][str(x)], t['completions_budget'])}" for arm, t in table.items()]
+        lines.append(f"other target {x:.2f}: " + "; ".join(cells))
+    if "grpo" in table and "avatar" in table:
+        for x in [target, *extra]:
+            g = statistics.median([v if v is not None else float("inf") for v in table["grpo"]["to_target"][str(x)]])
+            a = statistics.median([v if v is not None else float("inf") for v in table["avatar"]["to_target"][str(x)]])
+            if a == float("inf") and g == float("inf"):
+                ratio = "undefined (neither median reached)"
+            elif a == float("inf"):
+                ratio = f"< 1 (AVATAR's median did not reach it; GRPO {g:.0f})"
+            elif g == float("inf"):
+                ratio = f"> {table['grpo']['completions_budget'] / a:.2f} (GRPO's median did not reach it in " \
+                        f"{table['grpo']['completions_budget']})"
+            else:
+                ratio = f"{g / a:.2f}"
+            lines.append(f"ratio GRPO/AVATAR of median completions to {x:.2f}: {ratio}")
+    for line in lines:
+        print(line)
+    return lines
+
+
+def plot(results: dict, target: float, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    colours = {"grpo": "tab:gray", "avatar": "tab:red", "tas_only": "tab:blue", "replay_only": "tab:green"}
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(13, 4.5))
+    for arm, runs in results.items():
+        for i, r in enumerate(runs):
+            pts = [(c, a) for c, a in r["curve"] if a is not None]
+            ax.plot([c for c, _ in pts], [a for _, a in pts], color=colours.get(arm), alpha=0.8,
+                    label=arm if i == 0 else None, lw=1.2)
+    ax.axhline(target, ls="--", color="k", lw=0.8, label=f"target {target:.2f}")
+    ax.set_xlabel("completions generated")
+    ax.set_ylabel("training accuracy (sliding window)")
+    ax.legend()
+    ax.set_title("accuracy against generated completions (one line per seed)")
+    for arm in ("grpo", "avatar"):
+        if arm not in results:
+            continue
+        fresh = [a for r in results[arm] for a in r["adv_fresh"]]
+        ax2.hist(fresh, bins=40, range=(-3, 3), alpha=0.5, label=f"{arm} fresh", color=colours[arm])
+        rep = [a for r in results[arm] for a in r["adv_replay"]]
+        if rep:
+            ax2.hist(rep, bins=40, range=(-3, 3), alpha=0.5, label=f"{arm} replayed", color="tab:orange")
+    ax2.set_xlabel("advantage")
+    ax2.set_title("advantages of trained samples (all steps, all seeds)")
+    ax2.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=20, help="learner steps per arm (every arm the same)")
+    ap.add_argument("--target", type=float, default=0.5)
+    ap.add_argument("--extra-targets", default="0.4,0.6")
+    ap.add_argument("--window", type=int, default=64, help="completions in the training-accuracy window")
+    ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--arms", default="grpo,avatar,tas_only,replay_only")
+    ap.add_argument("--out", default=str(RESULTS / "sample_efficiency"), help="runs, logs, cached stage 0")
+    args = ap.parse_args()
+    out = Path(args.out).resolve()
+    arms = args.arms.split(",")
+    extra = [float(x) for x in args.extra_targets.split(",") if x]
+    t_start = time.time()
+    init_from = ensure_stage0(out)
+    results: dict[str, list[dict]] = {a: [] for a in arms}
+    for seed in range(args.seeds):  # seed-major: a partial run still has every arm
+        for arm in arms:
+            ov = arm_overrides(arm, seed, args.steps, init_from, out / "runs", args.lr)
+            summary = _train("configs/demo.yaml", ov, out / "logs" / f"{arm}_s{seed}.log")
+            rows = read_history(out / "runs" / f"{arm}_s{seed}")
+            fresh = [a for r in rows for a in r["advantages_fresh"]]
+            results[arm].append({
+                "seed": seed,
+                "completions": rows[-1]["completions_generated"] if rows else 0,
+                "curve": curve(rows, args.window),
+                "train_acc_per_step": [r["accuracy"] for r in rows],
+                "heldout_before": summary["before"]["accuracy"], "heldout_after": summary["after"]["accuracy"],
+                "zero_adv_token_fraction": statistics.mean(r["zero_adv_token_fraction"] for r in rows),
+                "fresh_zero_adv_fraction": sum(a == 0 for a in fresh) / max(len(fresh), 1),
+                "hint_rate": statistics.mean(r["hint_rate"] for r in rows),
+                "adv_fresh": fresh, "adv_replay": [a for r in rows for a in r["advantages_replay"]],
+                "tier_sizes_final": rows[-1]["tier_sizes"] if rows else {},
+                "wall_seconds": summary.get("wall_seconds", 0.0),
+            })
+    table = summarise(results, args.target, args.window, extra)
+    lines = print_table(table, args.target, args.window, extra)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    js, png = RESULTS / "sample_efficiency.json", RESULTS / "sample_efficiency.png"
+    js.write_text(json.dumps({"args": vars(args), "init_from": init_from, "table": table, "printed": lines,
+                              "runs": results, "total_seconds": time.time() - t_start}, indent=1))
+    plot(results, args.target, png)
+    print(f"total {time.time() - t_start:.0f} s")
+    print(f"wrote {js}\nwrote {png}")
+
+
+if __name__ == "__main__":
+    main()
