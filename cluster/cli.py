@@ -100,6 +100,13 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except Exception as exc:
+        from .job import JobInterrupted
+
+        if not isinstance(exc, JobInterrupted):
+            raise
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        return 3
     return 0
 
 

@@ -30,6 +30,8 @@ from .metrics import JobMetrics
 from .prompts import PromptOrder
 from .state import RunState, save_state
 
+MAX_SCORING_RETRIES = 3
+
 
 class Rollouts:
     """Tasks handed to the rollout workers, round robin, one task per call."""
@@ -74,6 +76,7 @@ def train_rl(cfg: JobConfig, run_dir: Path, comps: Components, order: PromptOrde
     rollouts = Rollouts(comps.workers)
     by_id = {s.id: s for s in order.samples}
     submitted = state.cursor  # tasks handed out so far (the prompt order's cursor)
+    score_failures: dict[str, int] = {}  # task key -> failed scorings
     not_pushed: dict[str, int] = {}  # task key -> index, for tasks whose group has not entered the buffer
     held: list = []  # fresh entries read from the stream, waiting for a full batch
     reclaim_ms = 0  # the first read takes back what a previous run of this job had read and not committed
@@ -109,8 +112,17 @@ def train_rl(cfg: JobConfig, run_dir: Path, comps: Components, order: PromptOrde
         with phase("scoring"):
             polled = comps.rewards.poll(timeout=0.0)
         for scored in polled:
-            if scored.error:  # counted by the pool; the task is given another chance after a resume
-                print(f"[driver] scoring failed for {scored.sample_id}: {scored.error}", flush=True)
+            if scored.error:  # counted by the pool; scored again (a dead reward worker is restarted by Ray)
+                key = scored.trajectories[0].group_id
+                tries = score_failures[key] = score_failures.get(key, 0) + 1
+                if tries <= MAX_SCORING_RETRIES:
+                    print(f"[driver] scoring failed for {key} ({scored.error}); scoring again ({tries})", flush=True)
+                    state.bump("scoring_retries")
+                    with phase("scoring"):
+                        comps.rewards.submit(scored.trajectories, by_id[scored.sample_id])
+                else:  # the cursor stays before it: a resumed job generates and scores it again
+                    print(f"[driver] scoring failed {tries} times for {key} ({scored.error}); "
+                          "left for the next resume", flush=True)
                 continue
             with phase("buffer"):
                 ray.get(comps.buffer.push_group.remote(scored.trajectories))
@@ -119,7 +131,7 @@ def train_rl(cfg: JobConfig, run_dir: Path, comps: Components, order: PromptOrde
 
         # 3. a training step once a full batch of fresh groups has been read
         if len(held) < per_step:
-            with phase("buffer"):
+            with phase("fresh_wait"):  # blocks up to 100 ms for scored groups: mostly waiting on generation
                 held += ray.get(comps.buffer.read_fresh.remote("learner", per_step - len(held), 100, reclaim_ms))
             reclaim_ms = None
         if len(held) < per_step:
@@ -146,7 +158,7 @@ def train_rl(cfg: JobConfig, run_dir: Path, comps: Components, order: PromptOrde
         if state.step % cfg.learner.publish_every == 0:
             t0 = time.perf_counter()
             with phase("weight_sync"):
-                state.policy_version = comps.publish_weights()
+                state.policy_version = publish_with_retries(comps)
             sync_s = time.perf_counter() - t0
 
         # 5. record, checkpoint (with the commit it owes), then commit into the tiers
@@ -166,6 +178,24 @@ def train_rl(cfg: JobConfig, run_dir: Path, comps: Components, order: PromptOrde
     bar.close()
     rollouts.drain()
     return state
+
+
+def publish_with_retries(comps: Components, retries: int = 3, backoff_s: float = 2.0) -> int:
+    """comps.publish_weights(); a publish that fails inside the learner (the transport's timeout, a full disk)
+    is tried again, republishing the version the learner holds (it may have bumped before the transport
+    failed). The workers keep the weights they have meanwhile. A dead learner (RayActorError) is not retried."""
+    bump = True
+    for attempt in range(retries + 1):
+        try:
+            return comps.publish_weights(bump)
+        except ray.exceptions.RayTaskError as exc:
+            if attempt == retries:
+                raise
+            cause = str(exc).strip().splitlines()[-1][:300]
+            print(f"[driver] weight publish failed ({cause}); trying again ({attempt + 1}/{retries})", flush=True)
+            bump = False
+            time.sleep(backoff_s * (attempt + 1))
+    raise AssertionError("unreachable")
 
 
 def commit_pending(comps: Components, state: RunState) -> None:

@@ -131,10 +131,44 @@ def run_stage(cfg: JobConfig, resume: bool = True) -> dict:
                         "counters": state.counters, "run_dir": str(run_dir)})
         summary_path.write_text(json.dumps(summary, indent=2))
         return summary
+    except Exception as exc:
+        lost = lost_component(exc)
+        if lost is None:
+            raise
+        ckpt = latest_checkpoint(run_dir)
+        raise JobInterrupted(
+            f"{lost}. The job stops here; nothing is lost: the replay service's Redis keeps its AOF in {run_dir}/redis "
+            f"and training resumes from {ckpt.name if ckpt else 'the start'} with the same command "
+            f"(python -m cluster.cli train <config> [overrides])") from exc
     finally:
         if comps is not None:
-            comps.stop()
+            try:
+                comps.stop()
+            except Exception as exc:  # a dead component must not keep Ray and Redis from being stopped
+                print(f"[job] stopping components: {type(exc).__name__}: {str(exc)[:300]}", flush=True)
         launcher.stop(launch)
+
+
+class JobInterrupted(RuntimeError):
+    """A component that cannot be restarted in place died (a learner rank, the replay service or its Redis):
+    the job stops cleanly and resumes from its last checkpoint with the same command."""
+
+
+def lost_component(exc: BaseException) -> str | None:
+    """What died, when `exc` says a component the job cannot restart in place is gone; else None."""
+    import redis
+
+    if isinstance(exc, ray.exceptions.RayActorError):
+        import re
+
+        found = re.search(r"class_name: (\w+)", str(exc))
+        return f"a Ray actor ({found.group(1) if found else 'unknown class'}) died ({str(exc).strip().splitlines()[0][:200]})"
+    if isinstance(exc, ray.exceptions.RayTaskError) and isinstance(
+            exc.cause, (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)):
+        return f"the replay service lost its Redis ({type(exc.cause).__name__}: {str(exc.cause)[:200]})"
+    if isinstance(exc, (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)):
+        return f"Redis is unreachable ({exc})"
+    return None
 
 
 def run_curriculum(configs: list[JobConfig], resume: bool = True) -> list[dict]:

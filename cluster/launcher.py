@@ -85,7 +85,9 @@ def start(run_dir: Path, redis_cfg: RedisConfig, num_cpus: int | None = None, wi
     if redis_cfg.url is None and with_redis:
         # The embedded default: a private redis-server whose AOF lives in the run folder, so a resumed job
         # finds its buffer again. Same port and password on resume: they are kept in the run folder.
-        local = start_redis(run_dir / "redis", password=_previous_password(run_dir / "redis"))
+        # appendfsync always: a write Redis acknowledged survives a kill -9 of redis-server (with everysec the
+        # last second could vanish, e.g. a pushed group the driver already counted as in the buffer).
+        local = start_redis(run_dir / "redis", password=_previous_password(run_dir / "redis"), appendfsync="always")
         redis_cfg = local.config(key_prefix=redis_cfg.key_prefix)
     if not ray.is_initialized():
         if embedded:

@@ -24,7 +24,9 @@ def text_only(messages: Messages) -> Messages:
     return out
 
 
-@ray.remote(num_cpus=0)
+# Restartable: an engine that dies is started again by Ray; calls meanwhile fail and the judge falls back
+# (counted, the term marked missing).
+@ray.remote(num_cpus=0, max_restarts=3, max_task_retries=0)
 class JudgeEngineActor:
     """Owns the judge engine (actors.engines: vLLM, or the transformers fallback); one per cluster, shared by
     every RewardWorker. Greedy, text only."""

@@ -46,7 +46,9 @@ def build_judge(cfg: RewardConfig, engine=None) -> Judge | None:
     return Judge(jc, LocalJudgeBackend(jc, engine)) if engine is not None else None
 
 
-@ray.remote(num_cpus=0)
+# Restartable: a worker that dies fails the groups it held (reported as ScoredGroup.error, for the caller to
+# submit again) and Ray starts it again with the same arguments.
+@ray.remote(num_cpus=0, max_restarts=3, max_task_retries=0)
 class RewardWorker:
     def __init__(self, cfg: dict, index: int, judge_engine=None):
         self.cfg = RewardConfig.model_validate(cfg)

@@ -1,0 +1,19 @@
+"""The fault tests run real jobs like the e2e tests: shared-memory segments that appeared during a test and
+are left after it (vLLM, DeepSpeed) are removed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+_PREFIXES = ("deepspeed_", "psm_", "vllm")
+
+
+@pytest.fixture(autouse=True)
+def _no_leftovers():
+    before = {p.name for p in Path("/dev/shm").glob("*")}
+    yield
+    for p in Path("/dev/shm").glob("*"):
+        if p.name.startswith(_PREFIXES) and p.name not in before:
+            p.unlink(missing_ok=True)
