@@ -87,14 +87,15 @@ def main() -> int:
                 elif kind == "learner":
                     rec.detail = str(h.kill_component(job.pid, "LearnerWorker", "train_step", 10))
                 elif kind == "redis":
-                    rec.detail = str(h.kill(h.wait_for(lambda: h.find_redis(job.pid), 60, "redis")))
+                    driver = job.pid
+                    rec.detail = str(h.kill(h.wait_for(lambda d=driver: h.find_redis(d), 60, "redis")))
                 elif kind == "driver":
                     os.kill(job.pid, signal.SIGKILL)
                     job.wait(30)
                 elif kind == "publish":
-                    fifo = h.hang_next_publish(run_dir)
-                    h.wait_for(lambda: "weight publish failed" in log.read_text(errors="replace") or job.poll()
-                               is not None, 300, "the publish timeout")
+                    fifo, running = h.hang_next_publish(run_dir), job
+                    h.wait_for(lambda j=running: "weight publish failed" in log.read_text(errors="replace")
+                               or j.poll() is not None, 300, "the publish timeout")
                     fifo.unlink(missing_ok=True)
                 while h.steps_done(run_dir) <= n:  # recovered: a step trained after the fault
                     if job.poll() is not None:
