@@ -43,6 +43,11 @@ def _finish(job, log, timeout: float = 600) -> int:
         raise AssertionError(f"job did not finish; log tail:\n{log.read_text()[-4000:]}") from None
 
 
+@pytest.mark.xfail(strict=True, reason=(
+    "known defect found by this test: after a rollout worker is killed, a driver call to the restarting actor "
+    "(worker stats or weight load) raises ActorUnavailableError, which stops the job (exit 3, resumable) instead "
+    "of waiting for the restart; and the restarted worker comes back with the base weights (version 0) until "
+    "the next publish. See docs/reliability.md."))
 def test_faults_the_job_survives(tmp_path):
     steps = 10
     config = write_config(tmp_path, "survive", stage=3, **{
