@@ -3,6 +3,7 @@ workers and the reward pool (with its judge engine). The driver loop only sees t
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,15 +30,50 @@ class Components:
     workers: list = field(default_factory=list)
     rewards: RewardPool | None = None
     judge_engine: object | None = None  # started here (placed with the job); the pool only uses it
+    weights: dict | None = None  # the last publish (location, version, checksum), for restarted workers
     placement: Placement | None = None
 
     def publish_weights(self, bump: bool = True) -> int:
         """The learner publishes (version + 1, or the current version again with bump=False); every rollout
         worker loads and verifies it. Returns the version."""
-        published = self.learner.publish(bump)
-        ray.get([w.load_weights.remote(published["location"], published["version"], published["checksum"])
-                 for w in self.workers])
-        return published["version"]
+        self.weights = self.learner.publish(bump)
+        loads = {w: self._load(w) for w in self.workers}
+        for worker, ref in loads.items():
+            try:
+                ray.get(ref)
+            except ray.exceptions.RayActorError:  # restarting: it gets these weights once it is back
+                self.ready_worker(worker)
+        return self.weights["version"]
+
+    def _load(self, worker):
+        w = self.weights
+        return worker.load_weights.remote(w["location"], w["version"], w["checksum"])
+
+    def ready_worker(self, worker, timeout_s: float = 300.0) -> None:
+        """Wait until a rollout worker that Ray is restarting answers again, then hand it the current weights
+        (a restarted worker comes back with the base weights). Raises if it does not come back."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                version = ray.get(worker.version.remote(), timeout=30)
+                break
+            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(1.0)
+        if self.weights is not None and version != self.weights["version"]:
+            ray.get(self._load(worker))
+            print(f"[driver] restarted rollout worker reloaded policy v{self.weights['version']}", flush=True)
+
+    def worker_stats(self) -> list[dict]:
+        """Each worker's counters; a worker being restarted reports nothing this time."""
+        out = []
+        for ref in [w.stats.remote() for w in self.workers]:
+            try:
+                out.append(ray.get(ref, timeout=30))
+            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+                out.append({})
+        return out
 
     def stop(self) -> None:
         """vLLM engines first (inside their actors), then the rest; Ray itself is stopped by the launcher."""

@@ -36,15 +36,17 @@ MAX_SCORING_RETRIES = 3
 class Rollouts:
     """Tasks handed to the rollout workers, round robin, one task per call."""
 
-    def __init__(self, workers: list):
-        self.workers = workers
-        self.inflight: dict = {}  # ObjectRef -> task
+    def __init__(self, comps: Components):
+        self.comps = comps
+        self.workers = comps.workers
+        self.inflight: dict = {}  # ObjectRef -> (task, worker)
         self._next = 0
 
-    def submit(self, task: PromptTask) -> None:
-        worker = self.workers[self._next % len(self.workers)]
-        self._next += 1
-        self.inflight[worker.generate.remote([task])] = task
+    def submit(self, task: PromptTask, worker=None) -> None:
+        if worker is None:
+            worker = self.workers[self._next % len(self.workers)]
+            self._next += 1
+        self.inflight[worker.generate.remote([task])] = (task, worker)
 
     def finished(self, timeout: float) -> list:
         if not self.inflight:
@@ -53,13 +55,15 @@ class Rollouts:
         done, _ = ray.wait(list(self.inflight), num_returns=len(self.inflight), timeout=timeout)
         results = []
         for ref in done:
-            task = self.inflight.pop(ref)
+            task, worker = self.inflight.pop(ref)
             try:
                 results += ray.get(ref)
             except ray.exceptions.RayActorError as exc:
-                # The worker died mid-task and Ray restarts it: the task is handed out again.
+                # The worker died mid-task and Ray restarts it: once it is back with the current weights,
+                # the task is handed out again (its ids are the task's, so nothing can be counted twice).
                 print(f"[driver] rollout worker died on {task.key} ({type(exc).__name__}); resubmitting", flush=True)
-                self.submit(task)
+                self.comps.ready_worker(worker)
+                self.submit(task, worker)
         return results
 
     def drain(self) -> None:
@@ -73,7 +77,7 @@ def train_rl(cfg: JobConfig, run_dir: Path, comps: Components, order: PromptOrde
              metrics: JobMetrics, history: Path) -> RunState:
     pcfg = cfg.pipeline
     per_step = pcfg.prompts_per_step
-    rollouts = Rollouts(comps.workers)
+    rollouts = Rollouts(comps)
     by_id = {s.id: s for s in order.samples}
     submitted = state.cursor  # tasks handed out so far (the prompt order's cursor)
     score_failures: dict[str, int] = {}  # task key -> failed scorings
@@ -215,7 +219,7 @@ def record_step(cfg, state, stats, groups, replay, comps, metrics, sync_s, stale
     replay_adv = [round(stats["advantages"][s.trajectory.trajectory_id], 4) for s in replay]
     buffer_stats = ray.get(comps.buffer.stats.remote())
     reward_stats = comps.rewards.stats()
-    worker_stats = ray.get([w.stats.remote() for w in comps.workers])
+    worker_stats = comps.worker_stats()
     tiers = {k: int(buffer_stats.get(f"tier_{k}", 0)) for k in ("easy", "medium", "hard")}
     row = {
         "mode": "rl", "stage": cfg.stage, "step": state.step, "policy_version": state.policy_version,
@@ -231,7 +235,7 @@ def record_step(cfg, state, stats, groups, replay, comps, metrics, sync_s, stale
         "judge_failures_total": reward_stats.get("judge_failures", 0),
     }
     # cumulative busy seconds of the rollout workers (generation) and reward workers (scoring)
-    row["rollout_generate_seconds"] = sum(s["generate_seconds"] for s in worker_stats)
+    row["rollout_generate_seconds"] = sum(s.get("generate_seconds", 0.0) for s in worker_stats)
     row["reward_scoring_seconds"] = float(reward_stats.get("scoring_s_sum", 0.0))
     m = metrics
     m.set("avatar_policy_version", state.policy_version)
@@ -247,8 +251,8 @@ def record_step(cfg, state, stats, groups, replay, comps, metrics, sync_s, stale
         m.set("avatar_reward_mean", v, term=k)
     m.set("avatar_reward_mean", row["reward_mean"], term="total")
     m.set("avatar_accuracy", row["accuracy"])
-    tokens = sum(s["tokens"] for s in worker_stats)
-    gen_s = sum(s["generate_seconds"] for s in worker_stats)
+    tokens = sum(s.get("tokens", 0) for s in worker_stats)
+    gen_s = sum(s.get("generate_seconds", 0.0) for s in worker_stats)
     m.set("avatar_rollout_tokens_per_second", tokens / gen_s if gen_s else 0.0)
     m.count_to("avatar_completions_total", state.completions_generated)
     m.set("avatar_queue_depth", buffer_stats.get("fresh_length", 0), queue="fresh_stream")
