@@ -99,6 +99,12 @@ def read_history(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "history.jsonl").read_text().splitlines() if line.strip()]
 
 
+def _split(values: list, parts: int) -> list[list]:
+    """A step's fresh advantages, group after group (equal group sizes)."""
+    k = len(values) // max(parts, 1)
+    return [values[i * k:(i + 1) * k] for i in range(parts)] if k else []
+
+
 def curve(rows: list[dict], window: int) -> list[tuple[int, float | None]]:
     """(cumulative completions, accuracy over the last `window` fresh completions) after every step; None until
     the window is full. Each step contributes its fresh completions (groups x group size) at its mean accuracy."""
@@ -160,6 +166,7 @@ def summarise(results: dict, target: float, window: int, extra_targets: list[flo
             "fresh_zero_adv_fraction": statistics.mean(r["fresh_zero_adv_fraction"] for r in runs),
             "hint_rate": statistics.mean(r["hint_rate"] for r in runs),
             "wall_seconds": [round(r["wall_seconds"], 1) for r in runs],
+            "diagnostics": diagnostics(runs),
         }
     return table
 
@@ -198,9 +205,32 @@ def print_table(table: dict, target: float, window: int, extra: list[float]) -> 
             else:
                 ratio = f"{g / a:.2f}"
             lines.append(f"ratio GRPO/AVATAR of median completions to {x:.2f}: {ratio}")
+    lines += ["", "diagnostics (all steps, all seeds): fresh groups whose advantages are all zero, mean |advantage| of "
+              "fresh and replayed samples, share of replayed samples with a positive advantage, replay tiers at the end",
+              "", "| arm | zero-adv fresh groups | mean abs adv fresh | mean abs adv replayed | replayed adv > 0 | "
+              "tiers easy/medium/hard (seed 0) |", "|---|---|---|---|---|---|"]
+    for arm, t in table.items():
+        d = t["diagnostics"]
+        rep = "-" if d["replay_abs_adv"] is None else f"{d['replay_abs_adv']:.2f}"
+        pos = "-" if d["replay_positive"] is None else f"{d['replay_positive']:.2f}"
+        tiers = "/".join(str(d["tiers_seed0"].get(k, 0)) for k in ("easy", "medium", "hard"))
+        lines.append(f"| {arm} | {d['zero_adv_groups']:.2f} | {d['fresh_abs_adv']:.2f} | {rep} | {pos} | {tiers} |")
     for line in lines:
         print(line)
     return lines
+
+
+def diagnostics(runs: list[dict]) -> dict:
+    groups = [g for r in runs for g in r["fresh_groups"]]
+    fresh = [a for r in runs for a in r["adv_fresh"]]
+    rep = [a for r in runs for a in r["adv_replay"]]
+    return {
+        "zero_adv_groups": sum(all(a == 0 for a in g) for g in groups) / max(len(groups), 1),
+        "fresh_abs_adv": statistics.mean(abs(a) for a in fresh) if fresh else 0.0,
+        "replay_abs_adv": statistics.mean(abs(a) for a in rep) if rep else None,
+        "replay_positive": sum(a > 0 for a in rep) / len(rep) if rep else None,
+        "tiers_seed0": runs[0]["tier_sizes_final"],
+    }
 
 
 def plot(results: dict, target: float, path: Path) -> None:
@@ -270,6 +300,7 @@ def main() -> None:
                 "fresh_zero_adv_fraction": sum(a == 0 for a in fresh) / max(len(fresh), 1),
                 "hint_rate": statistics.mean(r["hint_rate"] for r in rows),
                 "adv_fresh": fresh, "adv_replay": [a for r in rows for a in r["advantages_replay"]],
+                "fresh_groups": [g for r in rows for g in _split(r["advantages_fresh"], len(r["trained_groups"]))],
                 "tier_sizes_final": rows[-1]["tier_sizes"] if rows else {},
                 "wall_seconds": summary.get("wall_seconds", 0.0),
             })
