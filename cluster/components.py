@@ -65,6 +65,19 @@ class Components:
             ray.get(self._load(worker))
             print(f"[driver] restarted rollout worker reloaded policy v{self.weights['version']}", flush=True)
 
+    def ready_reward_workers(self, timeout_s: float = 300.0) -> None:
+        """Wait until every reward worker answers (Ray restarts a dead one); raises if one does not come back."""
+        deadline = time.monotonic() + timeout_s
+        for worker in self.rewards.workers:
+            while True:
+                try:
+                    ray.get(worker.stats.remote(), timeout=30)
+                    break
+                except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(1.0)
+
     def worker_stats(self) -> list[dict]:
         """Each worker's counters; a worker being restarted reports nothing this time."""
         out = []

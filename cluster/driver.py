@@ -90,7 +90,8 @@ def train_rl(cfg: JobConfig, run_dir: Path, comps: Components, order: PromptOrde
 
     while state.step < pcfg.steps:
         # 1. keep rollouts busy: a task may start if it will be trained within max_staleness versions
-        allowed = (state.step + 1 + pcfg.max_staleness) * per_step + state.counters.get("skipped_prompts", 0)
+        lost = state.counters.get("skipped_prompts", 0) + state.counters.get("unscored_groups", 0)
+        allowed = (state.step + 1 + pcfg.max_staleness) * per_step + lost
         room = pcfg.max_prompts_in_flight - len(rollouts.inflight)
         wanted = [order.task(i) for i in range(submitted, min(allowed, submitted + max(room, 0)))]
         if wanted:
@@ -118,6 +119,12 @@ def train_rl(cfg: JobConfig, run_dir: Path, comps: Components, order: PromptOrde
         for scored in polled:
             if scored.error:  # counted by the pool; scored again (a dead reward worker is restarted by Ray)
                 key = scored.trajectories[0].group_id
+                if any(name in scored.error for name in ("ActorUnavailableError", "ActorDiedError", "RayActorError")):
+                    # the worker died under it: no fault of the group's; wait for Ray's restart, then again
+                    print(f"[driver] reward worker lost while scoring {key}; scoring again once it is back", flush=True)
+                    comps.ready_reward_workers()
+                    comps.rewards.submit(scored.trajectories, by_id[scored.sample_id])
+                    continue
                 tries = score_failures[key] = score_failures.get(key, 0) + 1
                 if tries <= MAX_SCORING_RETRIES:
                     print(f"[driver] scoring failed for {key} ({scored.error}); scoring again ({tries})", flush=True)
@@ -127,6 +134,7 @@ def train_rl(cfg: JobConfig, run_dir: Path, comps: Components, order: PromptOrde
                 else:  # the cursor stays before it: a resumed job generates and scores it again
                     print(f"[driver] scoring failed {tries} times for {key} ({scored.error}); "
                           "left for the next resume", flush=True)
+                    state.bump("unscored_groups")  # another task takes its place in this run
                 continue
             with phase("buffer"):
                 ray.get(comps.buffer.push_group.remote(scored.trajectories))

@@ -170,7 +170,11 @@ class RewardPool:
         """Counters summed over workers (groups_scored, judge_failures, judge_latency_s_sum, ...) plus the pool's
         own (groups_submitted, pending, submits_blocked, submit_blocked_s_sum)."""
         total: dict[str, float] = {}
-        for s in ray.get([w.stats.remote() for w in self.workers]):
+        for ref in [w.stats.remote() for w in self.workers]:
+            try:
+                s = ray.get(ref, timeout=30)
+            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+                continue  # a worker Ray is restarting reports next time (its counters start again from 0)
             for k, v in s.items():
                 total[k] = max(total.get(k, 0.0), v) if k.endswith("_max") else total.get(k, 0) + v
         return {**total, **self._counts, "pending": len(self._inflight)}
