@@ -13,7 +13,8 @@ run: setup
 	$(PY) -m cluster.cli demo
 
 test: setup
-	$(PY) -m pytest tests $(PYTEST_ARGS)
+	$(PY) -m pytest tests -m "not isolated" $(PYTEST_ARGS)
+	$(PY) -m pytest tests -m isolated $(PYTEST_ARGS)
 
 test-unit: setup
 	$(PY) -m pytest tests/unit $(PYTEST_ARGS)

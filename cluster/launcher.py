@@ -68,8 +68,18 @@ def _clean_after_crash(run_dir: Path) -> None:
             proc.info["pid"] == info.get("redis_pid") and "redis-server" in cmd
         ):
             victims.append(proc)
+    # Ray's agents (DashboardAgent, RuntimeEnvAgent) rename themselves and no longer name the session
+    # folder: they are found as children of the raylet instead.
+    for proc in list(victims):
+        try:
+            victims += [c for c in proc.children(recursive=True) if c not in victims]
+        except psutil.NoSuchProcess:
+            pass
     for proc in victims:
-        proc.kill()
+        try:
+            proc.kill()
+        except psutil.NoSuchProcess:
+            pass
     psutil.wait_procs(victims, timeout=10)
     if victims:
         print(f"[launch] stopped {len(victims)} processes left by a previous driver of {run_dir}", flush=True)

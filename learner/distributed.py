@@ -45,3 +45,12 @@ def shutdown_distributed() -> None:
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+    # DeepSpeed caches the old groups in module globals; a later learner in this process (tests) must not
+    # find them, or its first collective names a destroyed group.
+    import deepspeed.comm.comm as ds_comm
+    from deepspeed.utils import groups
+
+    ds_comm.cdb = None
+    for name in ("_WORLD_GROUP", "_ZERO_PARAM_INTRA_PARALLEL_GROUP", "_MODEL_PARALLEL_GROUP", "_DATA_PARALLEL_GROUP",
+                 "_TENSOR_MODEL_PARALLEL_GROUP"):
+        setattr(groups, name, None)

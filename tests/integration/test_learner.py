@@ -40,10 +40,9 @@ def _process_group():
     """One gloo group for the module; removed (with DeepSpeed's shm leftovers of this run) afterwards."""
     before = set(glob.glob("/dev/shm/deepspeed_*"))
     yield
-    import torch.distributed as dist
+    from learner.distributed import shutdown_distributed
 
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    shutdown_distributed()
     for path in set(glob.glob("/dev/shm/deepspeed_*")) - before:
         try:
             import os

@@ -21,7 +21,9 @@ from data.synth import generate
 from policy.config import ProcessorConfig, TinyModelConfig
 from policy.tiny import build_tiny_model
 
-pytestmark = pytest.mark.integration
+# isolated: after an earlier module's ray.init()/ray.shutdown() in the same pytest process, the actors this
+# module creates were cancelled before they ran (Ray 2.60); `make test` runs it in a pytest process of its own.
+pytestmark = [pytest.mark.integration, pytest.mark.isolated]
 PROC = ProcessorConfig(max_frames=4, max_pixels=56 * 56, max_audio_seconds=4.0)
 
 
