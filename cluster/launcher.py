@@ -62,12 +62,19 @@ def _clean_after_crash(run_dir: Path) -> None:
         except psutil.NoSuchProcess:
             pass
     victims = []
+    temp = info.get("ray_temp_dir")
     for proc in psutil.process_iter(["pid", "cmdline"]):
         cmd = " ".join(proc.info["cmdline"] or [])
-        if (info.get("ray_temp_dir") and info["ray_temp_dir"] in cmd) or (
-            proc.info["pid"] == info.get("redis_pid") and "redis-server" in cmd
-        ):
+        if (temp and temp in cmd) or (proc.info["pid"] == info.get("redis_pid") and "redis-server" in cmd):
             victims.append(proc)
+        elif temp and cmd.startswith("ray::"):
+            # Ray's agents rename themselves (no session folder on the command line) and outlive a dead
+            # raylet for a while; they still hold its log files open.
+            try:
+                if any(f.path.startswith(temp) for f in proc.open_files()):
+                    victims.append(proc)
+            except (psutil.AccessDenied, psutil.NoSuchProcess):
+                pass
     # Ray's agents (DashboardAgent, RuntimeEnvAgent) rename themselves and no longer name the session
     # folder: they are found as children of the raylet instead.
     for proc in list(victims):
