@@ -52,15 +52,7 @@ class Components:
     def ready_worker(self, worker, timeout_s: float = 300.0) -> None:
         """Wait until a rollout worker that Ray is restarting answers again, then hand it the current weights
         (a restarted worker comes back with the base weights). Raises if it does not come back."""
-        deadline = time.monotonic() + timeout_s
-        while True:
-            try:
-                version = ray.get(worker.version.remote(), timeout=30)
-                break
-            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(1.0)
+        version = _answer_once_back(worker.version, time.monotonic() + timeout_s)
         if self.weights is not None and version != self.weights["version"]:
             ray.get(self._load(worker))
             print(f"[driver] restarted rollout worker reloaded policy v{self.weights['version']}", flush=True)
@@ -69,14 +61,7 @@ class Components:
         """Wait until every reward worker answers (Ray restarts a dead one); raises if one does not come back."""
         deadline = time.monotonic() + timeout_s
         for worker in self.rewards.workers:
-            while True:
-                try:
-                    ray.get(worker.stats.remote(), timeout=30)
-                    break
-                except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
-                    if time.monotonic() > deadline:
-                        raise
-                    time.sleep(1.0)
+            _answer_once_back(worker.stats, deadline)
 
     def worker_stats(self) -> list[dict]:
         """Each worker's counters; a worker being restarted reports nothing this time."""
@@ -107,6 +92,17 @@ class Components:
             from ray.util.placement_group import remove_placement_group
 
             remove_placement_group(self.placement.group)
+
+
+def _answer_once_back(method, deadline: float):
+    """The answer of an argument-less actor method, calling again while Ray restarts the actor (until deadline)."""
+    while True:
+        try:
+            return ray.get(method.remote(), timeout=30)
+        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(1.0)
 
 
 def _with_judge_model(cfg: JobConfig, run_dir: Path):

@@ -12,14 +12,13 @@ from __future__ import annotations
 import json
 import os
 import signal
-import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import psutil
 
-from tests.e2e.conftest import history
+from tests.e2e.conftest import history, wait_for  # noqa: F401  (the fault tests use h.wait_for)
 
 # --- processes of a job ----------------------------------------------------------------------------------------
 
@@ -57,16 +56,6 @@ def kill(proc: psutil.Process) -> int:
     except psutil.TimeoutExpired:
         pass
     return pid
-
-
-def wait_for(predicate, timeout: float, what: str, interval: float = 0.25):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
 def steps_done(run_dir: Path) -> int:
