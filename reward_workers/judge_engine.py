@@ -5,6 +5,7 @@ Frames are not shown to a local judge yet: image parts of a message are dropped 
 from __future__ import annotations
 
 import threading
+import time
 
 import ray
 from ray.exceptions import GetTimeoutError
@@ -39,9 +40,22 @@ class JudgeEngineActor:
 
         cfg = RolloutConfig(engine=engine, max_model_len=max_model_len, cpu_kvcache_gib=cpu_kvcache_gib)
         self.engine = create_engine(cfg, model_path)
+        self.counts = {"calls": 0, "expired_calls": 0}
 
-    def chat(self, batch: list[Messages], max_new_tokens: int) -> list[str]:
+    def chat(self, batch: list[Messages], max_new_tokens: int, deadline: float | None = None) -> list[str] | None:
+        """Greedy answers, or None without generating when the caller's deadline (time.time()) has passed.
+
+        Why the deadline: ray.cancel cannot take back a call queued on an actor, so the answers of callers that
+        already timed out would still be generated, one after another, ahead of every new call; after a burst
+        (the engine restarting, a slow batch) each new call would then time out too, and retry, for good."""
+        self.counts["calls"] += 1
+        if deadline is not None and time.time() > deadline:
+            self.counts["expired_calls"] += 1
+            return None
         return self.engine.chat([text_only(m) for m in batch], max_new_tokens, temperature=0.0)
+
+    def stats(self) -> dict[str, int]:
+        return dict(self.counts)
 
     def shutdown(self) -> None:
         """Stop the engine inside this actor (before ray.shutdown, see STACK.md)."""
@@ -49,8 +63,9 @@ class JudgeEngineActor:
 
 
 class LocalJudgeBackend:
-    """Sends each batch to the judge engine actor in one call. cfg.timeout_s bounds a call (a timed-out call is
-    cancelled and all its requests count as timed out); cfg.max_concurrency bounds the calls in flight."""
+    """Sends each batch to the judge engine actor in one call. cfg.timeout_s bounds a call (all requests of a
+    timed-out call count as timed out, and the engine skips the call if it had not started it yet);
+    cfg.max_concurrency bounds the calls in flight."""
 
     def __init__(self, cfg: JudgeConfig, engine):
         self.cfg = cfg
@@ -59,16 +74,18 @@ class LocalJudgeBackend:
 
     def complete(self, batch: list[Messages]) -> list[str | BaseException]:
         with self._slots:
-            ref = self.engine.chat.remote(batch, self.cfg.max_new_tokens)
+            timed_out = [TimeoutError(f"judge engine gave no answer within {self.cfg.timeout_s} s")] * len(batch)
+            # the engine drops the call unanswered if it only gets to it after our deadline (see chat)
+            ref = self.engine.chat.remote(batch, self.cfg.max_new_tokens, time.time() + self.cfg.timeout_s)
             try:
                 texts = ray.get(ref, timeout=self.cfg.timeout_s)
             except GetTimeoutError:
                 ray.cancel(ref)
-                return [TimeoutError(f"judge engine gave no answer within {self.cfg.timeout_s} s")] * len(
-                    batch
-                )
+                return timed_out
             except Exception as e:
                 return [JudgeError(f"judge engine failed: {type(e).__name__}: {e}")] * len(batch)
+        if texts is None:  # reached the engine just after the deadline
+            return timed_out
         if len(texts) != len(batch):
             return [JudgeError(f"judge engine returned {len(texts)} texts for {len(batch)} requests")] * len(
                 batch

@@ -2,6 +2,8 @@
 the RewardPool. Its output is not JSON, so every request must be counted as a parse failure, fall back, and be
 marked missing; a call that outlives its timeout must be counted as a timeout."""
 
+import threading
+
 import pytest
 import ray
 
@@ -87,6 +89,34 @@ def test_tiny_local_judge_falls_back_and_counts(ray_local, tmp_path):
     assert parse_judge_output(raw[0]) is None
     assert (late.score, late.value, late.attempts) == (None, 0.25, 1) and late.error.startswith("timeout")
     assert timed.stats()["judge_request_errors"] == 1
+
+
+def test_calls_past_their_deadline_are_dropped_by_the_engine(ray_local, tmp_path):
+    """A burst of calls that time out must not be generated later, ahead of new calls (ray.cancel cannot take
+    back a queued actor call): the engine skips those whose deadline has passed, and a new call is answered."""
+    model = ensure_tiny_model(TinyModelConfig(kind="text"), tmp_path)
+    engine = JudgeEngineActor.remote(str(model), 1024, "vllm")
+    messages = [build_judge_messages(JudgeRequest.of(t, SAMPLE)) for t in TEXTS]
+    try:
+        ray.get(engine.chat.remote(messages, 8))  # the engine is up
+        hasty = JudgeConfig(backend="local", model_path=str(model), max_new_tokens=200, timeout_s=0.2,
+                            retries=0, max_concurrency=12)
+        backend = LocalJudgeBackend(hasty, engine)
+        burst = [threading.Thread(target=backend.complete, args=(messages,)) for _ in range(12)]
+        for thread in burst:
+            thread.start()
+        for thread in burst:
+            thread.join()
+        patient = LocalJudgeBackend(hasty.model_copy(update={"timeout_s": 300}), engine)
+        answers = patient.complete(messages)  # queued behind the burst
+        stats = ray.get(engine.stats.remote())
+    finally:
+        ray.get(engine.shutdown.remote())
+        ray.kill(engine)
+    assert all(isinstance(a, str) for a in answers) and len(answers) == 3
+    assert stats["calls"] == 1 + 12 + 1
+    # 200 tokens for 3 requests take far longer than 0.2 s: after the first one or two, the burst has expired
+    assert stats["expired_calls"] >= 9, stats
 
 
 def test_transformers_fallback_engine_as_judge(ray_local, tmp_path):
