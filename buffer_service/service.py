@@ -38,8 +38,10 @@ Public API
     hint.lapse_when_not_hard, while the prompt is hard; leaving the hard tier clears it (persisted, evaluated
     when the prompt is pushed or its state is asked for).
 - stats() -> dict[str, int]: counters (pushed_groups, pushed_trajectories, duplicates, dead_lettered,
-    read, reclaimed, acked, inserted, evicted, commit_ignored, sampled) and gauges (tier sizes, fresh_length,
+    rejected, read, reclaimed, acked, inserted, evicted, commit_ignored, sampled) and gauges (tier sizes, fresh_length,
     fresh_pending, dead_letter_length, prompts, hints_active).
+- reject(key, source, reason) -> bool: unusable input (unreadable media, a bad manifest row) into the
+    dead-letter stream with its reason, once per key; counted as rejected.
 - tier_sizes() -> dict[str, int]; tier_capacities() -> dict[str, int]; dead_letters(count) -> list[dict];
   entries() -> list[dict] (the metadata of every tier entry); clear() deletes every key of this prefix.
 
@@ -237,6 +239,16 @@ return out
 """
 )
 
+# KEYS: rejected, dead, stats. ARGV: key, source, reason, at, maxlen
+_REJECT = """
+if redis.call('SADD', KEYS[1], ARGV[1]) == 0 then return 0 end
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[5], '*', 'source', ARGV[2], 'reason', ARGV[3], 'entry_id', ARGV[1],
+           'at', ARGV[4], 'payload', '')
+redis.call('HINCRBY', KEYS[3], 'dead_lettered', 1)
+redis.call('HINCRBY', KEYS[3], 'rejected', 1)
+return 1
+"""
+
 
 def allocate(total: int, ratios: dict[str, float]) -> dict[str, int]:
     """Split `total` by `ratios` into integers summing to total (largest remainder; ties to the larger ratio)."""
@@ -274,6 +286,7 @@ class ReplayService:
             for name in (
                 "fresh",
                 "dead",
+                "rejected",
                 "seen",
                 "stats",
                 "rbar",
@@ -287,6 +300,7 @@ class ReplayService:
         self._push = self.r.register_script(_PUSH)
         self._commit = self.r.register_script(_COMMIT)
         self._states = self.r.register_script(_STATES)
+        self._reject = self.r.register_script(_REJECT)
         self._snapshot: tuple[bytes | None, dict] | None = None
         try:
             # From id 0: groups pushed before the first reader are delivered too.
@@ -585,6 +599,14 @@ class ReplayService:
         pipe.hincrby(self.k["stats"], "dead_lettered", 1)
         pipe.execute()
 
+    def reject(self, key: str, source: str, reason: str) -> bool:
+        """Input that cannot be used (a prompt whose media cannot be read, a malformed manifest row): its reason
+        enters the dead-letter stream once per key (a resumed job that meets it again adds nothing), counted
+        as `rejected`. Returns True the first time."""
+        keys = [self.k["rejected"], self.k["dead"], self.k["stats"]]
+        args = [key, source, reason, repr(time.time()), self.config.dead_letter_maxlen]
+        return bool(self._reject(keys=keys, args=args))
+
     def dead_letters(self, count: int = 100) -> list[dict]:
         out = []
         for eid, fields in self.r.xrange(self.k["dead"], count=count):
@@ -607,6 +629,7 @@ class ReplayService:
         "evicted",
         "commit_ignored",
         "sampled",
+        "rejected",
     )
 
     def stats(self) -> dict[str, int]:

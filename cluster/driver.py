@@ -27,7 +27,7 @@ from buffer_service.schema import decode_group, encode_group
 from .components import Components
 from .config import JobConfig
 from .metrics import JobMetrics
-from .prompts import PromptOrder
+from .prompts import PromptOrder, check_skipped
 from .state import RunState, save_state
 
 MAX_SCORING_RETRIES = 3
@@ -82,6 +82,10 @@ def train_rl(cfg: JobConfig, run_dir: Path, comps: Components, order: PromptOrde
     submitted = state.cursor  # tasks handed out so far (the prompt order's cursor)
     score_failures: dict[str, int] = {}  # task key -> failed scorings
     not_pushed: dict[str, int] = {}  # task key -> index, for tasks whose group has not entered the buffer
+    # Tasks that will bring no group (unreadable media; scoring given up): each lets another task start.
+    # Those at or after the cursor are counted per run (a resumed job meets them again and counts them
+    # again); those the cursor has passed are in the checkpointed counter `lost_before_cursor`.
+    lost_here: dict[str, int] = {}  # task key -> index
     held: list = []  # fresh entries read from the stream, waiting for a full batch
     reclaim_ms = 0  # the first read takes back what a previous run of this job had read and not committed
     bar = tqdm(total=pcfg.steps, initial=state.step, desc=f"stage {cfg.stage} RL", unit="step", dynamic_ncols=True)
@@ -90,7 +94,7 @@ def train_rl(cfg: JobConfig, run_dir: Path, comps: Components, order: PromptOrde
 
     while state.step < pcfg.steps:
         # 1. keep rollouts busy: a task may start if it will be trained within max_staleness versions
-        lost = state.counters.get("skipped_prompts", 0) + state.counters.get("unscored_groups", 0)
+        lost = state.counters.get("lost_before_cursor", 0) + len(lost_here)
         allowed = (state.step + 1 + pcfg.max_staleness) * per_step + lost
         room = pcfg.max_prompts_in_flight - len(rollouts.inflight)
         wanted = [order.task(i) for i in range(submitted, min(allowed, submitted + max(room, 0)))]
@@ -107,9 +111,11 @@ def train_rl(cfg: JobConfig, run_dir: Path, comps: Components, order: PromptOrde
         with phase("rollout_wait"):
             finished = rollouts.finished(timeout=0.1)
         for result in finished:
-            if result.skipped is not None:
+            if result.skipped is not None:  # unreadable media: the reason goes to the dead-letter stream
                 metrics.count_to("avatar_buffer_events_total", state.bump("skipped_prompts"), event="skipped_prompt")
-                not_pushed.pop(result.key, None)
+                ray.get(comps.buffer.reject.remote(result.key, "media", f"prompt {result.prompt_id}: {result.skipped.reason}"))
+                check_skipped(state.counters["skipped_prompts"], submitted, result.skipped.reason)
+                lost_here[result.key] = not_pushed.pop(result.key)
                 continue
             state.completions_generated += len(result.trajectories)
             with phase("scoring"):
@@ -134,12 +140,16 @@ def train_rl(cfg: JobConfig, run_dir: Path, comps: Components, order: PromptOrde
                 else:  # the cursor stays before it: a resumed job generates and scores it again
                     print(f"[driver] scoring failed {tries} times for {key} ({scored.error}); "
                           "left for the next resume", flush=True)
-                    state.bump("unscored_groups")  # another task takes its place in this run
+                    state.bump("unscored_groups")
+                    lost_here[key] = not_pushed[key]  # another task takes its place in this run
                 continue
             with phase("buffer"):
                 ray.get(comps.buffer.push_group.remote(scored.trajectories))
             not_pushed.pop(scored.trajectories[0].group_id, None)
         state.cursor = min(not_pushed.values(), default=submitted)
+        for key in [k for k, i in lost_here.items() if i < state.cursor]:
+            del lost_here[key]
+            state.bump("lost_before_cursor")
 
         # 3. a training step once a full batch of fresh groups has been read
         if len(held) < per_step:
@@ -268,7 +278,8 @@ def record_step(cfg, state, stats, groups, replay, comps, metrics, sync_s, stale
     m.set("avatar_staleness_versions", staleness)
     for tier, size in tiers.items():
         m.set("avatar_buffer_tier_size", size, tier=tier)
-    for event in ("pushed_groups", "duplicates", "dead_lettered", "reclaimed", "inserted", "evicted", "sampled"):
+    for event in ("pushed_groups", "duplicates", "dead_lettered", "rejected", "reclaimed", "inserted", "evicted",
+                  "sampled"):
         m.count_to("avatar_buffer_events_total", buffer_stats.get(event, 0), event=event)
     m.set("avatar_hint_rate", row["hint_rate"])
     lat_n = reward_stats.get("judge_requests", 0)

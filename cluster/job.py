@@ -12,6 +12,7 @@ from tqdm import tqdm
 
 from actors.prompt_queue import PromptTask
 from learner.learner import SFTExample
+from policy.media import MediaError
 from policy.model import resolve_model_path
 from policy.processor import PromptProcessor
 from reward_workers.rewards import accuracy_reward, format_reward
@@ -21,7 +22,7 @@ from .components import Components, start_components
 from .config import JobConfig, dump_config
 from .driver import train_rl
 from .metrics import JobMetrics, write_scrape_config
-from .prompts import PromptOrder, load_prompts
+from .prompts import PromptOrder, check_skipped, load_prompts
 from .report import write_report
 from .state import RunState, latest_checkpoint, load_state, save_state
 
@@ -56,17 +57,24 @@ def train_sft(cfg: JobConfig, run_dir: Path, comps: Components, order: PromptOrd
     processor = PromptProcessor(cfg.processor, AutoTokenizer.from_pretrained(model_path))
     bar = tqdm(total=cfg.pipeline.steps, initial=state.step, desc="stage 0 SFT", unit="step", dynamic_ncols=True)
     while state.step < cfg.pipeline.steps:
-        batch = [order.task(state.cursor + i)[1] for i in range(cfg.pipeline.prompts_per_step)]
-        missing = [s.id for s in batch if not s.cot]
-        if missing:
-            raise ValueError(f"stage 0 needs chain-of-thought targets (`cot`); missing for {missing[:3]}")
-        examples = [SFTExample(processor.build(s).prompt_token_ids, processor.target_ids(s.cot), s.id) for s in batch]
+        examples = []
+        while len(examples) < cfg.pipeline.prompts_per_step:
+            key, sample = order.task(state.cursor)
+            state.cursor += 1
+            if not sample.cot:
+                raise ValueError(f"stage 0 needs chain-of-thought targets (`cot`); missing for {sample.id}")
+            try:
+                examples.append(SFTExample(processor.build(sample).prompt_token_ids, processor.target_ids(sample.cot),
+                                           prompt_id=sample.id))
+            except (MediaError, OSError) as exc:  # skipped, counted, its reason in the dead-letter stream
+                print(f"[sft] skipping prompt {sample.id}: {exc}", flush=True)
+                ray.get(comps.buffer.reject.remote(key, "media", f"prompt {sample.id}: {exc}"))
+                check_skipped(state.bump("skipped_prompts"), state.cursor, str(exc))
         stats = comps.learner.sft_step(examples)
         state.step += 1
-        state.cursor += len(batch)
         with history.open("a") as f:
             f.write(json.dumps({"mode": "sft", "stage": 0, "step": state.step, "loss": stats["loss"],
-                                "prompts": [s.id for s in batch], "time": time.time()}) + "\n")
+                                "prompts": [e.prompt_id for e in examples], "time": time.time()}) + "\n")
         if state.step % cfg.pipeline.checkpoint_every == 0 or state.step == cfg.pipeline.steps:
             save_state(run_dir, state, comps.learner)
         bar.update(1)
@@ -95,10 +103,13 @@ def run_stage(cfg: JobConfig, resume: bool = True) -> dict:
     print(f"[job] {cfg.name}: stage {cfg.stage}, run folder {run_dir}, metrics on 127.0.0.1:{port}/metrics", flush=True)
     comps = None
     try:
-        samples = load_prompts(cfg, run_dir)
+        bad_rows: list = []
+        samples = load_prompts(cfg, run_dir, rejected=bad_rows)
         eval_samples = load_prompts(cfg, run_dir, split="eval") if cfg.pipeline.eval_items else []
         model_path = Path(cfg.init_from) if cfg.init_from else resolve_model_path(cfg.model, Path(cfg.run_dir) / "_models")
         comps = start_components(cfg, run_dir, model_path, samples, launch.redis, rl)
+        for line, reason in bad_rows:  # in the dead-letter stream too, once each (a resume adds nothing)
+            ray.get(comps.buffer.reject.remote(f"manifest:{line}", "manifest", f"{cfg.data.manifest} line {line}: {reason}"))
         order = PromptOrder(samples, cfg.data.seed, cfg.data.shuffle)
         ckpt = latest_checkpoint(run_dir) if resume else None
         summary_path = run_dir / "summary.json"
@@ -127,8 +138,9 @@ def run_stage(cfg: JobConfig, resume: bool = True) -> dict:
         summary["export"] = comps.learner.export_hf(run_dir / "export")
         if rl and state.step:
             summary["report"] = [str(p) for p in write_report(run_dir)]
-        summary.update({"stage": cfg.stage, "steps": state.step, "completions_generated": state.completions_generated,
-                        "counters": state.counters, "run_dir": str(run_dir)})
+        summary.update({"stage": cfg.stage, "steps": state.step, "cursor": state.cursor,
+                        "completions_generated": state.completions_generated, "counters": state.counters,
+                        "run_dir": str(run_dir)})
         summary_path.write_text(json.dumps(summary, indent=2))
         return summary
     except Exception as exc:

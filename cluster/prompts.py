@@ -12,15 +12,17 @@ from data.synth import generate
 from policy.config import ProcessorConfig
 
 
-def load_prompts(cfg, run_dir: Path, split: str = "train") -> list[PromptSample]:
+def load_prompts(cfg, run_dir: Path, split: str = "train", rejected: list | None = None) -> list[PromptSample]:
     """The manifest named by cfg.data.manifest, or the synthetic dataset generated (once) into the run
-    folder. The eval split is generated with another seed, so it holds prompts never trained on."""
+    folder. The eval split is generated with another seed, so it holds prompts never trained on.
+    Invalid manifest rows are skipped and printed; `rejected` (if given) receives their (line, reason)."""
     if cfg.data.manifest:
-        samples, rejected = load_manifest(cfg.data.manifest, on_error="skip",
-                                          allow_outside_paths=cfg.data.allow_outside_paths)
-        if rejected:
-            print(f"[data] skipped {len(rejected)} invalid manifest rows, e.g. line {rejected[0][0]}: "
-                  f"{rejected[0][1]}", flush=True)
+        samples, bad = load_manifest(cfg.data.manifest, on_error="skip",
+                                     allow_outside_paths=cfg.data.allow_outside_paths)
+        if bad:
+            print(f"[data] skipped {len(bad)} invalid manifest rows, e.g. line {bad[0][0]}: {bad[0][1]}", flush=True)
+        if rejected is not None:
+            rejected.extend(bad)
         return samples
     synth = cfg.data.synth
     if split == "eval":
@@ -30,6 +32,16 @@ def load_prompts(cfg, run_dir: Path, split: str = "train") -> list[PromptSample]
     if not manifest.is_file():
         generate(synth, folder, progress=True)
     return load_manifest(manifest)[0]
+
+
+MAX_SKIPPED_FRACTION = 0.5
+
+
+def check_skipped(skipped: int, handed_out: int, last_reason: str) -> None:
+    """Prompts with unreadable media are skipped and counted; when they are most of what was handed out, the
+    job stops naming the last reason (a wrong media root or a broken mount, not a few bad files)."""
+    if skipped >= 20 and skipped > MAX_SKIPPED_FRACTION * handed_out:
+        raise ValueError(f"{skipped} of the first {handed_out} prompts have unreadable media; the last: {last_reason}")
 
 
 class PromptOrder:

@@ -48,3 +48,4 @@ class ProcessorConfig(_Strict):
     min_pixels: int = Field(28 * 28, ge=28 * 28)
     sample_rate: int = 16000
     max_audio_seconds: float = Field(30.0, gt=0)
+    max_media_mb: float = Field(2048.0, gt=0, description="a larger media file is rejected before decoding (skipped, counted)")

@@ -14,11 +14,15 @@ class MediaError(ValueError):
     """A media file is missing, corrupt or unusable; the message names the file."""
 
 
-def _check_file(path: Path) -> None:
+def _check_file(path: Path, max_bytes: int | None = None) -> None:
     if not path.is_file():
         raise MediaError(f"{path}: media file not found")
-    if path.stat().st_size == 0:
+    size = path.stat().st_size
+    if size == 0:
         raise MediaError(f"{path}: media file is empty")
+    if max_bytes is not None and size > max_bytes:
+        raise MediaError(f"{path}: media file is {size / 2**20:.1f} MiB, over the limit of {max_bytes / 2**20:.1f} MiB "
+                         "(processor.max_media_mb)")
 
 
 def sample_frame_indices(total: int, video_fps: float, fps: float, min_frames: int, max_frames: int,
@@ -33,18 +37,27 @@ def sample_frame_indices(total: int, video_fps: float, fps: float, min_frames: i
     return (np.arange(n) * (total / n)).astype(np.int64).clip(0, total - 1)
 
 
-def read_video(path: str | Path, fps: float, min_frames: int, max_frames: int) -> tuple[np.ndarray, np.ndarray]:
-    """Decode the sampled frames of a video: (uint8 array [T, H, W, 3], timestamps in seconds [T])."""
+def read_video(path: str | Path, fps: float, min_frames: int, max_frames: int, max_pixels: int | None = None,
+               max_bytes: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Decode the sampled frames of a video: (uint8 array [T, H, W, 3], timestamps in seconds [T]).
+
+    A video much larger than max_pixels per frame (4K, 8K) is decoded already scaled down to about twice
+    max_pixels, so its frames never sit in memory at full size (the processor's resize then does the rest)."""
     import decord
 
     path = Path(path)
-    _check_file(path)
+    _check_file(path, max_bytes)
     try:
         reader = decord.VideoReader(str(path), ctx=decord.cpu(0), num_threads=1)
         total = len(reader)
         video_fps = float(reader.get_avg_fps())
         if total < 1 or not video_fps > 0:
             raise MediaError(f"{path}: video has no decodable frames")
+        height, width = reader[0].shape[:2]
+        if max_pixels is not None and height * width > 4 * max_pixels:
+            scale = math.sqrt(2 * max_pixels / (height * width))
+            h, w = max(2, round(height * scale / 2) * 2), max(2, round(width * scale / 2) * 2)
+            reader = decord.VideoReader(str(path), ctx=decord.cpu(0), num_threads=1, width=w, height=h)
         idx = sample_frame_indices(total, video_fps, fps, min_frames, max_frames)
         frames = reader.get_batch(idx.tolist()).asnumpy()
     except MediaError:
@@ -63,8 +76,8 @@ def resample(audio: np.ndarray, rate: int, target: int) -> np.ndarray:
     return resample_poly(audio, ratio.numerator, ratio.denominator).astype(np.float32)
 
 
-def _read_audio_track(path: Path) -> tuple[np.ndarray, int]:
-    """The audio track of a container (mp4, mkv...) via PyAV: mono float32 and its rate."""
+def _read_audio_track(path: Path, max_seconds: float) -> tuple[np.ndarray, int]:
+    """The first max_seconds of a container's (mp4, mkv...) audio track via PyAV: mono float32 and its rate."""
     import av
 
     with av.open(str(path)) as container:
@@ -72,8 +85,10 @@ def _read_audio_track(path: Path) -> tuple[np.ndarray, int]:
         if not streams:
             raise MediaError(f"{path}: video has no audio track (give the prompt a separate audio file)")
         stream = streams[0]
-        chunks = []
+        chunks, kept, wanted = [], 0, math.ceil(max_seconds * stream.rate) if stream.rate else None
         for frame in container.decode(stream):
+            if wanted is not None and kept >= wanted:  # a long track: decode no further than needed
+                break
             data = frame.to_ndarray()
             if data.dtype.kind == "i":
                 data = data / float(np.iinfo(data.dtype).max)
@@ -83,24 +98,27 @@ def _read_audio_track(path: Path) -> tuple[np.ndarray, int]:
             else:
                 mono = data.reshape(-1, len(frame.layout.channels)).mean(axis=1)
             chunks.append(mono.astype(np.float32))
+            kept += len(mono)
         rate = stream.rate
     if not chunks:
         raise MediaError(f"{path}: audio track holds no samples")
     return np.concatenate(chunks), rate
 
 
-def read_audio(path: str | Path, sample_rate: int, max_seconds: float) -> np.ndarray:
-    """Mono float32 audio at `sample_rate`, cut to `max_seconds`. WAV/FLAC/OGG/MP3 through soundfile; a
-    video file's own audio track through PyAV."""
+def read_audio(path: str | Path, sample_rate: int, max_seconds: float, max_bytes: int | None = None) -> np.ndarray:
+    """Mono float32 audio at `sample_rate`, cut to `max_seconds` (only that much is read from the file).
+    WAV/FLAC/OGG/MP3 through soundfile; a video file's own audio track through PyAV."""
     import soundfile as sf
 
     path = Path(path)
-    _check_file(path)
+    _check_file(path, max_bytes)
     try:
         if path.suffix.lower() in (".mp4", ".mkv", ".mov", ".webm", ".avi"):
-            audio, rate = _read_audio_track(path)
+            audio, rate = _read_audio_track(path, max_seconds)
         else:
-            data, rate = sf.read(str(path), dtype="float32", always_2d=True)
+            with sf.SoundFile(str(path)) as f:
+                rate = f.samplerate
+                data = f.read(frames=math.ceil(max_seconds * rate), dtype="float32", always_2d=True)
             audio = data.mean(axis=1)
     except MediaError:
         raise

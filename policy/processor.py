@@ -125,10 +125,12 @@ class PromptProcessor:
             ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
             return ProcessedPrompt(prompt_token_ids=ids, text=text, hinted=bool(hint))
 
-        frames, _ = read_video(sample.video, self.cfg.fps, self.cfg.min_frames, self.cfg.max_frames)
+        limit = int(self.cfg.max_media_mb * 2**20)
+        frames, _ = read_video(sample.video, self.cfg.fps, self.cfg.min_frames, self.cfg.max_frames,
+                               self.cfg.max_pixels, limit)
         pixel_values, grid = video_patches(frames, self.cfg.min_pixels, self.cfg.max_pixels)
         audio_path = sample.audio if sample.audio is not None else sample.video
-        audio = read_audio(audio_path, self.cfg.sample_rate, self.cfg.max_audio_seconds)
+        audio = read_audio(audio_path, self.cfg.sample_rate, self.cfg.max_audio_seconds, limit)
         feats = self.features(audio, sampling_rate=self.cfg.sample_rate, return_attention_mask=True,
                               padding="longest", truncation=False, return_tensors="pt")
         mel_frames = int(feats["attention_mask"].sum())

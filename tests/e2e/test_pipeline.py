@@ -26,6 +26,7 @@ from cluster.config import load_config
 from cluster.dashboard import DASHBOARD
 from cluster.prompts import PromptOrder, load_prompts
 from cluster.report import write_report
+from data.synth import generate
 
 from .conftest import ROOT, history, start_job, wait_for, wait_job, write_config
 
@@ -98,12 +99,29 @@ def test_synchronous_stage_with_judge_scraped_by_prometheus(tmp_path):
     assert all(p.stat().st_size > 10_000 for p in paths)
 
 
+def _manifest_with_bad_input(config: Path, folder: Path) -> tuple[set[str], int]:
+    """The job's synthetic data as a manifest, with two prompts whose media cannot be read (a truncated mp4,
+    an empty one) and one malformed row. Returns the broken prompts' ids and the malformed row's line."""
+    manifest = generate(load_config(config).data.synth, folder)
+    rows = [json.loads(line) for line in manifest.read_text().splitlines()]
+    video = folder / rows[0]["video"]
+    video.write_bytes(video.read_bytes()[:300])
+    (folder / rows[1]["video"]).write_bytes(b"")
+    with manifest.open("a") as f:
+        f.write(json.dumps({"id": "no-answer", "question": "q", "problem_type": "numerical"}) + "\n")
+    return {rows[0]["id"], rows[1]["id"]}, len(rows) + 1
+
+
 def test_async_stage_killed_and_resumed_trains_each_group_once(tmp_path):
     """Staleness 2: generation runs ahead of training by up to two versions. The driver is killed (SIGKILL)
-    mid-run and started again: no prompt is skipped and no group is trained twice."""
+    mid-run and started again: no prompt is skipped and no group is trained twice. The manifest holds bad
+    input: prompts with unreadable media are skipped and a malformed row left out, each reason in the
+    dead-letter stream exactly once across the kill and resume."""
     steps = 8
     config = write_config(tmp_path, "async", **{"pipeline.max_staleness": 2, "pipeline.steps": steps,
-                                                 "learner.total_steps": steps})
+                                                 "learner.total_steps": steps,
+                                                 "data.manifest": str(tmp_path / "data" / "manifest.jsonl")})
+    broken, bad_line = _manifest_with_bad_input(config, tmp_path / "data")
     run_dir = tmp_path / "runs" / "async"
     log = tmp_path / "async.log"
     job = start_job(config, log)
@@ -137,12 +155,48 @@ def test_async_stage_killed_and_resumed_trains_each_group_once(tmp_path):
     try:
         service = ReplayService(BufferConfig(redis=server.config()))
         waiting = {g[0].group_id for _, g in service.read_fresh("inspector", 100, None, 0)}
+        letters = service.dead_letters(1000)
     finally:
         server.stop()
+    rejected = [d["entry_id"] for d in letters if d["source"] == "media"]
+    assert len(rejected) == len(set(rejected)), "a skipped task was dead-lettered twice"
     for i in range(state["cursor"]):
-        key = order.task(i)[0]
-        assert key in trained or key in waiting, f"task {i} ({key}) was skipped"
+        key, sample = order.task(i)
+        if sample.id in broken:
+            assert key in rejected and key not in trained, f"task {i} ({key}) has unreadable media"
+        else:
+            assert key in trained or key in waiting, f"task {i} ({key}) was skipped"
     assert not set(trained) & waiting
+    assert {key.split("#")[0] for key in rejected} == broken  # task key = "<prompt id>#<pass>"
+    assert any("media file is empty" in d["reason"] for d in letters)
+    assert any("cannot decode video" in d["reason"] for d in letters)
+    assert [(d["entry_id"], d["reason"]) for d in letters if d["source"] == "manifest"] == [
+        (f"manifest:{bad_line}",
+         f"{tmp_path / 'data' / 'manifest.jsonl'} line {bad_line}: missing required field(s) answer")]
+
+
+def test_sft_stage_skips_unreadable_media(tmp_path):
+    """Stage 0 on a manifest with two prompts whose media cannot be read and a malformed row: the job trains
+    its steps on the readable prompts only, each skip counted and in the dead-letter stream."""
+    steps = 3
+    config = write_config(tmp_path, "sft", stage=0, **{
+        "learner.mode": "sft", "pipeline.steps": steps, "learner.total_steps": steps,
+        "pipeline.prompts_per_step": 4, "data.manifest": str(tmp_path / "data" / "manifest.jsonl")})
+    broken, bad_line = _manifest_with_bad_input(config, tmp_path / "data")
+    run_dir = tmp_path / "runs" / "sft"
+    log = tmp_path / "sft.log"
+    wait_job(start_job(config, log), log)
+    rows = history(run_dir)
+    trained = [p for r in rows for p in r["prompts"]]
+    assert [r["step"] for r in rows] == [1, 2, 3] and len(trained) == steps * 4
+    assert not set(trained) & broken
+    summary = json.loads((run_dir / "summary.json").read_text())
+    cfg = load_config(config)
+    order = PromptOrder(load_prompts(cfg, run_dir), cfg.data.seed, cfg.data.shuffle)
+    tasks = [order.task(i)[1].id for i in range(summary["cursor"])]
+    assert [t for t in tasks if t not in broken] == trained  # in order, none left out
+    assert summary["counters"]["skipped_prompts"] == sum(t in broken for t in tasks) >= 1
+    assert "[sft] skipping prompt" in log.read_text() and "media file is empty" in log.read_text()
 
 
 def test_ray_job_submit_to_a_local_head(tmp_path):

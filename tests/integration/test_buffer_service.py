@@ -340,6 +340,20 @@ def test_bad_records_go_to_the_dead_letter_stream(make_service):
     assert svc.prompt_states(["P"])["P"]["rbar"] is None  # no statistic moved
 
 
+def test_rejected_inputs_are_dead_lettered_once_each(make_service):
+    svc = make_service()
+    assert svc.reject("P1#0", "media", "prompt P1: clip.mp4: media file is empty") is True
+    assert svc.reject("manifest:7", "manifest", "m.jsonl line 7: missing field 'answer'") is True
+    # the same task met again (a resumed job) adds nothing
+    assert svc.reject("P1#0", "media", "prompt P1: clip.mp4: media file is empty") is False
+    letters = svc.dead_letters()
+    assert [(d["source"], d["entry_id"]) for d in letters] == [("media", "P1#0"), ("manifest", "manifest:7")]
+    assert letters[0]["reason"] == "prompt P1: clip.mp4: media file is empty" and letters[0]["payload"] == b""
+    stats = svc.stats()
+    assert (stats["rejected"], stats["dead_lettered"], stats["dead_letter_length"]) == (2, 2, 2)
+    assert stats["pushed_groups"] == 0 and stats["prompts"] == 0
+
+
 def test_hint_trigger_streak_window_and_lapse(make_service):
     svc = make_service(rbar_window=4)
     svc.push_group([make_traj("a0", "Q", 1.0, group_id="ga")])  # another prompt, R(q) 1

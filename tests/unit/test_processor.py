@@ -152,3 +152,52 @@ def test_broken_media_errors_name_the_file(media, processor, tmp_path):
     no_track = PromptSample(id="x", question="q", problem_type="numerical", answer="1", video=media / "silent.mp4")
     with pytest.raises(MediaError, match="silent.mp4: video has no audio track"):
         processor.build(no_track)
+
+
+def test_huge_media_is_read_within_bounds(tmp_path, processor):
+    """A 4K video is decoded already scaled down; an hour of audio is read only as far as max_audio_seconds;
+    a file over processor.max_media_mb is rejected before decoding, naming the file and the limit."""
+    import tracemalloc
+
+    # 4K frames, red left half / blue right half: the colours must survive the scaled decode
+    big = np.zeros((4, 2160, 3840, 3), dtype=np.uint8)
+    big[:, :, :1920] = (220, 0, 0)
+    big[:, :, 1920:] = (0, 0, 220)
+    write_mp4(tmp_path / "uhd.mp4", big, 4, None, 16000)
+    frames, _ = read_video(tmp_path / "uhd.mp4", 2.0, 2, 16, max_pixels=224 * 224)
+    height, width = frames.shape[1:3]
+    assert height * width <= 4 * 224 * 224 and abs(width / height - 16 / 9) < 0.05, frames.shape
+    assert frames[0, height // 2, width // 4, 0] > 150 and frames[0, height // 2, 3 * width // 4, 2] > 150
+    full, _ = read_video(tmp_path / "uhd.mp4", 2.0, 2, 16)  # without the bound: full size
+    assert full.shape[1:3] == (2160, 3840)
+
+    # one hour of 16 kHz audio (115 MB as float32): at most 30 s of it is ever read
+    with sf.SoundFile(str(tmp_path / "hour.wav"), "w", 16000, 1, subtype="PCM_16") as f:
+        block = (0.1 * np.sin(np.arange(16000 * 60) / 16000 * 2 * np.pi * 440)).astype(np.float32)
+        for _ in range(60):
+            f.write(block)
+    tracemalloc.start()
+    audio = read_audio(tmp_path / "hour.wav", 16000, 30.0)
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert audio.shape == (30 * 16000,)
+    assert peak < 10 * audio.nbytes, f"reading 30 s of a 1 h file peaked at {peak / 2**20:.0f} MiB"
+
+    # PCM_16: 16000 * 3600 * 2 bytes + the 44-byte header = 109.9 MiB
+    write_mp4(tmp_path / "small.mp4", big[:2, :112, :112].copy(), 4, None, 16000)
+    sample = PromptSample(id="x", question="q", problem_type="numerical", answer="1", video=tmp_path / "small.mp4",
+                          audio=tmp_path / "hour.wav")
+    bounded = PromptProcessor(ProcessorConfig(max_media_mb=1.0), build_tokenizer())
+    with pytest.raises(MediaError, match=r"hour.wav: media file is 109.9 MiB, over the limit of 1.0 MiB"):
+        bounded.build(sample)
+    assert processor.build(sample).media["feature_attention_mask"].sum() == 3000  # 30 s of 10 ms mel frames
+
+
+def test_silent_audio_is_valid_input(media, processor, tmp_path):
+    """Digital silence is a valid (if uninformative) input: finite features, the full placeholder count."""
+    sf.write(str(tmp_path / "silence.wav"), np.zeros(4 * 16000, dtype=np.float32), 16000)
+    sample = PromptSample(id="x", question="q", problem_type="numerical", answer="1", video=media / "silent.mp4",
+                          audio=tmp_path / "silence.wav")
+    p = processor.build(sample)
+    assert torch.isfinite(p.media["input_features"]).all()
+    assert int(p.media["feature_attention_mask"].sum()) == 400
