@@ -54,6 +54,9 @@ class BufferConfig(_Strict):
         60_000, ge=0, description="fresh entries pending longer than this (a dead consumer's) are redelivered"
     )
     dead_letter_maxlen: int = Field(10_000, ge=1, description="approximate bound of the dead-letter stream")
+    dedup_window_groups: int = Field(
+        100_000, ge=1, description="pushes whose trajectory ids are remembered for idempotence (bounds Redis memory); "
+        "must exceed the groups pushed between a checkpoint's cursor and a crash, which a resume regenerates")
 
     @model_validator(mode="after")
     def _check(self) -> BufferConfig:

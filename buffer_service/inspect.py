@@ -1,7 +1,7 @@
 """Inspect a replay buffer: `python -m buffer_service.inspect --url redis://127.0.0.1:6379/0 --password ...`.
 
 Prints tier sizes and capacities, entry ages (policy versions and seconds), reward and advantage distributions
-per tier, the fresh stream, the dead letters, the counters and the prompts with the longest zero-reward streaks.
+per tier, the fresh stream, the dead letters (the newest with their reasons), the counters and the prompts with the longest zero-reward streaks.
 inspect_text(service) returns the same text (the cluster CLI calls it).
 """
 
@@ -52,6 +52,7 @@ def inspect_text(service: ReplayService, top: int = 10, now: float | None = None
         "",
         f"fresh stream: {stats['fresh_length']} entries, {stats['fresh_pending']} pending (read, not committed)",
         f"dead letters: {stats['dead_letter_length']}",
+        *[f"  {d['source']:<8} {d['entry_id'] or '-':<28} {d['reason'][:200]}" for d in service.dead_letters(top, newest=True)],
         f"prompts: {stats['prompts']}, hints active: {stats['hints_active']}",
         "",
         "counters: " + ", ".join(f"{k} {stats[k]}" for k in ReplayService.COUNTERS),

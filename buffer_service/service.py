@@ -9,7 +9,7 @@ Public API
     client None: connect(config.redis). Refuses a Redis without a password unless redis.throwaway_local.
 - push_group(group: list[Trajectory] | bytes) -> dict
     A scored group (or its Arrow IPC bytes) enters the fresh stream. Idempotent by trajectory_id: trajectories
-    already pushed are skipped (a retried push adds nothing). Per-prompt statistics update for the new ones
+    already pushed are skipped (a retried push adds nothing), within the last dedup_window_groups pushes. Per-prompt statistics update for the new ones
     only: R(q) = mean of the last rbar_window rewards, the zero-reward streak, the hint trigger. A record that
     fails decoding or validation goes to the dead-letter stream with the reason.
     Returns {"entry_id": str | None, "accepted": int, "duplicates": int, "dead_lettered": bool}.
@@ -98,20 +98,25 @@ local function tier_of(zkey, value, hq, mq)
 end
 """
 
-# KEYS: seen, fresh, stats, rbar, streak, hinted
+# KEYS: seen, fresh, stats, rbar, streak, hinted, seen_order
 # ARGV: prefix, blob, group_id, prompt_id, window, threshold, hint_enabled, max_rbar, lapse, hq, mq,
-#       duplicates, n, then n pairs (trajectory_id, reward)
+#       duplicates, n, dedup_window, then n pairs (trajectory_id, reward)
 _PUSH = (
     _LUA_HELPERS
     + """
 local n = tonumber(ARGV[13])
 local tids = {}
 for i = 1, n do
-  local tid = ARGV[12 + 2 * i]
+  local tid = ARGV[13 + 2 * i]
   if redis.call('SISMEMBER', KEYS[1], tid) == 1 then return false end
   tids[i] = tid
 end
 for i = 1, n do redis.call('SADD', KEYS[1], tids[i]) end
+-- remember the ids of the last dedup_window pushes only (the seen set would otherwise grow for ever)
+redis.call('RPUSH', KEYS[7], table.concat(tids, '\\n'))
+while redis.call('LLEN', KEYS[7]) > tonumber(ARGV[14]) do
+  for old in string.gmatch(redis.call('LPOP', KEYS[7]), '[^\\n]+') do redis.call('SREM', KEYS[1], old) end
+end
 local pid = ARGV[4]
 local entry = redis.call('XADD', KEYS[2], '*', 'blob', ARGV[2], 'group_id', ARGV[3], 'prompt_id', pid,
                          'tids', table.concat(tids, '\\n'))
@@ -122,7 +127,7 @@ local hint = tonumber(redis.call('HGET', pkey, 'hint') or '0')
 local threshold = tonumber(ARGV[6])
 local reached = false
 for i = 1, n do
-  local reward = ARGV[13 + 2 * i]
+  local reward = ARGV[14 + 2 * i]
   redis.call('LPUSH', rkey, reward)
   if tonumber(reward) == 0 then streak = streak + 1 else streak = 0 end
   if streak >= threshold then reached = true end
@@ -288,6 +293,7 @@ class ReplayService:
                 "dead",
                 "rejected",
                 "seen",
+                "seen_order",
                 "stats",
                 "rbar",
                 "streak",
@@ -344,10 +350,11 @@ class ReplayService:
                 repr(cfg.medium_quantile),
                 result["duplicates"],
                 len(new),
+                cfg.dedup_window_groups,
             ]
             for t in new:
                 args += [t.trajectory_id, repr(float(t.reward))]
-            keys = [self.k[n] for n in ("seen", "fresh", "stats", "rbar", "streak", "hinted")]
+            keys = [self.k[n] for n in ("seen", "fresh", "stats", "rbar", "streak", "hinted", "seen_order")]
             entry = self._push(keys=keys, args=args)
             if entry is not None:
                 result["entry_id"] = entry.decode()
@@ -607,9 +614,11 @@ class ReplayService:
         args = [key, source, reason, repr(time.time()), self.config.dead_letter_maxlen]
         return bool(self._reject(keys=keys, args=args))
 
-    def dead_letters(self, count: int = 100) -> list[dict]:
+    def dead_letters(self, count: int = 100, newest: bool = False) -> list[dict]:
+        """The first `count` dead letters, oldest first (newest: the last `count`, newest first)."""
+        read = self.r.xrevrange if newest else self.r.xrange
         out = []
-        for eid, fields in self.r.xrange(self.k["dead"], count=count):
+        for eid, fields in read(self.k["dead"], count=count):
             row = {k.decode(): v for k, v in fields.items()}
             for key in ("source", "reason", "entry_id", "at"):
                 row[key] = row.get(key, b"").decode(errors="replace")

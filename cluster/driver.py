@@ -150,6 +150,11 @@ def train_rl(cfg: JobConfig, run_dir: Path, comps: Components, order: PromptOrde
         for key in [k for k, i in lost_here.items() if i < state.cursor]:
             del lost_here[key]
             state.bump("lost_before_cursor")
+        if submitted - state.cursor > cfg.buffer.dedup_window_groups and not state.counters.get("window_warned"):
+            state.bump("window_warned")  # a group stuck before the cursor: a resume would regenerate too much
+            print(f"[driver] warning: {submitted - state.cursor} tasks handed out past the cursor (held back by "
+                  f"{min(not_pushed, key=not_pushed.get)}), more than buffer.dedup_window_groups; a resume could "
+                  "accept some of their groups twice", flush=True)
 
         # 3. a training step once a full batch of fresh groups has been read
         if len(held) < per_step:

@@ -340,6 +340,20 @@ def test_bad_records_go_to_the_dead_letter_stream(make_service):
     assert svc.prompt_states(["P"])["P"]["rbar"] is None  # no statistic moved
 
 
+def test_idempotence_window_bounds_the_remembered_ids(make_service):
+    svc = make_service(dedup_window_groups=2)
+    for g in ("g1", "g2", "g3"):
+        assert svc.push_group([make_traj(f"{g}-t{i}", "P", 1.0, group_id=g) for i in range(3)])["accepted"] == 3
+    # the last two pushes are remembered: re-pushing them adds nothing
+    assert svc.push_group([make_traj(f"g3-t{i}", "P", 1.0, group_id="g3") for i in range(3)])["duplicates"] == 3
+    assert svc.push_group([make_traj("g2-t1", "P", 1.0, group_id="g2")])["duplicates"] == 1
+    # the oldest has left the window: only 2 groups x 3 ids are kept, whatever the number of pushes
+    assert svc.r.scard(svc.k["seen"]) == 6 and svc.r.llen(svc.k["seen_order"]) == 2
+    assert not svc.r.sismember(svc.k["seen"], "g1-t0") and svc.r.sismember(svc.k["seen"], "g2-t0")
+    assert svc.push_group([make_traj("g1-t0", "P", 1.0, group_id="g1")])["accepted"] == 1
+    assert svc.stats()["pushed_groups"] == 4
+
+
 def test_rejected_inputs_are_dead_lettered_once_each(make_service):
     svc = make_service()
     assert svc.reject("P1#0", "media", "prompt P1: clip.mp4: media file is empty") is True
@@ -410,7 +424,10 @@ def test_inspect_prints_tiers_distributions_and_streaks(make_service, redis_serv
     svc.push_group([make_traj(f"a{i}", "hard-prompt", 0.0, group_id="ga") for i in range(4)])
     svc.push_group([make_traj(f"b{i}", "easy-prompt", 1.0, group_id="gb") for i in range(2)])
     train(svc, advantage=-0.5)
+    svc.reject("P9#0", "media", "prompt P9: clip.mp4: media file is empty")
+    svc.reject("P9#1", "media", "prompt P9: clip.mp4: cannot decode video")
     text = inspect_text(svc, top=5)
+    assert "dead letters: 2\n  media    P9#1" in text and "P9#1                         prompt P9: clip.mp4: cannot" in text
     assert "hard         4 / 4000" in text and "medium       2 / 3500" in text
     assert "advantage                    mean -0.500" in text
     assert "hard-prompt" in text and "streak   4" in text and "hint on" in text
