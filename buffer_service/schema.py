@@ -112,7 +112,7 @@ def _read_table(data: bytes) -> pa.Table:
         table = pa.ipc.open_stream(pa.py_buffer(data)).read_all()
         table.validate(full=True)  # offsets and lengths inside their buffers before anything reads them
         return table
-    except (pa.ArrowException, OSError) as exc:
+    except (pa.ArrowException, OSError, UnicodeDecodeError) as exc:  # a corrupted field name is not UTF-8
         raise SchemaError(f"not an Arrow IPC stream: {exc}") from None
 
 

@@ -176,6 +176,17 @@ def test_corrupted_records_raise_schema_or_record_errors(group, data):
         assert str(exc)
 
 
+def test_a_field_name_that_is_not_utf8_is_a_schema_error():
+    """Found by the fuzz test above: a flipped byte inside a field name made pyarrow raise UnicodeDecodeError."""
+    traj = Trajectory(trajectory_id="g/0", group_id="g", prompt_id="p", prompt_token_ids=[1],
+                      completion_token_ids=[2], behaviour_logprobs=[-1.0], policy_version=0)
+    blob = bytearray(encode_group([traj]))
+    i = blob.index(b"trajectory_id")
+    blob[i] = 0x80
+    with pytest.raises(SchemaError, match="not an Arrow IPC stream"):
+        decode_group(bytes(blob))
+
+
 def test_records_with_wrong_types_name_the_field():
     table = pa.table({"trajectory_id": pa.array([1, 2])})
     sink = pa.BufferOutputStream()
