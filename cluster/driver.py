@@ -73,6 +73,15 @@ class Rollouts:
             self.inflight.clear()
 
 
+def skip_prompt(comps: Components, state: RunState, key: str, prompt_id: str, reason: str, handed_out: int) -> int:
+    """A task whose media cannot be read: counted, its reason in the dead-letter stream (once per task key), and
+    the job stopped if most prompts handed out are unreadable. Returns the count of skipped prompts."""
+    skipped = state.bump("skipped_prompts")
+    ray.get(comps.buffer.reject.remote(key, "media", f"prompt {prompt_id}: {reason}"))
+    check_skipped(skipped, handed_out, reason)
+    return skipped
+
+
 def train_rl(cfg: JobConfig, run_dir: Path, comps: Components, order: PromptOrder, state: RunState,
              metrics: JobMetrics, history: Path) -> RunState:
     pcfg = cfg.pipeline
@@ -86,6 +95,7 @@ def train_rl(cfg: JobConfig, run_dir: Path, comps: Components, order: PromptOrde
     # Those at or after the cursor are counted per run (a resumed job meets them again and counts them
     # again); those the cursor has passed are in the checkpointed counter `lost_before_cursor`.
     lost_here: dict[str, int] = {}  # task key -> index
+    window_warned = False
     held: list = []  # fresh entries read from the stream, waiting for a full batch
     reclaim_ms = 0  # the first read takes back what a previous run of this job had read and not committed
     bar = tqdm(total=pcfg.steps, initial=state.step, desc=f"stage {cfg.stage} RL", unit="step", dynamic_ncols=True)
@@ -112,9 +122,8 @@ def train_rl(cfg: JobConfig, run_dir: Path, comps: Components, order: PromptOrde
             finished = rollouts.finished(timeout=0.1)
         for result in finished:
             if result.skipped is not None:  # unreadable media: the reason goes to the dead-letter stream
-                metrics.count_to("avatar_buffer_events_total", state.bump("skipped_prompts"), event="skipped_prompt")
-                ray.get(comps.buffer.reject.remote(result.key, "media", f"prompt {result.prompt_id}: {result.skipped.reason}"))
-                check_skipped(state.counters["skipped_prompts"], submitted, result.skipped.reason)
+                skipped = skip_prompt(comps, state, result.key, result.prompt_id, result.skipped.reason, submitted)
+                metrics.count_to("avatar_buffer_events_total", skipped, event="skipped_prompt")
                 lost_here[result.key] = not_pushed.pop(result.key)
                 continue
             state.completions_generated += len(result.trajectories)
@@ -150,8 +159,8 @@ def train_rl(cfg: JobConfig, run_dir: Path, comps: Components, order: PromptOrde
         for key in [k for k, i in lost_here.items() if i < state.cursor]:
             del lost_here[key]
             state.bump("lost_before_cursor")
-        if submitted - state.cursor > cfg.buffer.dedup_window_groups and not state.counters.get("window_warned"):
-            state.bump("window_warned")  # a group stuck before the cursor: a resume would regenerate too much
+        if submitted - state.cursor > cfg.buffer.dedup_window_groups and not window_warned:
+            window_warned = True  # a group stuck before the cursor: a resume would regenerate too much
             print(f"[driver] warning: {submitted - state.cursor} tasks handed out past the cursor (held back by "
                   f"{min(not_pushed, key=not_pushed.get)}), more than buffer.dedup_window_groups; a resume could "
                   "accept some of their groups twice", flush=True)

@@ -20,9 +20,9 @@ from reward_workers.rewards import accuracy_reward, format_reward
 from . import launcher
 from .components import Components, start_components
 from .config import JobConfig, dump_config
-from .driver import train_rl
+from .driver import skip_prompt, train_rl
 from .metrics import JobMetrics, write_scrape_config
-from .prompts import PromptOrder, check_skipped, load_prompts
+from .prompts import PromptOrder, load_prompts
 from .report import write_report
 from .state import RunState, latest_checkpoint, load_state, save_state
 
@@ -68,8 +68,7 @@ def train_sft(cfg: JobConfig, run_dir: Path, comps: Components, order: PromptOrd
                                            prompt_id=sample.id))
             except (MediaError, OSError) as exc:  # skipped, counted, its reason in the dead-letter stream
                 print(f"[sft] skipping prompt {sample.id}: {exc}", flush=True)
-                ray.get(comps.buffer.reject.remote(key, "media", f"prompt {sample.id}: {exc}"))
-                check_skipped(state.bump("skipped_prompts"), state.cursor, str(exc))
+                skip_prompt(comps, state, key, sample.id, str(exc), state.cursor)
         stats = comps.learner.sft_step(examples)
         state.step += 1
         with history.open("a") as f:

@@ -68,15 +68,14 @@ def _clean_after_crash(run_dir: Path) -> None:
         if (temp and temp in cmd) or (proc.info["pid"] == info.get("redis_pid") and "redis-server" in cmd):
             victims.append(proc)
         elif temp and cmd.startswith("ray::"):
-            # Ray's agents rename themselves (no session folder on the command line) and outlive a dead
-            # raylet for a while; they still hold its log files open.
+            # Ray's agents (DashboardAgent, RuntimeEnvAgent) rename themselves and no longer name the session
+            # folder. Those that outlive a dead raylet still hold its log files open; the others are found below,
+            # as children of a victim.
             try:
                 if any(f.path.startswith(temp) for f in proc.open_files()):
                     victims.append(proc)
             except (psutil.AccessDenied, psutil.NoSuchProcess):
                 pass
-    # Ray's agents (DashboardAgent, RuntimeEnvAgent) rename themselves and no longer name the session
-    # folder: they are found as children of the raylet instead.
     for proc in list(victims):
         try:
             victims += [c for c in proc.children(recursive=True) if c not in victims]

@@ -171,7 +171,7 @@ def test_huge_media_is_read_within_bounds(tmp_path, processor):
     full, _ = read_video(tmp_path / "uhd.mp4", 2.0, 2, 16)  # without the bound: full size
     assert full.shape[1:3] == (2160, 3840)
 
-    # one hour of 16 kHz audio (115 MB as float32): at most 30 s of it is ever read
+    # one hour of 16 kHz audio (115 MB on disk, 230 MB as float32): at most 30 s of it is ever read
     with sf.SoundFile(str(tmp_path / "hour.wav"), "w", 16000, 1, subtype="PCM_16") as f:
         block = (0.1 * np.sin(np.arange(16000 * 60) / 16000 * 2 * np.pi * 440)).astype(np.float32)
         for _ in range(60):
