@@ -192,6 +192,9 @@ def assert_ledger(led: Ledger) -> None:
     assert not led.unscored, f"unscored: {led.unscored[:5]}; {led.summary()}"
 
 
+TABLES: list[str] = []  # the tables printed in this pytest run, repeated in its terminal summary (conftest.py)
+
+
 def print_table(records: list[FaultRecord], led: Ledger, out: Path | None = None) -> str:
     lines = [f"{'fault':<42} {'recovered in':>13} {'lost':>5} {'duplicated':>11}  detail"]
     for r in records:
@@ -200,6 +203,7 @@ def print_table(records: list[FaultRecord], led: Ledger, out: Path | None = None
     lines.append(f"ledger: {led.summary()}")
     text = "\n".join(lines)
     print("\n" + text, flush=True)
+    TABLES.append(text)
     if out is not None:
         out.write_text(text + "\n")
     return text
