@@ -45,7 +45,7 @@ class JudgeEngineActor:
     def chat(self, batch: list[Messages], max_new_tokens: int, deadline: float | None = None) -> list[str] | None:
         """Greedy answers, or None without generating when the caller's deadline (time.time()) has passed.
 
-        Why the deadline: ray.cancel cannot take back a call queued on an actor, so the answers of callers that
+        Why the deadline: a call queued on an actor cannot be taken back safely, so the answers of callers that
         already timed out would still be generated, one after another, ahead of every new call; after a burst
         (the engine restarting, a slow batch) each new call would then time out too, and retry, for good."""
         self.counts["calls"] += 1
@@ -80,7 +80,9 @@ class LocalJudgeBackend:
             try:
                 texts = ray.get(ref, timeout=self.cfg.timeout_s)
             except GetTimeoutError:
-                ray.cancel(ref)
+                # No ray.cancel: the deadline already stops an unstarted call, a running one cannot be
+                # interrupted, and cancelling a queued actor call can leave a gap in the actor's task order
+                # (Ray then waits 30 s and fails every call queued behind it, seen in CI).
                 return timed_out
             except Exception as e:
                 return [JudgeError(f"judge engine failed: {type(e).__name__}: {e}")] * len(batch)

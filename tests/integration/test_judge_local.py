@@ -92,8 +92,8 @@ def test_tiny_local_judge_falls_back_and_counts(ray_local, tmp_path):
 
 
 def test_calls_past_their_deadline_are_dropped_by_the_engine(ray_local, tmp_path):
-    """A burst of calls that time out must not be generated later, ahead of new calls (ray.cancel cannot take
-    back a queued actor call): the engine skips those whose deadline has passed, and a new call is answered."""
+    """A burst of calls that time out must not be generated later, ahead of new calls (a queued actor call
+    cannot be taken back safely): the engine skips those whose deadline has passed, and a new call is answered."""
     model = ensure_tiny_model(TinyModelConfig(kind="text"), tmp_path)
     engine = JudgeEngineActor.remote(str(model), 1024, "vllm")
     messages = [build_judge_messages(JudgeRequest.of(t, SAMPLE)) for t in TEXTS]
