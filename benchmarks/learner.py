@@ -70,7 +70,7 @@ def main() -> None:
     for shape in ("uniform", "parabola"):
         cfg = LearnerConfig(zero_stage=1, lr=1e-4, warmup_ratio=0.0, micro_batch_size=8,
                             objective=ObjectiveConfig(tas_shape=shape))
-        learners[shape] = Learner(cfg, model)
+        learners[shape] = Learner(cfg, model, total_steps=args.steps + 1)
         batches = batches or batch(learners[shape], args.seq, args.group, args.groups)
         learners[shape].train_step(batches)  # warm-up
     times = {shape: [] for shape in learners}

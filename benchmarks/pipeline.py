@@ -70,7 +70,7 @@ def main() -> None:
     for s in [int(x) for x in args.staleness.split(",")]:
         name = f"pipeline_staleness{s}"
         ov = [f"run_dir={out / 'runs'}", f"name={name}", f"init_from={init_from}", f"pipeline.steps={args.steps}",
-              f"learner.total_steps={args.steps}", f"pipeline.max_staleness={s}", "pipeline.eval_items=0"]
+              f"pipeline.max_staleness={s}", "pipeline.eval_items=0"]
         summary = _train("configs/demo.yaml", ov, out / "logs" / f"{name}.log")
         rows = read_history(out / "runs" / name)
         results[s] = {**analyse(rows, workers=1), "job_wall_seconds": summary.get("wall_seconds")}

@@ -1,20 +1,25 @@
 """AVATAR against GRPO in miniature: generated completions until a target training accuracy.
 
-    .venv/bin/python -m benchmarks.sample_efficiency [--seeds 3] [--steps 20] [--target 0.5]
+    .venv/bin/python -m benchmarks.sample_efficiency [--seeds 3] [--steps 20] [--target 0.5] [--dry-run]
 
 One stage-0 SFT checkpoint of the tiny Qwen2.5-Omni thinker on the synthetic audio-visual data
-(configs/demo_stage0.yaml, built once and cached under the output folder), then four arms from it, each over
+(configs/demo_stage0.yaml, built once and cached under the output folder), then the arms from it, each over
 the same seeds (seed s sets the learner/rollout seeds and the prompt order), run one after another as
-`python -m cluster.cli train configs/demo.yaml ...` subprocesses:
+`python -m cluster.cli train configs/<arm's file> ...` subprocesses. The arms are the config files of
+benchmarks/arms.py, each differing from configs/avatar_base.yaml in the mechanism it names only:
 
-    grpo         G = 8 fresh completions, uniform token weights, no replay, no hints
-    avatar       G_on = 4 fresh + G_off = 4 replayed per group, TAS parabola, hints
-    tas_only     G = 8 fresh, TAS parabola, no replay, no hints
-    replay_only  4 fresh + 4 replayed, uniform weights, hints
+    grpo         configs/grpo_baseline.yaml         replay off (G = 8 fresh), uniform token weights, no hints
+    avatar       configs/avatar_base.yaml           G_on = 4 fresh + G_off = 4 replayed, TAS parabola, hints
+    tas_only     configs/ablation_tas_only.yaml     replay off (G = 8 fresh)
+    replay_only  configs/ablation_replay_only.yaml  uniform token weights
+    no_hints     configs/ablation_no_hints.yaml     hints off (not in the default --arms)
 
-Every arm: 4 prompts per step, the same number of learner steps (20), lr 1e-4, reward 0.1 format + 0.9 accuracy,
-staleness 0 (synchronous: the comparison is about samples, not overlap), a checkpoint (and so a commit into the
-replay tiers) after every step. Training accuracy = the accuracy reward of the freshly generated completions,
+Every arm gets the same benchmark-scale overrides (SCALE below: stage 2 on the synthetic stage-2 data, fp32
+without LoRA on CPU, 128 new tokens, 4 prompts per step, lr 1e-4, reward 0.1 format + 0.9 accuracy, staleness
+0 (synchronous: the comparison is about samples, not overlap), a checkpoint (and so a commit into the replay
+tiers) after every step) and the same number of learner steps (20); before anything runs, each arm's resolved
+config is checked to differ from the avatar arm's in its own keys only (`--dry-run` prints those differences
+and stops). Training accuracy = the accuracy reward of the freshly generated completions,
 over a sliding window of the last `--window` generated completions (the same sample count for every arm, so
 the same noise); "completions to target" = the cumulative generated completions at the first step where that
 window reaches `--target`. Held-out accuracy: greedy decoding on 48 unseen prompts before and after.
@@ -32,19 +37,27 @@ import sys
 import time
 from pathlib import Path
 
+from benchmarks.arms import ARMS, REFERENCE, differences, unexpected
+from cluster.config import load_config, parse_override
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
+DEFAULT_ARMS = "grpo,avatar,tas_only,replay_only"
 
-ARMS = {
-    "grpo": ["rollout.group_size=8", "pipeline.replay_per_group=0", "learner.objective.tas_shape=uniform",
-             "buffer.hint.enabled=false"],
-    "avatar": ["rollout.group_size=4", "pipeline.replay_per_group=4", "learner.objective.tas_shape=parabola",
-               "buffer.hint.enabled=true"],
-    "tas_only": ["rollout.group_size=8", "pipeline.replay_per_group=0", "learner.objective.tas_shape=parabola",
-                 "buffer.hint.enabled=false"],
-    "replay_only": ["rollout.group_size=4", "pipeline.replay_per_group=4", "learner.objective.tas_shape=uniform",
-                    "buffer.hint.enabled=true"],
-}
+# Benchmark scale, the same for every arm (none of them may touch an arm's keys; checked): the stage the paper's
+# ablations run (2) on the synthetic data stage 0 was trained on (configs/demo_stage0.yaml: 64 stage-2 items),
+# the CPU learner (fp32, ZeRO-1, no LoRA) and media sizes of the demo, short completions, a small buffer, the
+# demo's reward weights, and a synchronous pipeline with a checkpoint (a commit into the tiers) every step.
+SCALE = [
+    "stage=2", "data.synth.stage=2", "data.synth.num_items=64",
+    "model.dtype=float32", "processor.max_frames=8", "processor.max_pixels=12544",
+    "rollout.max_new_tokens=128",
+    "learner.precision=fp32", "learner.zero_stage=1", "learner.lora.enabled=false",
+    "buffer.capacity=400", "buffer.min_size=8",
+    "reward.weights={format: 0.1, accuracy: 0.9}",
+    "pipeline.prompts_per_step=4", "pipeline.max_staleness=0", "pipeline.checkpoint_every=1",
+    "pipeline.eval_items=48",
+]
 
 
 def _python() -> str:
@@ -89,10 +102,54 @@ def ensure_stage0(out: Path) -> str:
                else (ROOT / summary["export"]).resolve())
 
 
-def arm_overrides(arm: str, seed: int, steps: int, init_from: str, runs: Path, lr: float) -> list[str]:
-    return [f"run_dir={runs}", f"name={arm}_s{seed}", f"init_from={init_from}", f"seed={seed}", f"data.seed={seed}",
-            f"pipeline.steps={steps}", f"learner.total_steps={steps}", f"learner.lr={lr}",
-            "pipeline.max_staleness=0", "pipeline.checkpoint_every=1", "pipeline.eval_items=48", *ARMS[arm]]
+def shared_overrides(seed: int, steps: int, runs: Path, lr: float) -> list[str]:
+    """What every arm of one seed gets, besides its name and init_from (the stage-0 export, the same for all)."""
+    return [f"run_dir={runs}", f"seed={seed}", f"data.seed={seed}", *SCALE, f"pipeline.steps={steps}",
+            f"learner.lr={lr}"]
+
+
+def arm_overrides(arm: str, seed: int, steps: int, init_from: str | None, runs: Path, lr: float) -> list[str]:
+    init = [f"init_from={init_from}"] if init_from else []
+    return [f"name={arm}_s{seed}", *init, *shared_overrides(seed, steps, runs, lr)]
+
+
+def arm_config(arm: str) -> str:
+    """The arm's config file, relative to the repository root (as the CLI is run from there)."""
+    return str(ARMS[arm].path.relative_to(ROOT))
+
+
+def check_arms(arms: list[str], steps: int, runs: Path, lr: float, seed: int = 0) -> dict[str, dict]:
+    """Each arm's resolved config against the avatar arm's, both with the same overrides (init_from left out:
+    it is the same for every arm, and does not exist before stage 0 is built). Raises SystemExit when an arm
+    differs in a key that is not its own or leaves one of its keys unchanged; returns the differences."""
+    touched = sorted({".".join(parse_override(o)[0]) for o in shared_overrides(seed, steps, runs, lr)}
+                     & {k for a in ARMS.values() for k in a.keys})
+    if touched:
+        raise SystemExit(f"[bench] the shared overrides set an arm's own keys: {', '.join(touched)}")
+    reference = load_config(ARMS["avatar"].path, arm_overrides("avatar", seed, steps, None, runs, lr))
+    out = {}
+    for arm in arms:
+        if arm not in ARMS:
+            raise SystemExit(f"[bench] unknown arm {arm!r}; arms: {', '.join(ARMS)}")
+        diff = differences(load_config(ARMS[arm].path, arm_overrides(arm, seed, steps, None, runs, lr)), reference)
+        extra, missing = unexpected(arm, diff)
+        if extra or missing:
+            raise SystemExit(f"[bench] {arm_config(arm)} differs from {REFERENCE} in {extra or 'nothing else'} "
+                             f"beyond its own keys; its keys left unchanged: {missing or 'none'}")
+        out[arm] = {k: v for k, v in diff.items() if k != "name"}
+    return out
+
+
+def print_dry_run(arms: list[str], diffs: dict[str, dict], steps: int, runs: Path, lr: float) -> None:
+    print("shared overrides (every arm, seed 0; init_from = the stage-0 export of configs/demo_stage0.yaml):")
+    print("  " + " ".join(shared_overrides(0, steps, runs, lr)))
+    for arm in arms:
+        print(f"\n{arm}: python -m cluster.cli train {arm_config(arm)} name={arm}_s<seed> init_from=<stage 0> ...")
+        print(f"  {ARMS[arm].what}; resolved differences from the avatar arm ({REFERENCE}):")
+        for key, (ref, val) in diffs[arm].items():
+            print(f"    {key}: {ref!r} -> {val!r}")
+        if not diffs[arm]:
+            print("    none (the reference)")
 
 
 def read_history(run_dir: Path) -> list[dict]:
@@ -239,7 +296,8 @@ def plot(results: dict, target: float, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    colours = {"grpo": "tab:gray", "avatar": "tab:red", "tas_only": "tab:blue", "replay_only": "tab:green"}
+    colours = {"grpo": "tab:gray", "avatar": "tab:red", "tas_only": "tab:blue", "replay_only": "tab:green",
+               "no_hints": "tab:purple"}
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(13, 4.5))
     for arm, runs in results.items():
         for i, r in enumerate(runs):
@@ -275,19 +333,25 @@ def main() -> None:
     ap.add_argument("--extra-targets", default="0.4,0.6")
     ap.add_argument("--window", type=int, default=64, help="completions in the training-accuracy window")
     ap.add_argument("--lr", type=float, default=1e-4)
-    ap.add_argument("--arms", default="grpo,avatar,tas_only,replay_only")
+    ap.add_argument("--arms", default=DEFAULT_ARMS, help=f"comma-separated, of: {', '.join(ARMS)}")
     ap.add_argument("--out", default=str(RESULTS / "sample_efficiency"), help="runs, logs, cached stage 0")
+    ap.add_argument("--dry-run", action="store_true",
+                    help="check and print each arm's resolved differences from the avatar arm, run nothing")
     args = ap.parse_args()
     out = Path(args.out).resolve()
     arms = args.arms.split(",")
     extra = [float(x) for x in args.extra_targets.split(",") if x]
+    diffs = check_arms(arms, args.steps, out / "runs", args.lr)
+    if args.dry_run:
+        print_dry_run(arms, diffs, args.steps, out / "runs", args.lr)
+        return
     t_start = time.time()
     init_from = ensure_stage0(out)
     results: dict[str, list[dict]] = {a: [] for a in arms}
     for seed in range(args.seeds):  # seed-major: a partial run still has every arm
         for arm in arms:
             ov = arm_overrides(arm, seed, args.steps, init_from, out / "runs", args.lr)
-            summary = _train("configs/demo.yaml", ov, out / "logs" / f"{arm}_s{seed}.log")
+            summary = _train(arm_config(arm), ov, out / "logs" / f"{arm}_s{seed}.log")
             rows = read_history(out / "runs" / f"{arm}_s{seed}")
             fresh = [a for r in rows for a in r["advantages_fresh"]]
             results[arm].append({

@@ -25,11 +25,26 @@ class RedisConfig(_Strict):
 
 
 class HintConfig(_Strict):
+    """When a prompt gets its hint (AVATAR.md section 4). One rule, evaluated in the replay service whenever the
+    prompt's statistics change or its state is read (buffer_service/lua/helpers.lua, update_hint)."""
+
     enabled: bool = True
+    trigger: Literal["paper", "zero_total_streak", "zero_task_streak"] = Field(
+        "paper", description="paper: in the hard tier, task-reward mean <= task_reward_max and KL to the reference "
+        "<= kl_max (the policy stopped exploring); zero_total_streak: the release's rule, zero_reward_streak "
+        "zero-total-reward completions in a row (rarely fires past SFT: the format term keeps totals above 0); "
+        "zero_task_streak: the same streak on the task reward")
     zero_reward_streak: int = Field(
-        3, ge=1, description="consecutive zero-reward completions that trigger a hint"
+        3, ge=1, description="streak triggers: zero-reward completions in a row (whole all-zero groups) that trigger a hint"
     )
-    max_rbar: float | None = Field(None, description="extra condition: R(q) below this")
+    task_reward_max: float = Field(
+        0.25, ge=0, le=1, description="paper trigger: the prompt's task-reward (accuracy term) mean over its last "
+        "rbar_window completions at most this")
+    kl_max: float = Field(
+        0.05, ge=0, description="paper trigger: the prompt's mean per-token k3 KL to the reference (from the "
+        "learner, over its last rbar_window trained completions) at most this")
+    min_completions: int = Field(4, ge=1, description="paper trigger: scored completions of the prompt before it can fire")
+    max_rbar: float | None = Field(None, description="extra condition for every trigger: R(q) below this")
     lapse_when_not_hard: bool = Field(True, description="drop the hint once the prompt leaves the hard tier")
 
 

@@ -1,27 +1,34 @@
 """ReplayService: the fresh stream, the stratified tiers and the per-prompt VCRS statistics, over one Redis.
 
 A plain class (no Ray inside; the driver wraps it with ray.remote). Arguments and results are plain picklable
-objects. Every multi-key update is one Lua script, so concurrent writers and the learner never see a
-half-written state. Meant for a single Redis instance (not Redis Cluster: scripts touch per-prompt keys).
+objects. Every multi-key update is one Lua script (buffer_service/lua/*.lua, registered at start, the shared
+quantile and hint rules in helpers.lua), so concurrent writers and the learner never see a half-written state.
+Meant for a single Redis instance (not Redis Cluster: scripts touch per-prompt keys).
 
 Public API
 - ReplayService(config: BufferConfig, client: redis.Redis | None = None)
     client None: connect(config.redis). Refuses a Redis without a password unless redis.throwaway_local.
 - push_group(group: list[Trajectory] | bytes) -> dict
     A scored group (or its Arrow IPC bytes) enters the fresh stream. Idempotent by trajectory_id: trajectories
-    already pushed are skipped (a retried push adds nothing), within the last dedup_window_groups pushes. Per-prompt statistics update for the new ones
-    only: R(q) = mean of the last rbar_window rewards, the zero-reward streak, the hint trigger. A record that
-    fails decoding or validation goes to the dead-letter stream with the reason.
+    already pushed are skipped (a retried push adds nothing), within the last dedup_window_groups pushes.
+    Per-prompt statistics update for the new ones only: R(q) = mean of the last rbar_window total rewards
+    (the VCRS baseline and the tier key), the task-reward mean (accuracy term, else judge, else total) over
+    the same window, the zero-reward streak (whole all-zero groups, so independent of completion order), and
+    the hint rule. A record that fails decoding or validation goes to the dead-letter stream with the reason.
     Returns {"entry_id": str | None, "accepted": int, "duplicates": int, "dead_lettered": bool}.
 - read_fresh(consumer: str, max_groups: int = 1, block_ms: int | None = None,
              reclaim_idle_ms: int | None = None) -> list[tuple[str, list[Trajectory]]]
     Through the consumer group: first entries left pending longer than reclaim_idle_ms (a dead consumer's,
     XAUTOCLAIM), then new ones. Undecodable entries are dead-lettered and acknowledged.
-- commit(entry_ids: list[str], trained: list[Trajectory]) -> dict
-    After the learner's step: acknowledge the entries and insert their trajectories (carrying the learner's
-    advantage and mean_logratio_old_ref) into the tiers, in one script. Only the first commit of an entry
-    inserts (XACK answers 1 once), so a retried commit inserts nothing: exactly once into the tiers.
-    Returns {"acked": int, "inserted": int, "evicted": int, "ignored": int}.
+- insert(entry_ids, trained, kl=None, into_tiers=True) -> dict
+    Right after the learner's step: the trained trajectories (carrying the learner's advantage and
+    mean_logratio_old_ref) enter the tiers, and their per-trajectory KL to the reference feeds the prompt's KL
+    statistic; into_tiers False (replay off) feeds only the statistic. Once per stream entry (marked until
+    acknowledged), and only for entries not yet acknowledged: the retraining of a redelivered entry after a
+    crash inserts nothing. Returns {"inserted": int, "evicted": int, "ignored": int}.
+- ack(entry_ids) -> int
+    After the durable checkpoint that contains their training: acknowledge and delete the entries.
+- commit(entry_ids, trained, kl=None) -> dict: insert, then ack; {"acked", "inserted", "evicted", "ignored"}.
 - sample(n: int, strategy: str | None = None, rng_seed: int | None = None,
          current_version: int | None = None) -> list[ReplaySample]
     n draws with replacement; tier counts by the ratios (largest remainder, ties to the larger ratio); a tier
@@ -33,10 +40,11 @@ Public API
     Each ReplaySample carries rbar = the prompt's current R(q) and the tier. Sampling removes nothing; a
     trajectory drawn twice is the same object twice (copy before mutating it).
 - prompt_states(prompt_ids: list[str]) -> dict[str, dict]
-    prompt_id -> {"rbar": float | None, "streak": int, "hint_active": bool, "tier": str | None, "count": int}.
-    tier is the prompt's tier now by the quantile rule. A hint is active while triggered and, with
-    hint.lapse_when_not_hard, while the prompt is hard; leaving the hard tier clears it (persisted, evaluated
-    when the prompt is pushed or its state is asked for).
+    prompt_id -> {"rbar": float | None, "streak": int, "hint_active": bool, "tier": str | None, "count": int,
+    "task_mean": float | None, "kl": float | None}. tier is the prompt's tier now by the quantile rule. The
+    hint rule (buffer.hint: trigger paper, zero_total_streak or zero_task_streak) is evaluated when the
+    prompt is pushed, when its KL statistic changes and when its state is asked for; a triggered hint stays
+    on and, with hint.lapse_when_not_hard, is cleared once the prompt leaves the hard tier.
 - stats() -> dict[str, int]: counters (pushed_groups, pushed_trajectories, duplicates, dead_lettered,
     rejected, read, reclaimed, acked, inserted, evicted, commit_ignored, sampled) and gauges (tier sizes, fresh_length,
     fresh_pending, dead_letter_length, prompts, hints_active).
@@ -52,9 +60,11 @@ quantile = sorted_values[round(p * (n - 1))] with Python's round (half to even).
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import time
+from pathlib import Path
 
 import numpy as np
 import redis
@@ -74,185 +84,22 @@ from buffer_service.schema import (
 
 TIERS = ("easy", "medium", "hard")
 _ENTRY_ID = re.compile(r"^\d+-\d+$")
+_LUA = Path(__file__).parent / "lua"
 
-# Shared Lua helpers: Python's round (half to even) and the quantile rule over the R(q) sorted set.
-_LUA_HELPERS = """
-local function round_half_even(x)
-  local f = math.floor(x)
-  local d = x - f
-  if d > 0.5 then return f + 1 elseif d < 0.5 then return f end
-  if f % 2 == 0 then return f end
-  return f + 1
-end
-local function quantile(zkey, p, n)
-  local idx = round_half_even(p * (n - 1))
-  local r = redis.call('ZRANGE', zkey, idx, idx, 'WITHSCORES')
-  return tonumber(r[2])
-end
-local function tier_of(zkey, value, hq, mq)
-  local n = redis.call('ZCARD', zkey)
-  if n == 0 or value == nil then return 'hard' end
-  if value <= quantile(zkey, hq, n) then return 'hard' end
-  if value <= quantile(zkey, mq, n) then return 'medium' end
-  return 'easy'
-end
-"""
 
-# KEYS: seen, fresh, stats, rbar, streak, hinted, seen_order
-# ARGV: prefix, blob, group_id, prompt_id, window, threshold, hint_enabled, max_rbar, lapse, hq, mq,
-#       duplicates, n, dedup_window, then n pairs (trajectory_id, reward)
-_PUSH = (
-    _LUA_HELPERS
-    + """
-local n = tonumber(ARGV[13])
-local tids = {}
-for i = 1, n do
-  local tid = ARGV[13 + 2 * i]
-  if redis.call('SISMEMBER', KEYS[1], tid) == 1 then return false end
-  tids[i] = tid
-end
-for i = 1, n do redis.call('SADD', KEYS[1], tids[i]) end
--- remember the ids of the last dedup_window pushes only (the seen set would otherwise grow for ever)
-redis.call('RPUSH', KEYS[7], table.concat(tids, '\\n'))
-while redis.call('LLEN', KEYS[7]) > tonumber(ARGV[14]) do
-  for old in string.gmatch(redis.call('LPOP', KEYS[7]), '[^\\n]+') do redis.call('SREM', KEYS[1], old) end
-end
-local pid = ARGV[4]
-local entry = redis.call('XADD', KEYS[2], '*', 'blob', ARGV[2], 'group_id', ARGV[3], 'prompt_id', pid,
-                         'tids', table.concat(tids, '\\n'))
-local pkey = ARGV[1] .. ':ps:' .. pid
-local rkey = ARGV[1] .. ':rw:' .. pid
-local streak = tonumber(redis.call('HGET', pkey, 'streak') or '0')
-local hint = tonumber(redis.call('HGET', pkey, 'hint') or '0')
-local threshold = tonumber(ARGV[6])
-local reached = false
-for i = 1, n do
-  local reward = ARGV[14 + 2 * i]
-  redis.call('LPUSH', rkey, reward)
-  if tonumber(reward) == 0 then streak = streak + 1 else streak = 0 end
-  if streak >= threshold then reached = true end
-end
-redis.call('LTRIM', rkey, 0, tonumber(ARGV[5]) - 1)
-local rewards = redis.call('LRANGE', rkey, 0, -1)
-local total = 0
-for _, r in ipairs(rewards) do total = total + tonumber(r) end
-local rbar = total / #rewards
-redis.call('ZADD', KEYS[4], rbar, pid)
-redis.call('ZADD', KEYS[5], streak, pid)
-if ARGV[7] == '1' and reached and (ARGV[8] == '' or rbar < tonumber(ARGV[8])) then hint = 1 end
-if hint == 1 and ARGV[9] == '1' and tier_of(KEYS[4], rbar, tonumber(ARGV[10]), tonumber(ARGV[11])) ~= 'hard' then
-  hint = 0
-end
-redis.call('HSET', pkey, 'streak', streak, 'hint', hint)
-redis.call('HINCRBY', pkey, 'count', n)
-if hint == 1 then redis.call('SADD', KEYS[6], pid) else redis.call('SREM', KEYS[6], pid) end
-redis.call('HINCRBY', KEYS[3], 'pushed_groups', 1)
-redis.call('HINCRBY', KEYS[3], 'pushed_trajectories', n)
-redis.call('HINCRBY', KEYS[3], 'duplicates', tonumber(ARGV[12]))
-return entry
-"""
-)
+def _lua(name: str) -> str:
+    """A script of buffer_service/lua/, with the shared helpers (quantile rule, hint rule) prepended."""
+    return (_LUA / "helpers.lua").read_text() + "\n" + (_LUA / f"{name}.lua").read_text()
 
-# KEYS: fresh, stats, rbar, blob, seq, tiers_version
-# ARGV: prefix, group, cap_easy, cap_medium, cap_hard, hq, mq, now, n_entries, entry ids...,
-#       n_traj, then per trajectory: tid, prompt_id, score, version, reward, advantage, blob
-_COMMIT = (
-    _LUA_HELPERS
-    + """
-local prefix = ARGV[1]
-local caps = {easy = tonumber(ARGV[3]), medium = tonumber(ARGV[4]), hard = tonumber(ARGV[5])}
-local hq, mq = tonumber(ARGV[6]), tonumber(ARGV[7])
-local ne = tonumber(ARGV[9])
-local allowed = {}
-local acked = 0
-for i = 1, ne do
-  local eid = ARGV[9 + i]
-  if redis.call('XACK', KEYS[1], ARGV[2], eid) == 1 then
-    acked = acked + 1
-    local e = redis.call('XRANGE', KEYS[1], eid, eid)
-    if #e == 1 then
-      local f = e[1][2]
-      for j = 1, #f, 2 do
-        if f[j] == 'tids' then
-          for tid in string.gmatch(f[j + 1], '[^\\n]+') do allowed[tid] = true end
-        end
-      end
-    end
-    redis.call('XDEL', KEYS[1], eid)
-  end
-end
-local base = 10 + ne
-local nt = tonumber(ARGV[base])
-local inserted, evicted, ignored = 0, 0, 0
-for i = 0, nt - 1 do
-  local o = base + 7 * i
-  local tid, pid = ARGV[o + 1], ARGV[o + 2]
-  if allowed[tid] then
-    allowed[tid] = nil
-    local tier = tier_of(KEYS[3], tonumber(redis.call('ZSCORE', KEYS[3], pid)), hq, mq)
-    local seq = redis.call('INCR', KEYS[5])
-    local zkey = prefix .. ':tier:' .. tier
-    local mkey = prefix .. ':meta:' .. tier
-    redis.call('ZADD', zkey, seq, tid)
-    redis.call('HSET', mkey, tid, seq .. ' ' .. ARGV[o + 3] .. ' ' .. ARGV[o + 4] .. ' ' .. ARGV[8] .. ' '
-               .. ARGV[o + 5] .. ' ' .. ARGV[o + 6] .. ' ' .. pid)
-    redis.call('HSET', KEYS[4], tid, ARGV[o + 7])
-    inserted = inserted + 1
-    while redis.call('ZCARD', zkey) > caps[tier] do
-      local old = redis.call('ZPOPMIN', zkey)
-      redis.call('HDEL', mkey, old[1])
-      redis.call('HDEL', KEYS[4], old[1])
-      evicted = evicted + 1
-    end
-  else
-    ignored = ignored + 1
-  end
-end
-redis.call('HINCRBY', KEYS[2], 'acked', acked)
-redis.call('HINCRBY', KEYS[2], 'inserted', inserted)
-redis.call('HINCRBY', KEYS[2], 'evicted', evicted)
-redis.call('HINCRBY', KEYS[2], 'commit_ignored', ignored)
-if inserted > 0 then redis.call('INCR', KEYS[6]) end
-return {acked, inserted, evicted, ignored}
-"""
-)
 
-# KEYS: rbar, hinted. ARGV: prefix, hq, mq, lapse, prompt ids...
-_STATES = (
-    _LUA_HELPERS
-    + """
-local out = {}
-for i = 5, #ARGV do
-  local pid = ARGV[i]
-  local pkey = ARGV[1] .. ':ps:' .. pid
-  local rbar = redis.call('ZSCORE', KEYS[1], pid)
-  if not rbar then
-    table.insert(out, {pid, '', 0, 0, '', 0})
-  else
-    local tier = tier_of(KEYS[1], tonumber(rbar), tonumber(ARGV[2]), tonumber(ARGV[3]))
-    local h = redis.call('HMGET', pkey, 'streak', 'hint', 'count')
-    local hint = tonumber(h[2] or '0')
-    if hint == 1 and ARGV[4] == '1' and tier ~= 'hard' then
-      hint = 0
-      redis.call('HSET', pkey, 'hint', 0)
-      redis.call('SREM', KEYS[2], pid)
-    end
-    table.insert(out, {pid, rbar, tonumber(h[1] or '0'), hint, tier, tonumber(h[3] or '0')})
-  end
-end
-return out
-"""
-)
-
-# KEYS: rejected, dead, stats. ARGV: key, source, reason, at, maxlen
-_REJECT = """
-if redis.call('SADD', KEYS[1], ARGV[1]) == 0 then return 0 end
-redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[5], '*', 'source', ARGV[2], 'reason', ARGV[3], 'entry_id', ARGV[1],
-           'at', ARGV[4], 'payload', '')
-redis.call('HINCRBY', KEYS[3], 'dead_lettered', 1)
-redis.call('HINCRBY', KEYS[3], 'rejected', 1)
-return 1
-"""
+def task_reward(traj: Trajectory) -> float:
+    """The task term of a scored completion (accuracy, else the judge's score, else the total): the per-prompt
+    task-reward mean that the paper's hint trigger reads, kept apart from R(q) (the total-reward baseline)."""
+    for term in ("accuracy", "judge"):
+        value = traj.rewards.get(term)
+        if value is not None:
+            return float(value)
+    return float(traj.reward)
 
 
 def allocate(total: int, ratios: dict[str, float]) -> dict[str, int]:
@@ -301,12 +148,11 @@ class ReplayService:
                 "blob",
                 "seq",
                 "tiers_version",
+                "inserted",
             )
         }
-        self._push = self.r.register_script(_PUSH)
-        self._commit = self.r.register_script(_COMMIT)
-        self._states = self.r.register_script(_STATES)
-        self._reject = self.r.register_script(_REJECT)
+        self._scripts = {name: self.r.register_script(_lua(name))
+                         for name in ("push", "insert", "ack", "states", "reject")}
         self._snapshot: tuple[bytes | None, dict] | None = None
         try:
             # From id 0: groups pushed before the first reader are delivered too.
@@ -328,7 +174,6 @@ class ReplayService:
             self._dead_letter("push", str(exc), payload if payload is not None else self._try_encode(group))
             result["dead_lettered"] = True
             return result
-        cfg = self.config
         for _ in range(10):  # optimistic: the script refuses if another writer pushed one of ours meanwhile
             seen = self.r.smismember(self.k["seen"], [t.trajectory_id for t in group])
             new = [t for t, s in zip(group, seen, strict=True) if not s]
@@ -337,25 +182,17 @@ class ReplayService:
                 self.r.hincrby(self.k["stats"], "duplicates", len(group))
                 return result
             args = [
-                self.prefix,
+                self._hint_settings(),
                 blob if len(new) == len(group) else encode_group(new),
                 new[0].group_id,
                 new[0].prompt_id,
-                cfg.rbar_window,
-                cfg.hint.zero_reward_streak,
-                int(cfg.hint.enabled),
-                "" if cfg.hint.max_rbar is None else repr(float(cfg.hint.max_rbar)),
-                int(cfg.hint.lapse_when_not_hard),
-                repr(cfg.hard_quantile),
-                repr(cfg.medium_quantile),
                 result["duplicates"],
                 len(new),
-                cfg.dedup_window_groups,
             ]
             for t in new:
-                args += [t.trajectory_id, repr(float(t.reward))]
+                args += [t.trajectory_id, repr(float(t.reward)), repr(task_reward(t))]
             keys = [self.k[n] for n in ("seen", "fresh", "stats", "rbar", "streak", "hinted", "seen_order")]
-            entry = self._push(keys=keys, args=args)
+            entry = self._scripts["push"](keys=keys, args=args)
             if entry is not None:
                 result["entry_id"] = entry.decode()
                 result["accepted"] = len(new)
@@ -400,42 +237,62 @@ class ReplayService:
             self.r.hincrby(self.k["stats"], "read", len(out))
         return out
 
-    def commit(self, entry_ids: list[str], trained: list[Trajectory]) -> dict:
+    def _hint_settings(self, **extra) -> str:
+        """The settings every script reads (hint rule, quantiles, windows), as one JSON argument."""
+        cfg, hint = self.config, self.config.hint
+        return json.dumps({
+            "prefix": self.prefix, "hq": cfg.hard_quantile, "mq": cfg.medium_quantile,
+            "rbar_window": cfg.rbar_window, "kl_window": cfg.rbar_window, "dedup_window": cfg.dedup_window_groups,
+            "enabled": hint.enabled, "trigger": hint.trigger, "zero_reward_streak": hint.zero_reward_streak,
+            "streak_on": "total" if hint.trigger == "zero_total_streak" else "task", "max_rbar": hint.max_rbar,
+            "task_reward_max": hint.task_reward_max, "kl_max": hint.kl_max,
+            "min_completions": hint.min_completions, "lapse_when_not_hard": hint.lapse_when_not_hard, **extra,
+        })
+
+    @staticmethod
+    def _check_entry_ids(entry_ids: list[str]) -> None:
         for eid in entry_ids:
             if not isinstance(eid, str) or not _ENTRY_ID.match(eid):
                 raise ValueError(f"not a stream entry id: {eid!r}")
+
+    def insert(self, entry_ids: list[str], trained: list[Trajectory], kl: dict[str, float] | None = None,
+               into_tiers: bool = True) -> dict:
+        """Right after a learner step: the trained fresh entries' trajectories (carrying the learner's advantage
+        and mean_logratio_old_ref) enter the tiers (into_tiers False: replay is off, they do not), and
+        their per-trajectory KL to the reference (`kl`, trajectory id -> mean k3 over the completion) feeds the
+        prompt's KL statistic. Once per entry: an entry already inserted, or already acknowledged, adds
+        nothing (a retrained redelivery after a crash). Returns {"inserted", "evicted", "ignored"}."""
+        self._check_entry_ids(entry_ids)
+        kl = kl or {}
+        settings = self._hint_settings(caps=self.tier_capacities(), now=repr(time.time()), into_tiers=into_tiers)
+        args = [settings, len(entry_ids), *entry_ids, len(trained)]
         cfg = self.config
-        caps = self.tier_capacities()
-        args = [
-            self.prefix,
-            cfg.consumer_group,
-            caps["easy"],
-            caps["medium"],
-            caps["hard"],
-            repr(cfg.hard_quantile),
-            repr(cfg.medium_quantile),
-            repr(time.time()),
-            len(entry_ids),
-            *entry_ids,
-            len(trained),
-        ]
         for t in trained:
             score = priority_score(t, cfg.score_adv_weight, cfg.score_kl_weight)
             if not math.isfinite(score):
                 raise RecordError(f"{t.trajectory_id}: priority score is not finite ({score})")
             adv = "nan" if t.advantage is None else repr(float(t.advantage))
-            args += [
-                t.trajectory_id,
-                t.prompt_id,
-                repr(float(score)),
-                int(t.policy_version),
-                repr(float(t.reward)),
-                adv,
-                encode_trajectory(t),
-            ]
-        keys = [self.k[n] for n in ("fresh", "stats", "rbar", "blob", "seq", "tiers_version")]
-        acked, inserted, evicted, ignored = self._commit(keys=keys, args=args)
-        return {"acked": acked, "inserted": inserted, "evicted": evicted, "ignored": ignored}
+            value = kl.get(t.trajectory_id)
+            args += [t.trajectory_id, t.prompt_id, repr(float(score)), int(t.policy_version), repr(float(t.reward)),
+                     adv, "" if value is None or not math.isfinite(value) else repr(float(value)),
+                     encode_trajectory(t) if into_tiers else b""]
+        keys = [self.k[n] for n in ("fresh", "stats", "rbar", "blob", "seq", "tiers_version", "inserted", "hinted")]
+        inserted, evicted, ignored = self._scripts["insert"](keys=keys, args=args)
+        return {"inserted": inserted, "evicted": evicted, "ignored": ignored}
+
+    def ack(self, entry_ids: list[str]) -> int:
+        """With the durable checkpoint that contains their training: acknowledge and delete the entries (each
+        once; a retried ack counts nothing). Returns how many were acknowledged now."""
+        self._check_entry_ids(entry_ids)
+        if not entry_ids:
+            return 0
+        keys = [self.k[n] for n in ("fresh", "stats", "inserted")]
+        return int(self._scripts["ack"](keys=keys, args=[self.config.consumer_group, *entry_ids]))
+
+    def commit(self, entry_ids: list[str], trained: list[Trajectory], kl: dict[str, float] | None = None) -> dict:
+        """insert, then ack (for a consumer that checkpoints nothing in between)."""
+        out = self.insert(entry_ids, trained, kl)
+        return {"acked": self.ack(entry_ids), **out}
 
     # ---- tiers ----------------------------------------------------------------------------------------------
     def tier_capacities(self) -> dict[str, int]:
@@ -556,25 +413,18 @@ class ReplayService:
     def prompt_states(self, prompt_ids: list[str]) -> dict[str, dict]:
         if not prompt_ids:
             return {}
-        cfg = self.config
-        rows = self._states(
-            keys=[self.k["rbar"], self.k["hinted"]],
-            args=[
-                self.prefix,
-                repr(cfg.hard_quantile),
-                repr(cfg.medium_quantile),
-                int(cfg.hint.lapse_when_not_hard),
-                *prompt_ids,
-            ],
-        )
+        rows = self._scripts["states"](keys=[self.k["rbar"], self.k["hinted"]],
+                                       args=[self._hint_settings(), *prompt_ids])
         out = {}
-        for pid, rbar, streak, hint, tier, count in rows:
+        for pid, rbar, streak, hint, tier, count, task, kl in rows:
             out[pid.decode()] = {
                 "rbar": float(rbar) if rbar else None,
                 "streak": int(streak),
                 "hint_active": bool(hint),
                 "tier": tier.decode() if tier else None,
                 "count": int(count),
+                "task_mean": float(task) if task else None,
+                "kl": float(kl) if kl else None,
             }
         return out
 
@@ -612,7 +462,7 @@ class ReplayService:
         as `rejected`. Returns True the first time."""
         keys = [self.k["rejected"], self.k["dead"], self.k["stats"]]
         args = [key, source, reason, repr(time.time()), self.config.dead_letter_maxlen]
-        return bool(self._reject(keys=keys, args=args))
+        return bool(self._scripts["reject"](keys=keys, args=args))
 
     def dead_letters(self, count: int = 100, newest: bool = False) -> list[dict]:
         """The first `count` dead letters, oldest first (newest: the last `count`, newest first)."""

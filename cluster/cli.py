@@ -70,7 +70,9 @@ def main(argv: list[str] | None = None) -> int:
                 files = ["configs/demo_stage0.yaml", "configs/demo.yaml"]
             if not files:
                 raise ConfigError("curriculum: give one config file per stage")
-            summaries = run_curriculum([load_config(f, overrides) for f in files], resume=not args.fresh)
+            # a later stage starts from the previous stage's export (set by run_curriculum, checked by run_stage)
+            stages = [load_config(f, overrides, unchecked_paths=("init_from",) if i else ()) for i, f in enumerate(files)]
+            summaries = run_curriculum(stages, resume=not args.fresh)
             _print_summary(summaries)
         elif args.command == "eval":
             from .job import run_eval
@@ -111,6 +113,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _print_summary(summaries: list[dict]) -> None:
+    from .report import format_mechanisms
+
     print("\n=== done ===")
     for s in summaries:
         before = (s.get("before") or {}).get("accuracy")
@@ -121,6 +125,8 @@ def _print_summary(summaries: list[dict]) -> None:
         run = Path(s["run_dir"])
         print(f"  checkpoints: {run / 'checkpoints'}   exported policy: {s['export']}")
         print(f"  metrics: {run / 'history.jsonl'} (per step), {run / 'prometheus.yml'} (scrape config)")
+        if s.get("mechanisms"):
+            print(f"  mechanisms: {format_mechanisms(s['mechanisms'])}")
         for png in s.get("report", []):
             print(f"  plot: {png}")
     first, last = summaries[0].get("before") or {}, summaries[-1].get("after") or {}

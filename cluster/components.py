@@ -3,6 +3,7 @@ workers and the reward pool (with its judge engine). The driver loop only sees t
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,13 +15,15 @@ from buffer_service.service import ReplayService
 from learner.actor import LearnerGroup
 from policy.config import TinyModelConfig
 from policy.tiny import ensure_tiny_model
-from reward_workers.judge_engine import JudgeEngineActor
+from reward_workers.judge_engine import start_judge_engine
 from reward_workers.pool import RewardPool
 from reward_workers.scoring import stage_weights
 
 from .config import JobConfig
 from .placement import Placement, plan_bundles, reserve
 from .prompts import PromptMedia
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -33,10 +36,10 @@ class Components:
     weights: dict | None = None  # the last publish (location, version, checksum), for restarted workers
     placement: Placement | None = None
 
-    def publish_weights(self, bump: bool = True) -> int:
-        """The learner publishes (version + 1, or the current version again with bump=False); every rollout
-        worker loads and verifies it. Returns the version."""
-        self.weights = self.learner.publish(bump)
+    def publish_weights(self, bump: bool = True, version: int | None = None) -> int:
+        """The learner publishes (version + 1, the current version again with bump=False, or `version`); every
+        rollout worker loads and verifies it. Returns the version."""
+        self.weights = self.learner.publish(bump, version)
         loads = {w: self._load(w) for w in self.workers}
         for worker, ref in loads.items():
             try:
@@ -106,14 +109,26 @@ def _answer_once_back(method, deadline: float):
 
 
 def _with_judge_model(cfg: JobConfig, run_dir: Path):
-    """A stage that weights the judge with a local backend and no model gets the tiny text judge (the CPU
-    demo and tests); real runs name reward.judge.model_path or an endpoint."""
+    """The reward config with a judge model to start. A stage that weights the judge with backend local and no
+    model_path is refused when the config loads (cluster.config), unless reward.judge.allow_tiny opts into the
+    tiny random judge of tests and demos: the Omni thinker when it is shown frames (it sees them), else the
+    text model. Nothing is substituted otherwise."""
     judge = cfg.reward.judge
     if not stage_weights(cfg.reward, cfg.stage).get("judge") or judge.backend != "local" or judge.model_path:
         return cfg.reward
-    path = ensure_tiny_model(TinyModelConfig(kind="text", seed=cfg.seed + 7), Path(cfg.run_dir) / "_models")
-    print(f"[job] reward.judge.model_path not set: judging with the tiny random text model {path}", flush=True)
+    if not judge.allow_tiny:  # load_config refuses this already; a config built in code gets the same answer
+        raise ValueError("reward.judge.model_path: not set, and reward.judge.allow_tiny is false")
+    kind = "omni" if judge.num_frames else "text"
+    path = ensure_tiny_model(TinyModelConfig(kind=kind, seed=cfg.seed + 7), Path(cfg.run_dir) / "_models")
+    log.warning("reward.judge.allow_tiny: judging with the tiny random %s model %s (tests and demos only)", kind, path)
     return cfg.reward.model_copy(update={"judge": judge.model_copy(update={"model_path": str(path)})})
+
+
+def learner_args(cfg: JobConfig, rl: bool) -> dict:
+    """What the learner is built from: its section (with the job's seed and the stage's mode) and the stage's
+    length, pipeline.steps, the one step count (it sets the learning-rate warm-up and decay)."""
+    return {"cfg": cfg.learner.model_copy(update={"seed": cfg.seed, "mode": "rl" if rl else "sft"}),
+            "total_steps": cfg.pipeline.steps}
 
 
 def start_components(cfg: JobConfig, run_dir: Path, model_path: Path, samples, redis_cfg, rl: bool) -> Components:
@@ -123,9 +138,9 @@ def start_components(cfg: JobConfig, run_dir: Path, model_path: Path, samples, r
     gpu = placement.group is not None
     buffer_cfg = cfg.buffer.model_copy(update={"redis": redis_cfg})
     buffer = ray.remote(num_cpus=0)(ReplayService).remote(buffer_cfg)
-    learner_cfg = cfg.learner.model_copy(update={"seed": cfg.seed, "mode": "rl" if rl else "sft"})
     learner = LearnerGroup(
-        learner_cfg, model_path, media_provider=PromptMedia(samples, cfg.processor, str(model_path)),
+        **learner_args(cfg, rl), model_path=model_path,
+        media_provider=PromptMedia(samples, cfg.processor, str(model_path)),
         publish_dir=run_dir / "published", num_cpus_per_rank=1 if gpu else 0, num_gpus_per_rank=1 if gpu else 0,
         scheduling_strategies=[placement.options("learner", r).get("scheduling_strategy")
                                for r in range(cfg.learner.num_ranks)] if gpu else None)
@@ -140,10 +155,10 @@ def start_components(cfg: JobConfig, run_dir: Path, model_path: Path, samples, r
     if rl:
         judge_engine = None
         if needs_judge and reward_cfg.judge.model_path:
-            jc = reward_cfg.judge
-            judge_engine = JudgeEngineActor.options(num_gpus=plan_bundles(cfg, True)["judge"][0]["GPU"] if gpu else 0,
-                                                    **placement.options("judge", 0)
-                                                    ).remote(jc.model_path, jc.max_model_len, jc.engine)
-        comps.rewards = RewardPool(reward_cfg, judge_engine=judge_engine)
+            # refuses a text-only judge model that num_frames would show images to
+            judge_engine = start_judge_engine(reward_cfg.judge,
+                                              num_gpus=plan_bundles(cfg, True)["judge"][0]["GPU"] if gpu else 0,
+                                              **placement.options("judge", 0))
+        comps.rewards = RewardPool(reward_cfg, judge_engine=judge_engine, stage=cfg.stage)
         comps.judge_engine = judge_engine
     return comps

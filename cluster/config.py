@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from actors.config import RolloutConfig
 from buffer_service.config import BufferConfig
@@ -26,7 +26,8 @@ class PipelineConfig(BaseModel):
     replay_per_group: int = Field(4, ge=0, description="G_off: replayed samples per fresh group (0 = plain GRPO)")
     max_staleness: int = Field(0, ge=0, description="policy versions between generation and training (0 = sync)")
     max_prompts_in_flight: int = Field(8, ge=1)
-    eval_items: int = Field(16, ge=0)
+    eval_items: int = Field(16, ge=0, description="held-out prompts evaluated before and after the stage (0 = none); "
+                            "the synthetic eval split's size")
     checkpoint_every: int = Field(10, ge=1)
     metrics_port: int = Field(0, ge=0, description="Prometheus port of the driver (0 = a free one)")
 
@@ -47,6 +48,33 @@ class JobConfig(BaseModel):
     buffer: BufferConfig = Field(default_factory=BufferConfig)
     learner: LearnerConfig = Field(default_factory=LearnerConfig)
     pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
+
+    @model_validator(mode="after")
+    def _judge_is_configured(self) -> JobConfig:
+        """An RL stage whose reward weights the LLM judge (reward.weights, else the stage's defaults) must
+        name a judge: refused here, at load, rather than scored by a random model or not at all."""
+        from reward_workers.config import STAGE_WEIGHTS
+
+        weights = self.reward.weights
+        if weights is None:
+            weights = STAGE_WEIGHTS.get(self.stage, {})
+        if self.stage == 0 or not weights.get("judge"):
+            return self
+        jc = self.reward.judge
+        why = f"stage {self.stage} weights the LLM judge (judge weight {weights['judge']}) but"
+        if jc.backend == "openai" and not jc.endpoint:
+            raise ValueError(
+                f"{why} reward.judge.backend is openai and reward.judge.endpoint is not set: set "
+                "reward.judge.endpoint (the base URL of an OpenAI-compatible server), or use "
+                "reward.judge.backend: local with reward.judge.model_path"
+            )
+        if jc.backend == "local" and not jc.model_path and not jc.allow_tiny:
+            raise ValueError(
+                f"{why} no judge model is configured: set reward.judge.model_path (a local judge model "
+                "folder, e.g. a Qwen2.5-Omni checkpoint) or reward.judge.backend: openai with reward.judge.endpoint; "
+                "tests and demos may set reward.judge.allow_tiny: true to judge with a tiny random model"
+            )
+        return self
 
 
 class ConfigError(ValueError):
@@ -139,8 +167,59 @@ def read_yaml_tree(path: Path, _seen: tuple = ()) -> dict:
     return deep_merge(read_yaml_tree(path.parent / base, (*_seen, path.resolve())), tree)
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> JobConfig:
-    """Load a YAML config (or the defaults when path is None) and apply `a.b=value` overrides."""
+# --- paths named by a config: checked when it loads, so a typo stops here and not deep inside a Ray worker --
+
+MODEL_PATH_KEYS = ("init_from", "model.path", "reward.judge.model_path")  # Hugging Face model folders
+FILE_PATH_KEYS = ("data.manifest", "data.eval_manifest")
+PATH_KEYS = MODEL_PATH_KEYS + FILE_PATH_KEYS
+_WEIGHT_PATTERNS = ("*.safetensors", "*.safetensors.index.json", "*.bin", "*.bin.index.json")
+
+
+def _get(cfg: BaseModel, key: str) -> Any:
+    node: Any = cfg
+    for part in key.split("."):
+        node = getattr(node, part)
+    return node
+
+
+def model_folder_problem(path: Path) -> str | None:
+    """Why `path` is not a loadable Hugging Face model folder (config.json and weights), or None."""
+    if not path.exists():
+        return "does not exist"
+    if not path.is_dir():
+        return "is not a folder (expected a Hugging Face model folder)"
+    if not (path / "config.json").is_file():
+        return "has no config.json (expected a Hugging Face model folder: a checkpoint or a run's export/)"
+    if not any(next(path.glob(pattern), None) for pattern in _WEIGHT_PATTERNS):
+        return "has no weights (*.safetensors or *.bin)"
+    return None
+
+
+def check_config_paths(cfg: JobConfig, keys: typing.Iterable[str] = PATH_KEYS, source: str = "config") -> None:
+    """Every path the config names among `keys` must exist: model folders with config.json and weights,
+    manifests as files. Raises ConfigError naming each key at fault and its path. Relative paths are
+    relative to the working directory, as everywhere else."""
+    problems = []
+    for key in keys:
+        value = _get(cfg, key)
+        if not value:
+            continue
+        path = Path(value)
+        if key in MODEL_PATH_KEYS:
+            problem = model_folder_problem(path)
+        else:
+            problem = None if path.is_file() else ("is not a file" if path.exists() else "does not exist")
+        if problem:
+            problems.append(f"  {key}: {value} {problem}")
+    if problems:
+        raise ConfigError(f"invalid config ({source}):\n" + "\n".join(problems))
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
+                unchecked_paths: typing.Collection[str] = ()) -> JobConfig:
+    """Load a YAML config (or the defaults when path is None) and apply `a.b=value` overrides. The paths it
+    names are checked (check_config_paths) except those in `unchecked_paths`: the curriculum sets a later
+    stage's init_from after loading, and run_stage checks it when the stage starts."""
     tree: dict = {}
     source = "defaults"
     if path is not None:
@@ -152,9 +231,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     if overrides:
         source += " + overrides " + " ".join(overrides)
     try:
-        return JobConfig.model_validate(tree)
+        cfg = JobConfig.model_validate(tree)
     except ValidationError as exc:
         raise ConfigError(format_validation_error(exc, source)) from None
+    check_config_paths(cfg, [k for k in PATH_KEYS if k not in unchecked_paths], source)
+    return cfg
 
 
 def dump_config(cfg: JobConfig) -> str:

@@ -16,9 +16,10 @@ class RunState:
     policy_version: int = 0
     completions_generated: int = 0
     counters: dict = field(default_factory=dict)
-    # fresh entries trained since the last checkpoint: committed (acked + into the tiers) right after the
-    # next checkpoint, so that a crash in between retrains them with the restored learner, never twice.
-    pending_commit: dict = field(default_factory=lambda: {"entry_ids": [], "trained": []})
+    # fresh stream entries trained (already in the tiers) or dropped as stale since the last checkpoint:
+    # acknowledged right after the next checkpoint, so that a crash in between redelivers them to the restored
+    # learner (their tier insert is not repeated), never trains them twice.
+    pending_ack: list = field(default_factory=list)
 
     def bump(self, name: str, by: int = 1) -> int:
         self.counters[name] = self.counters.get(name, 0) + by
@@ -56,4 +57,9 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 
 
 def load_state(folder: Path) -> RunState:
-    return RunState(**json.loads((folder / "state.json").read_text()))
+    data = json.loads((folder / "state.json").read_text())
+    unknown = set(data) - {f for f in RunState.__dataclass_fields__}
+    if unknown:
+        raise ValueError(f"{folder}/state.json: written by another version of this project (unknown fields "
+                         f"{sorted(unknown)}); start the stage over with --fresh")
+    return RunState(**data)

@@ -26,6 +26,12 @@ class SynthConfig(_Strict):
 
 class DataConfig(_Strict):
     manifest: str | None = Field(None, description="JSONL or Parquet manifest; None = generate synthetic data")
+    eval_manifest: str | None = Field(
+        None, description="held-out evaluation manifest; its ids are taken out of the training manifest (with a "
+        "warning) where they overlap. None = hold out data.eval_fraction of data.manifest")
+    eval_fraction: float = Field(
+        0.1, ge=0, lt=1, description="with data.manifest and no eval_manifest: the share of prompts held out for "
+        "evaluation and never trained on, chosen by a stable hash of the prompt id (independent of row order)")
     synth: SynthConfig = Field(default_factory=SynthConfig)
     allow_outside_paths: bool = Field(
         False, description="allow manifest media paths outside the manifest's folder (absolute, `..`, symlinks)"

@@ -12,12 +12,37 @@ from .sample import PROBLEM_TYPES, PromptSample
 
 REQUIRED = ("id", "question", "problem_type", "answer")
 OPTIONAL = ("video", "audio", "options", "hint", "audio_caption", "stage", "cot", "difficulty")
+TEXT_FIELDS = ("question", "hint", "audio_caption", "cot", "difficulty")  # a string (or, if optional, null)
+
+
+class RejectedRow(tuple):
+    """One rejected manifest row. It unpacks as the pair (line, reason), as before; `.id` is the row's id
+    where it has a usable one and `.manifest` the file it came from."""
+
+    def __new__(cls, line: int, reason: str, id: str | None = None, manifest: str | None = None):
+        self = super().__new__(cls, (line, reason))
+        self.id, self.manifest = id, manifest
+        return self
+
+    def __getnewargs__(self):
+        return (self[0], self[1], self.id, self.manifest)
+
+    @property
+    def line(self) -> int:
+        return self[0]
+
+    @property
+    def reason(self) -> str:
+        return self[1]
+
+    def as_dict(self) -> dict:
+        return {"manifest": self.manifest, "line": self.line, "id": self.id, "reason": self.reason}
 
 
 class ManifestError(ValueError):
-    """One or more manifest rows are invalid; `.rejected` lists (line number, reason)."""
+    """One or more manifest rows are invalid; `.rejected` lists them (RejectedRow: (line number, reason))."""
 
-    def __init__(self, path: Path, rejected: list[tuple[int, str]]):
+    def __init__(self, path: Path, rejected: list[RejectedRow]):
         self.path = path
         self.rejected = rejected
         shown = "\n".join(f"  line {n}: {reason}" for n, reason in rejected[:20])
@@ -61,6 +86,7 @@ def validate_row(row: Any, root: Path, allow_outside_paths: bool = False) -> Pro
     unknown = sorted(set(row) - set(REQUIRED) - set(OPTIONAL))
     if unknown:
         raise ValueError(f"unknown field(s) {', '.join(unknown)}; allowed: {', '.join(REQUIRED + OPTIONAL)}")
+    _check_types(row)
     ptype = row["problem_type"]
     if ptype not in PROBLEM_TYPES:
         raise ValueError(f"problem_type {ptype!r} is not one of {', '.join(PROBLEM_TYPES)}")
@@ -108,11 +134,42 @@ def validate_row(row: Any, root: Path, allow_outside_paths: bool = False) -> Pro
     )
 
 
+def _kind(value: Any) -> str:
+    return "null" if value is None else type(value).__name__
+
+
+def _check_types(row: dict) -> None:
+    """Each field's JSON type, before any value is read: a wrong type is a rejection naming the field, never
+    a silent str() (a number `question` used to become "42", an integer `difficulty` stayed an int)."""
+    rid = row["id"]
+    if isinstance(rid, bool) or not isinstance(rid, str | int):
+        raise ValueError(f"id must be a string (or an integer), got {_kind(rid)} {rid!r}"[:200])
+    answer = row["answer"]
+    if isinstance(answer, bool) or not isinstance(answer, str | int | float):
+        raise ValueError(f"answer must be a string (or a number), got {_kind(answer)}")
+    if not isinstance(row["problem_type"], str):
+        raise ValueError(f"problem_type must be a string, got {_kind(row['problem_type'])}")
+    for key in TEXT_FIELDS:
+        value = row.get(key)
+        if not (isinstance(value, str) or (value is None and key != "question")):
+            raise ValueError(f"{key} must be a string, got {_kind(value)} {value!r}"[:200])
+
+
+def _row_id(row: Any) -> str | None:
+    """The id of a (possibly invalid) row, for the list of rejected rows."""
+    if isinstance(row, dict):
+        rid = row.get("id")
+        if isinstance(rid, str | int) and not isinstance(rid, bool) and rid != "":
+            return str(rid)[:200]
+    return None
+
+
 def load_manifest(path: str | Path, on_error: str = "raise", allow_outside_paths: bool = False
-                  ) -> tuple[list[PromptSample], list[tuple[int, str]]]:
+                  ) -> tuple[list[PromptSample], list[RejectedRow]]:
     """Load and validate a manifest. on_error="raise" (default) fails listing every bad row;
-    on_error="skip" returns the good rows and the rejected (line, reason) pairs for counting and logging.
-    Media paths must stay inside the manifest's folder unless allow_outside_paths."""
+    on_error="skip" returns the good rows and the rejected rows (RejectedRow: unpacks as (line, reason), with
+    the row's id where it has one) for counting and logging. Media paths must stay inside the manifest's
+    folder unless allow_outside_paths."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"manifest not found: {path}")
@@ -125,14 +182,14 @@ def load_manifest(path: str | Path, on_error: str = "raise", allow_outside_paths
             if sample.id in seen:
                 raise ValueError(f"duplicate id {sample.id!r}")
         except ValueError as exc:
-            rejected.append((n, str(exc)))
+            rejected.append(RejectedRow(n, str(exc), _row_id(row), str(path)))
             continue
         seen.add(sample.id)
         samples.append(sample)
     if rejected and on_error == "raise":
         raise ManifestError(path, rejected)
     if not samples and not rejected:
-        raise ManifestError(path, [(0, "the manifest holds no rows")])
+        raise ManifestError(path, [RejectedRow(0, "the manifest holds no rows", None, str(path))])
     return samples, rejected
 
 

@@ -19,10 +19,11 @@ from .learner import Learner, MediaProvider
 class LearnerWorker:
     """One rank. Constructed cheaply; setup() joins the process group and builds the engine."""
 
-    def __init__(self, cfg: LearnerConfig | dict, model_path: str, rank: int, world_size: int,
+    def __init__(self, cfg: LearnerConfig | dict, model_path: str, rank: int, world_size: int, total_steps: int,
                  media_provider: MediaProvider | None = None, publish_dir: str | None = None):
         self.cfg = cfg if isinstance(cfg, LearnerConfig) else LearnerConfig.model_validate(cfg)
         self.model_path, self.rank, self.world_size = model_path, rank, world_size
+        self.total_steps = total_steps
         self.media_provider, self.publish_dir = media_provider, publish_dir
         self.learner: Learner | None = None
         self.transport = None
@@ -33,26 +34,15 @@ class LearnerWorker:
         return ("127.0.0.1" if host.startswith("127.") else host), free_port()
 
     def setup(self, master_addr: str, master_port: int) -> dict:
-        self.learner = Learner(self.cfg, self.model_path, media_provider=self.media_provider, rank=self.rank,
-                               world_size=self.world_size, master_addr=master_addr, master_port=master_port)
-        if self.rank == 0 and self.publish_dir and self.cfg.transport == "safetensors":
+        self.learner = Learner(self.cfg, self.model_path, total_steps=self.total_steps,
+                               media_provider=self.media_provider, rank=self.rank, world_size=self.world_size,
+                               master_addr=master_addr, master_port=master_port)
+        # safetensors is the one transport the rollout workers can receive (learner.config refuses nccl)
+        if self.rank == 0 and self.publish_dir:
             from .transport import SafetensorsTransport
 
             self.transport = SafetensorsTransport(self.publish_dir, timeout_s=self.cfg.publish_timeout_s)
         return self.state()
-
-    def init_broadcast(self, host: str, port: int, group_size: int) -> None:
-        """For cfg.transport == "nccl": join the weight group as its rank 0 (receivers call
-        learner.transport.init_weight_group with ranks 1..group_size-1 at the same time)."""
-        import torch
-
-        from .transport import CollectiveTransport, init_weight_group
-
-        if self.rank != 0:
-            return
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        group = init_weight_group(host, port, 0, group_size, backend, self.cfg.publish_timeout_s)
-        self.transport = CollectiveTransport(group, 0, self.learner.device, timeout_s=self.cfg.publish_timeout_s)
 
     def state(self) -> dict:
         return {"rank": self.rank, "step": self.learner.step, "policy_version": self.learner.policy_version}
@@ -66,8 +56,8 @@ class LearnerWorker:
     def completion_logprobs(self, items) -> list[list[float]]:
         return [lp.tolist() for lp in self.learner.completion_logprobs(items)]
 
-    def publish(self, bump: bool = True) -> dict | None:
-        published = self.learner.publish(self.transport, bump)
+    def publish(self, bump: bool = True, version: int | None = None) -> dict | None:
+        published = self.learner.publish(self.transport, bump, version)
         return asdict(published) if published else None
 
     def save_checkpoint(self, directory: str) -> str:
@@ -89,9 +79,11 @@ class LearnerWorker:
 
 
 class LearnerGroup:
-    """Driver-side handle on `cfg.num_ranks` LearnerWorker actors."""
+    """Driver-side handle on `cfg.num_ranks` LearnerWorker actors; total_steps is the stage's length
+    (pipeline.steps), which sets the learning-rate warm-up and decay."""
 
-    def __init__(self, cfg: LearnerConfig, model_path: str | Path, *, media_provider: MediaProvider | None = None,
+    def __init__(self, cfg: LearnerConfig, model_path: str | Path, *, total_steps: int,
+                 media_provider: MediaProvider | None = None,
                  publish_dir: str | Path | None = None, num_cpus_per_rank: float = 1,
                  num_gpus_per_rank: float = 0, scheduling_strategies: list | None = None):
         import ray
@@ -99,7 +91,7 @@ class LearnerGroup:
         actor = ray.remote(LearnerWorker).options(num_cpus=num_cpus_per_rank, num_gpus=num_gpus_per_rank)
         self.workers = [
             (actor.options(scheduling_strategy=scheduling_strategies[rank]) if scheduling_strategies else actor)
-            .remote(cfg.model_dump(), str(model_path), rank, cfg.num_ranks, media_provider,
+            .remote(cfg.model_dump(), str(model_path), rank, cfg.num_ranks, total_steps, media_provider,
                     str(publish_dir) if publish_dir else None)
             for rank in range(cfg.num_ranks)
         ]
@@ -121,8 +113,8 @@ class LearnerGroup:
     def completion_logprobs(self, items) -> list[list[float]]:
         return self._all("completion_logprobs", list(items))
 
-    def publish(self, bump: bool = True) -> dict | None:
-        return self._all("publish", bump)
+    def publish(self, bump: bool = True, version: int | None = None) -> dict | None:
+        return self._all("publish", bump, version)
 
     def save_checkpoint(self, directory: str | Path) -> str:
         return self._all("save_checkpoint", str(directory))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
 class _Strict(BaseModel):
@@ -19,6 +19,9 @@ class ObjectiveConfig(_Strict):
     vcrs_alpha: float = Field(1.0, ge=0)
     aggregation: Literal["sequence_mean", "token_mean"] = "sequence_mean"
     adv_eps: float = Field(1e-4, gt=0)
+    vcrs_std: Literal["none", "replay_batch"] = Field(
+        "none", description="replayed advantages divided by: none = 1 (the release's effective behaviour, a "
+        "per-device batch of one sample), replay_batch = the std of the replayed batch's rewards (AVATAR.md 3)")
     vcrs_guard_zero_std: bool = Field(
         True, description="std_off 1.0 when all replayed rewards are equal (AVATAR: only for a single sample)"
     )
@@ -38,20 +41,34 @@ class LearnerConfig(_Strict):
     zero_stage: Literal[0, 1, 2, 3] = 2
     precision: Literal["fp32", "bf16"] = "fp32"
     lr: float = Field(5e-7, gt=0)
-    warmup_ratio: float = Field(0.05, ge=0, le=1)
+    warmup_ratio: float = Field(
+        0.05, ge=0, le=1, description="linear warm-up over ceil(warmup_ratio * pipeline.steps) steps (the stage's "
+        "length, handed to the learner where it is built)")
     lr_schedule: Literal["constant", "linear", "cosine"] = Field(
-        "constant", description="after the linear warm-up: constant, or linear/cosine decay to 0 at total_steps"
+        "constant", description="after the linear warm-up: constant, or linear/cosine decay to 0 at pipeline.steps"
     )
-    total_steps: int = Field(100, ge=1)
     weight_decay: float = Field(0.0, ge=0)
     grad_clip: float = Field(1.0, gt=0)
-    micro_batch_size: int = Field(8, ge=1, description="sequences per forward pass (per rank)")
-    grad_accum_steps: int = Field(1, ge=1)
+    micro_batch_size: int = Field(
+        8, ge=1, description="sequences per forward pass (per rank); a step's whole batch is accumulated over as "
+        "many micro-batches as it needs, so there is no separate gradient-accumulation setting")
     num_ranks: int = Field(1, ge=1)
     reference: Literal["frozen_model", "none"] = Field(
         "frozen_model", description="frozen_model: the base weights (adapters disabled under LoRA); none: no KL"
     )
     seed: int = 0
     publish_every: int = Field(1, ge=1, description="publish weights every k optimizer steps")
-    transport: Literal["safetensors", "nccl"] = "safetensors"
+    transport: Literal["safetensors"] = Field(
+        "safetensors", description="how published weights reach the rollout workers: safetensors (a file per "
+        "version + vLLM reload, on a filesystem the workers share). nccl is not wired yet")
     publish_timeout_s: float = Field(120.0, gt=0)
+
+    @field_validator("transport", mode="before")
+    @classmethod
+    def _transport_supported(cls, value):
+        if value == "nccl":
+            raise ValueError(
+                "nccl is not supported yet; the supported transport is 'safetensors'. The NCCL broadcast exists "
+                "only as a building block (learner.transport.CollectiveTransport): the rollout workers have no "
+                "receiving side and nothing builds the process group between them and the learner")
+        return value

@@ -29,7 +29,7 @@ from policy.model import is_omni, load_policy
 
 from .config import LearnerConfig
 from .distributed import init_distributed, setup_accelerator_env
-from .objective import mixed_advantages, policy_loss, sft_loss
+from .objective import k3_kl, mixed_advantages, policy_loss, sft_loss
 from .transport import PublishedWeights, WeightTransport
 
 MediaProvider = Callable[[str], Mapping[str, torch.Tensor] | None]
@@ -58,6 +58,12 @@ class WarmupSchedule:
 
     def __init__(self, warmup: int, total: int, kind: str = "constant"):
         self.warmup, self.total, self.kind = warmup, total, kind
+
+    @classmethod
+    def for_stage(cls, warmup_ratio: float, total_steps: int, kind: str = "constant") -> WarmupSchedule:
+        """The schedule of a stage of `total_steps` optimizer steps (pipeline.steps): warm-up over
+        ceil(warmup_ratio * total_steps) steps (rounded first, so 0.07 * 100 is 7 and not 8)."""
+        return cls(math.ceil(round(warmup_ratio * total_steps, 9)), total_steps, kind)
 
     def __call__(self, step: int) -> float:
         if step < self.warmup:
@@ -98,6 +104,7 @@ class Learner:
         cfg: LearnerConfig,
         model_path: str | Path,
         *,
+        total_steps: int,
         media_provider: MediaProvider | None = None,
         rank: int = 0,
         world_size: int = 1,
@@ -133,7 +140,8 @@ class Learner:
             self.ref_model = load_policy(model_path, dtype).model.eval().requires_grad_(False)
         self.uses_ref = uses_ref
 
-        warmup = math.ceil(cfg.warmup_ratio * cfg.total_steps)
+        # the stage's length (pipeline.steps) sets the warm-up and the decay: one source for the step count
+        self.schedule = schedule = WarmupSchedule.for_stage(cfg.warmup_ratio, total_steps, cfg.lr_schedule)
         ds_config = {
             "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
             "gradient_accumulation_steps": 1,  # micro-batches are accumulated by hand (set_..._boundary)
@@ -146,7 +154,6 @@ class Learner:
             }},
             "steps_per_print": 10**9,
         }
-        schedule = WarmupSchedule(warmup, cfg.total_steps, cfg.lr_schedule)
         self.engine, _, _, self.scheduler = deepspeed.initialize(
             model=model,
             model_parameters=[p for p in model.parameters() if p.requires_grad],
@@ -242,6 +249,7 @@ class Learner:
             torch.tensor([i >= n_fresh for i in range(len(trajs))]),
             torch.tensor([0.0] * n_fresh + [s.rbar for s in replay_samples], dtype=torch.float32),
             self.cfg.objective.vcrs_alpha, self.cfg.objective.adv_eps, self.cfg.objective.vcrs_guard_zero_std,
+            self.cfg.objective.vcrs_std,
         )
         rows = [_to_row(t) for t in trajs]
         obj = self.cfg.objective
@@ -249,7 +257,7 @@ class Learner:
             logp, old, ref, mask, adv[idx].to(logp.device), clip_eps=obj.clip_eps, kl_beta=obj.kl_beta,
             tas_shape=obj.tas_shape, tas_lambda=obj.tas_lambda, aggregation=obj.aggregation,
             num_sequences=n_seq, num_tokens=n_tok))
-        gap = totals.pop("old_minus_ref")
+        gap, kl_seq = totals.pop("old_minus_ref"), totals.pop("kl_per_sequence")
         return {
             **totals,
             "adv_abs_mean": adv.abs().mean().item(),
@@ -257,6 +265,8 @@ class Learner:
             "seconds": time.perf_counter() - start,
             "advantages": {t.trajectory_id: float(a) for t, a in zip(trajs, adv)},
             "mean_logratio_old_ref": {t.trajectory_id: gap.get(i) for i, t in enumerate(trajs)},
+            # mean per-token k3 KL of the current policy to the reference, per trajectory (the hint rule's KL)
+            "kl_per_trajectory": {t.trajectory_id: kl_seq[i] for i, t in enumerate(trajs) if i in kl_seq},
         }
 
     def sft_step(self, examples: Sequence[SFTExample]) -> dict:
@@ -267,7 +277,7 @@ class Learner:
         rows = [_to_row(e) for e in examples]
         totals = self._accumulate(rows, lambda logp, old, ref, mask, idx, n_seq, n_tok: _SFTOut(
             sft_loss(logp, mask, self.cfg.objective.aggregation, n_seq, n_tok)), needs_old=False)
-        totals.pop("old_minus_ref")
+        totals.pop("old_minus_ref"), totals.pop("kl_per_sequence")
         return {**totals, "seconds": time.perf_counter() - start}
 
     def _accumulate(self, rows: list[_Row], loss_fn, needs_old: bool = True) -> dict:
@@ -281,6 +291,7 @@ class Learner:
         sums = torch.zeros(5, dtype=torch.float64)  # loss, tokens, clip*tok, kl*tok, zero_adv*tok
         ratio_max = torch.tensor([0.0], dtype=torch.float64)
         gap: dict[int, float] = {}
+        kl_seq: dict[int, float] = {}
         self.engine.train()
         for k, chunk in enumerate(plan):
             dummy = not chunk  # keeps collectives in step on a rank without work; contributes 0
@@ -299,6 +310,11 @@ class Learner:
                     sel = mask[j].bool()
                     gap[i] = (old[j][sel] - ref[j][sel]).mean().item()
             logp = self._logprobs(self.engine, kwargs)
+            if ref is not None:
+                with torch.no_grad():
+                    k3 = k3_kl(logp.detach().float(), ref)
+                for j, i in enumerate(idx):
+                    kl_seq[i] = k3[j][mask[j].bool()].mean().item()
             out = loss_fn(logp, old, ref, mask, torch.tensor(idx), n_seq, n_tok)
             loss = out.loss * (0.0 if dummy else float(self.world_size))
             self.engine.backward(loss, scale_wrt_gas=False)
@@ -315,8 +331,9 @@ class Learner:
             dist.all_reduce(sums)
             dist.all_reduce(ratio_max, op=dist.ReduceOp.MAX)
             gathered: list[dict] = [{} for _ in range(self.world_size)]
-            dist.all_gather_object(gathered, gap)
-            gap = {k: v for g in gathered for k, v in g.items()}
+            dist.all_gather_object(gathered, (gap, kl_seq))
+            gap = {k: v for g, _ in gathered for k, v in g.items()}
+            kl_seq = {k: v for _, g in gathered for k, v in g.items()}
         tokens = max(sums[1].item(), 1.0)
         grad_norm = self.engine.get_global_grad_norm()
         return {
@@ -324,7 +341,7 @@ class Learner:
             "loss": sums[0].item(), "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
             "tokens": int(n_tok), "sequences": n_seq, "clip_fraction": sums[2].item() / tokens,
             "kl": sums[3].item() / tokens, "zero_adv_token_fraction": sums[4].item() / tokens,
-            "ratio_max": ratio_max.item(), "old_minus_ref": gap,
+            "ratio_max": ratio_max.item(), "old_minus_ref": gap, "kl_per_sequence": kl_seq,
         }
 
     # --- weights out --------------------------------------------------------------------------------------
@@ -352,12 +369,18 @@ class Learner:
                                f"{sorted(missing)[:3]}")
         return out
 
-    def publish(self, transport: WeightTransport | None, bump: bool = True) -> PublishedWeights | None:
+    def publish(self, transport: WeightTransport | None, bump: bool = True,
+                version: int | None = None) -> PublishedWeights | None:
         """Bump the policy version and publish the weights under it (rank 0 sends; other ranks only help
-        gather). Returns what was published (None off rank 0). bump=False republishes the current version
-        (a resumed job handing its restored weights to fresh rollout workers)."""
+        gather). Returns what was published (None off rank 0). bump=False republishes the current version;
+        `version` publishes under that version (a resumed job whose lost run had published past its
+        checkpoint: versions stay monotonic, so nothing generated by the lost versions looks fresh)."""
         state = self.checkpoint_state_dict()
-        if bump:
+        if version is not None:
+            if version < self.policy_version:
+                raise ValueError(f"publish: version {version} is older than the learner's {self.policy_version}")
+            self.policy_version = version
+        elif bump:
             self.policy_version += 1
         if self.rank != 0 or transport is None:
             return None

@@ -68,15 +68,21 @@ def group_advantages(rewards: torch.Tensor, group_index: torch.Tensor, eps: floa
 
 
 def vcrs_advantages(
-    rewards: torch.Tensor, rbar: torch.Tensor, alpha: float = 1.0, eps: float = 1e-4, guard_zero_std: bool = True
+    rewards: torch.Tensor, rbar: torch.Tensor, alpha: float = 1.0, eps: float = 1e-4, guard_zero_std: bool = True,
+    std: str = "none",
 ) -> torch.Tensor:
-    """Replayed samples against their prompt's VCRS baseline R(q): A = alpha (R - R(q)) / (std_off + eps), with
-    std_off the (sample) std of the rewards of all replayed samples in the batch and 1.0 for a single sample.
-    guard_zero_std extends the single-sample rule to any batch whose replayed rewards are all equal (std 0):
-    dividing by eps there would blow the advantages up 10,000x."""
+    """Replayed samples against their prompt's VCRS baseline R(q): A = alpha (R - R(q)) / (std_off + eps).
+    std "none" (the release's effective behaviour: it normalises over a per-device batch of one sample):
+    std_off = 1.0. std "replay_batch": std_off is the (sample) std of the rewards of all replayed samples in the
+    batch, and 1.0 for a single sample. guard_zero_std extends the single-sample rule to any batch whose
+    replayed rewards are all equal (std 0): dividing by eps there would blow the advantages up 10,000x."""
+    if std not in ("none", "replay_batch"):
+        raise ValueError(f"vcrs std must be 'none' or 'replay_batch', got {std!r}")
     rewards = rewards.float()
     if rewards.numel() == 0:
         return rewards
+    if std == "none":
+        return alpha * (rewards - rbar.float()) / (1.0 + eps)
     std = rewards.std() if rewards.numel() > 1 else torch.tensor(1.0)
     if guard_zero_std and std.item() == 0.0:
         std = torch.tensor(1.0)
@@ -91,6 +97,7 @@ def mixed_advantages(
     alpha: float = 1.0,
     eps: float = 1e-4,
     guard_zero_std: bool = True,
+    vcrs_std: str = "none",
 ) -> torch.Tensor:
     """Advantages of a mixed batch: group-normalised for fresh samples, VCRS for replayed ones."""
     adv = torch.zeros(rewards.shape, dtype=torch.float32)
@@ -98,7 +105,7 @@ def mixed_advantages(
     if fresh.any():
         adv[fresh] = group_advantages(rewards[fresh], group_index[fresh], eps)
     if (~fresh).any():
-        adv[~fresh] = vcrs_advantages(rewards[~fresh], rbar[~fresh], alpha, eps, guard_zero_std)
+        adv[~fresh] = vcrs_advantages(rewards[~fresh], rbar[~fresh], alpha, eps, guard_zero_std, vcrs_std)
     return adv
 
 
@@ -213,11 +220,12 @@ def avatar_loss(
     aggregation: str = "sequence_mean",
     adv_eps: float = 1e-4,
     vcrs_guard_zero_std: bool = True,
+    vcrs_std: str = "none",
 ) -> LossOutput:
     """The whole AVATAR loss of one mixed batch: fresh samples (is_replay False) get group advantages,
     replayed ones VCRS advantages against rbar (ignored for fresh rows); then the TAS-weighted clipped loss
     with k3 KL. Returns the loss, the stats and the per-sequence advantages."""
-    adv = mixed_advantages(rewards, group_index, is_replay, rbar, vcrs_alpha, adv_eps, vcrs_guard_zero_std)
+    adv = mixed_advantages(rewards, group_index, is_replay, rbar, vcrs_alpha, adv_eps, vcrs_guard_zero_std, vcrs_std)
     out = policy_loss(
         logprobs, old_logprobs, ref_logprobs, mask, adv.to(logprobs.device),
         clip_eps=clip_eps, kl_beta=kl_beta, tas_shape=tas_shape, tas_lambda=tas_lambda, aggregation=aggregation,

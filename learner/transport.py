@@ -3,9 +3,13 @@
 - SafetensorsTransport (CPU, or any shared filesystem): one safetensors file per version, written atomically,
   with the version and a checksum in its metadata, and a LATEST pointer. Receivers read it with
   load_published() and apply it with the vLLM reload recipe (STACK.md).
-- CollectiveTransport (GPU: NCCL; also gloo on CPU): a private process group between the learner (rank 0) and
+- CollectiveTransport (NCCL on GPU, gloo on CPU): a private process group between the learner (rank 0) and
   the receivers, outside DeepSpeed's default group; a JSON header then the tensors in flat byte buckets.
-  receive_broadcast() is the receiving side.
+  receive_broadcast() is the receiving side. NOT WIRED INTO THE JOB: no option selects it
+  (learner.transport accepts only "safetensors"; "nccl" is refused at config load), nothing builds the
+  group between the learner and the rollout workers, and the workers (actors/) have no receiving side
+  (vLLM would have to call receive_broadcast inside its engine worker, as collective_rpc cannot carry
+  tensors). It is a tested building block (tests/integration/test_learner.py, over gloo) for that work.
 
 Both bound the publish by a timeout. The state dict carries checkpoint key names (exactly those of the
 exported Hugging Face folder), so a receiver loads it as it would load that folder.
@@ -181,7 +185,8 @@ def _buckets(names: list[str], sizes: list[int], bucket_bytes: int) -> list[list
 
 
 class CollectiveTransport:
-    """Broadcasts the weights from rank `src` of `group` in buckets of about `bucket_bytes`."""
+    """Broadcasts the weights from rank `src` of `group` in buckets of about `bucket_bytes`. Not used by the
+    job yet (see the module docstring): only safetensors reaches the rollout workers."""
 
     def __init__(self, group, src: int = 0, device: str | torch.device = "cpu", bucket_bytes: int = 256 << 20,
                  timeout_s: float = 120.0):

@@ -23,14 +23,17 @@ _LAZY = {
     "build_judge": "pool",
     "build_judge_messages": "judge",
     "canonical_answer": "answers",
+    "check_judge_model": "judge_engine",
     "choice_letter": "answers",
     "extract_answer": "answers",
     "format_reward": "rewards",
     "parse_judge_output": "judge",
     "parse_number": "answers",
+    "read_judge_frames": "judge",
     "score_group": "scoring",
     "self_consistency_reward": "rewards",
     "stage_weights": "scoring",
+    "start_judge_engine": "judge_engine",
 }
 
 __all__ = [
@@ -54,14 +57,17 @@ __all__ = [
     "build_judge",
     "build_judge_messages",
     "canonical_answer",
+    "check_judge_model",
     "choice_letter",
     "extract_answer",
     "format_reward",
     "parse_judge_output",
     "parse_number",
+    "read_judge_frames",
     "score_group",
     "self_consistency_reward",
     "stage_weights",
+    "start_judge_engine",
 ]
 
 

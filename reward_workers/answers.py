@@ -1,7 +1,14 @@
 """Answer extraction and normalisation, shared by the rewards and the evaluation code.
 
-The answer is the text inside the last <answer>...</answer> block. For multiple choice the evaluation may fall
-back to the last standalone capital letter of the completion (AVATAR.md section 6)."""
+The answer is the text inside the last <answer>...</answer> block. A multiple-choice answer names an option
+only when it is, as a whole (trimmed, case-folded, NFKC), the option's letter ("A", "a", "A.", "(A)", "A)"),
+the letter and the option's own text ("A) red", "A. red", "(A) red") or the option's text alone ("red"): "a red
+cube", "C is wrong, B" and "A or B" name no option (issue 15, item 4).
+
+AVATAR.md section 6 describes an evaluation fallback (the last standalone capital letter of a completion
+without <answer>). It is not implemented: evaluation (cluster/job.py `evaluate`) scores with
+`rewards.accuracy_reward`, on the <answer> block only, and a last-capital-letter rule would name B in "C is
+wrong, B" and in "A or B", the leaks the strict rule closes."""
 
 from __future__ import annotations
 
@@ -12,36 +19,44 @@ import unicodedata
 import math_verify
 
 _ANSWER = re.compile(r"<answer>(.*?)</answer>", re.DOTALL | re.IGNORECASE)
-_STANDALONE_CAPITAL = re.compile(r"(?<![A-Za-z0-9])([A-Z])(?![A-Za-z0-9])")
-_LEADING_LETTER = re.compile(r"^\(?([A-Za-z])(?:[).:\s]|$)")
+# an option's own label: "A. red", "A) red", "A: red", "(A) red"; an option without one is lettered by position
+_OPTION_LABEL = re.compile(r"(?:\(([a-z])\)|([a-z])[.):])(?:\s+|$)(.*)", re.DOTALL)
+# what an answer may be, after folding (which drops one trailing full stop): a letter alone ("a", "(a)", "a)"),
+# or a labelled text ("a) red", "a. red", "(a) red")
+_LETTER_ONLY = re.compile(r"\(([a-z])\)|([a-z])\)?")
+_LETTER_AND_TEXT = re.compile(r"(?:\(([a-z])\)|([a-z])[.)])\s+(.+)", re.DOTALL)
 _MAX_NUMBER_TEXT = 200  # math-verify runs without its signal timeout (we score in threads): bound its input
 
 
-def extract_answer(
-    completion: str, problem_type: str = "", options: list[str] | None = None, fallback: bool = False
-) -> str | None:
-    """The stripped text of the last <answer> block, or None. With `fallback` and a multiple-choice problem,
-    a completion without an answer block yields its last standalone capital letter (restricted to the option
-    letters when `options` is given)."""
+def extract_answer(completion: str | None) -> str | None:
+    """The stripped text of the last <answer> block, or None."""
     matches = _ANSWER.findall(completion or "")
-    if matches:
-        return matches[-1].strip()
-    if fallback and problem_type == "multiple_choice":
-        allowed = option_letters(options) if options else None
-        letters = [
-            m for m in _STANDALONE_CAPITAL.findall(completion or "") if allowed is None or m in allowed
-        ]
-        return letters[-1] if letters else None
-    return None
+    return matches[-1].strip() if matches else None
+
+
+def _fold(text: str) -> str:
+    """NFKC, case-folded, whitespace collapsed and trimmed, one trailing full stop dropped ("Red ." -> "red")."""
+    text = " ".join(unicodedata.normalize("NFKC", text or "").casefold().split())
+    return text[:-1].rstrip() if text.endswith(".") else text
+
+
+def _options(options: list[str] | None) -> list[tuple[str, str]]:
+    """(letter, folded text) per option: its own label when it has one ("B. green" -> ("B", "green")), else
+    A, B, C... by position with the whole option as its text."""
+    out = []
+    for i, opt in enumerate(options or []):
+        folded = " ".join(unicodedata.normalize("NFKC", opt or "").casefold().split())
+        m = _OPTION_LABEL.fullmatch(folded)
+        if m:
+            out.append(((m.group(1) or m.group(2)).upper(), _fold(m.group(3))))
+        else:
+            out.append((chr(ord("A") + i), _fold(folded)))
+    return out
 
 
 def option_letters(options: list[str] | None) -> list[str]:
-    """["A. red", "B. green"] -> ["A", "B"]: the leading letter of each option, else A, B, C... by position."""
-    letters = []
-    for i, opt in enumerate(options or []):
-        m = _LEADING_LETTER.match(opt.strip())
-        letters.append(m.group(1).upper() if m else chr(ord("A") + i))
-    return letters
+    """["A. red", "B. green"] -> ["A", "B"]: the label of each option, else A, B, C... by position."""
+    return [letter for letter, _ in _options(options)]
 
 
 def normalize_text(text: str) -> str:
@@ -51,21 +66,29 @@ def normalize_text(text: str) -> str:
 
 
 def choice_letter(answer: str | None, options: list[str] | None = None) -> str | None:
-    """The option letter an answer names: "B", "b", "(B)", "B. green" -> "B"; "green" -> "B" when an option
-    reads "B. green". None when the answer names no option."""
+    """The option letter an answer names, or None. The whole answer must be the letter ("B", "b", "B.", "(B)",
+    "B)"), the letter with its option's text ("B) green", "B. green", "(B) green") or the option's text alone
+    ("green" when an option reads "B. green"); comparison is after trimming, case folding and NFKC, and a
+    trailing full stop is ignored. With `options`, only their letters count ("D" of three options is None)
+    and a label with another option's text ("A. green") is None; without them, a letter alone is all that
+    can be checked."""
     if answer is None:
         return None
-    text = answer.strip()
-    m = _LEADING_LETTER.match(text)
+    text = _fold(answer)
+    if not text:
+        return None
+    parsed = _options(options)
+    letters = {letter for letter, _ in parsed}
+    m = _LETTER_ONLY.fullmatch(text)
     if m:
-        return m.group(1).upper()
-    if options:
-        wanted = normalize_text(text)
-        for letter, opt in zip(option_letters(options), options):
-            body = _LEADING_LETTER.sub("", opt.strip(), count=1)
-            if wanted and normalize_text(body) == wanted:
-                return letter
-    return None
+        letter = (m.group(1) or m.group(2)).upper()
+        return letter if not parsed or letter in letters else None
+    m = _LETTER_AND_TEXT.fullmatch(text)
+    if m:
+        letter, body = (m.group(1) or m.group(2)).upper(), _fold(m.group(3))
+        return letter if (letter, body) in parsed else None
+    named = {letter for letter, body in parsed if body and body == text}
+    return named.pop() if len(named) == 1 else None
 
 
 def parse_number(text: str | None) -> float | None:

@@ -31,7 +31,22 @@ class JudgeConfig(_Strict):
     max_new_tokens: int = Field(512, ge=1)
     max_model_len: int = Field(4096, ge=128, description="local judge engine context length")
     num_gpus: float = Field(0.0, ge=0, description="GPUs reserved for the local judge engine actor")
-    num_frames: int = Field(0, ge=0, description="frames shown to the judge (0 = text only)")
+    num_frames: int = Field(
+        8,
+        ge=0,
+        description="frames of the prompt's video shown to the judge, spread evenly over it (0 = text only; "
+        "AVATAR's judge sees 8). The reward worker reads them once per group; a local judge needs a "
+        "vision-capable model (Qwen2.5-Omni) for them",
+    )
+    frame_max_pixels: int = Field(
+        448 * 448, ge=28 * 28, description="a frame larger than this many pixels is scaled down (aspect kept)"
+    )
+    frame_format: Literal["jpeg", "png"] = Field("jpeg", description="how frames are encoded for the judge")
+    allow_tiny: bool = Field(
+        False,
+        description="tests and demos only: with backend local and no model_path, judge with a tiny random "
+        "model (the Omni thinker when num_frames > 0) instead of refusing to start",
+    )
     timeout_s: float = Field(30.0, gt=0)
     retries: int = Field(2, ge=0)
     retry_backoff_s: float = Field(0.2, ge=0, description="sleep before retry k: k * retry_backoff_s")

@@ -3,12 +3,19 @@
 The Judge owns the policy (timeout, retries, concurrency limit, fallback, counters); a backend only turns a
 batch of chat requests into texts or errors. Two backends: an OpenAI-compatible HTTP endpoint (e.g.
 `vllm serve`, here) and a local judge engine actor (judge_engine.py). A failed request gets the configured
-fallback value and is marked missing (JudgeResult.score is None), never a silent 0."""
+fallback value and is marked missing (JudgeResult.score is None), never a silent 0.
+
+The judge sees what it judges: read_judge_frames takes cfg.num_frames frames of the prompt's video (once per
+group, in the reward worker), and they travel in the user message as OpenAI `image_url` parts (data: URLs),
+which both backends take. A prompt without video is judged on text, and the request says so; a video that
+cannot be read makes the judge term fall back (counted as judge_media_failures, marked missing)."""
 
 from __future__ import annotations
 
 import base64
+import io
 import json
+import logging
 import math
 import os
 import threading
@@ -16,7 +23,7 @@ import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 from data.sample import PromptSample
@@ -41,6 +48,8 @@ Reply with exactly this JSON:
 
 Messages = list[dict]
 
+log = logging.getLogger(__name__)
+
 
 @dataclass
 class JudgeRequest:
@@ -51,10 +60,18 @@ class JudgeRequest:
     reasoning: str = ""
     reference: str = ""
     audio_caption: str = ""
-    frames: list[bytes] = field(default_factory=list)  # encoded images (PNG/JPEG), shown when the backend can
+    frames: list[bytes] = field(default_factory=list)  # encoded images (PNG/JPEG) of the video, in order
+    video: bool = False  # the prompt has a video (with no frames the request says it is not shown)
+    media_error: str | None = None  # the video could not be read: the request fails without being sent
 
     @classmethod
-    def of(cls, completion: str, sample: PromptSample, frames: list[bytes] | None = None) -> JudgeRequest:
+    def of(
+        cls,
+        completion: str,
+        sample: PromptSample,
+        frames: list[bytes] | None = None,
+        media_error: str | None = None,
+    ) -> JudgeRequest:
         think = completion.split("<think>", 1)[-1].split("</think>", 1)[0] if "<think>" in completion else ""
         answer = extract_answer(completion)
         return cls(
@@ -64,6 +81,8 @@ class JudgeRequest:
             reference=sample.answer,
             audio_caption=sample.audio_caption or "",
             frames=list(frames or []),
+            video=sample.video is not None,
+            media_error=media_error,
         )
 
 
@@ -93,8 +112,16 @@ class JudgeBackend(Protocol):
 
 
 def build_judge_messages(req: JudgeRequest) -> Messages:
-    """The chat messages of one judge request, text only (with_frames adds the frames)."""
+    """The chat messages of one judge request, text only (with_frames adds req.frames after the text). The
+    user turn says what the judge is shown of the video: the frames, or that it has none to look at."""
     lines = [f"Question: {req.question}"]
+    if req.frames:
+        n = len(req.frames)
+        lines.append(f"Video: the {n} frames after this text, sampled evenly over the video, in order.")
+    elif req.video:
+        lines.append("Video: not shown to you; judge from the text alone.")
+    else:
+        lines.append("Video: this prompt has none; judge from the text alone.")
     if req.audio_caption:
         lines.append(f"Audio caption: {req.audio_caption}")
     if req.reference:
@@ -151,6 +178,7 @@ class Judge:
             "judge_ok": 0,
             "judge_failures": 0,  # requests that ended on the fallback
             "judge_parse_failures": 0,
+            "judge_media_failures": 0,  # requests whose prompt video could not be read (never sent)
             "judge_request_errors": 0,  # errors and timeouts of single attempts, retried or not
             "judge_retries": 0,
             "judge_calls": 0,  # backend calls (batches)
@@ -161,13 +189,18 @@ class Judge:
     def score(self, requests: list[JudgeRequest]) -> list[JudgeResult]:
         """One result per request. Requests that fail to reach the judge are tried again up to cfg.retries
         times; unparseable answers are not (the judge decodes greedily: it would say the same)."""
-        frames = self.cfg.num_frames
-        messages = [
-            with_frames(build_judge_messages(r), r.frames[:frames] if frames else []) for r in requests
-        ]
+        n = self.cfg.num_frames
+        shown = [replace(r, frames=r.frames[:n] if n else []) for r in requests]
+        messages = [with_frames(build_judge_messages(r), r.frames) for r in shown]
         results: list[JudgeResult | None] = [None] * len(requests)
         errors: dict[int, str] = {}
-        todo = list(range(len(requests)))
+        todo = []
+        for i, r in enumerate(requests):
+            if r.media_error is not None:  # the judge cannot see what it would judge: not asked at all
+                self._add(judge_media_failures=1)
+                results[i] = self._failed(f"media: {r.media_error}", 0, None)
+            else:
+                todo.append(i)
         attempt = 0
         while todo and attempt <= self.cfg.retries:
             if attempt:
@@ -285,6 +318,59 @@ class OpenAIJudgeBackend:
         if not isinstance(content, str):
             raise JudgeError(f"message content is not text: {content!r}"[:200])
         return content
+
+
+def read_judge_frames(sample: PromptSample, cfg: JudgeConfig) -> list[bytes]:
+    """cfg.num_frames frames spread evenly over the prompt's video (fewer for a clip with fewer frames), each
+    scaled down to at most cfg.frame_max_pixels (aspect kept), encoded as cfg.frame_format. [] when
+    num_frames is 0 or the prompt has no video. Raises policy.media.MediaError naming the file when the video
+    cannot be read."""
+    if not cfg.num_frames or sample.video is None:
+        return []
+    import numpy as np
+    from PIL import Image
+
+    from policy.media import MediaError, read_video
+
+    n = cfg.num_frames
+    read = n + n % 2  # read_video keeps a multiple of the temporal patch (2) frames
+    # min_frames = max_frames = read: the frame rate no longer matters, the read is spread over the video
+    frames, _ = read_video(sample.video, 1.0, read, read, max_pixels=cfg.frame_max_pixels)
+    if len(frames) > n:
+        frames = frames[np.linspace(0, len(frames) - 1, n).round().astype(int)]
+    out = []
+    for frame in frames:
+        try:
+            image = Image.fromarray(frame).convert("RGB")
+            w, h = image.size
+            if w * h > cfg.frame_max_pixels:
+                scale = math.sqrt(cfg.frame_max_pixels / (w * h))
+                image = image.resize((max(1, int(w * scale)), max(1, int(h * scale))), Image.BICUBIC)
+            buf = io.BytesIO()
+            if cfg.frame_format == "png":
+                image.save(buf, format="PNG")
+            else:
+                image.save(buf, format="JPEG", quality=90)
+        except (OSError, ValueError) as exc:
+            raise MediaError(f"{sample.video}: cannot encode a frame for the judge ({exc})") from None
+        out.append(buf.getvalue())
+    return out
+
+
+def judge_frames(sample: PromptSample, cfg: JudgeConfig) -> tuple[list[bytes], str | None]:
+    """read_judge_frames, with a failure turned into its reason (logged): (frames, None) or ([], reason)."""
+    from policy.media import MediaError
+
+    try:
+        return read_judge_frames(sample, cfg), None
+    except (MediaError, OSError) as exc:
+        log.warning(
+            "judge: cannot read the frames of prompt %s (%s); its judge terms fall back to %s (missing)",
+            sample.id,
+            exc,
+            cfg.fallback,
+        )
+        return [], str(exc)
 
 
 def with_frames(messages: Messages, frames: list[bytes]) -> Messages:

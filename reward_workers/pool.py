@@ -18,7 +18,7 @@ from data.sample import PromptSample
 
 from .config import STAGE_WEIGHTS, RewardConfig
 from .judge import Judge, OpenAIJudgeBackend
-from .judge_engine import JudgeEngineActor, LocalJudgeBackend
+from .judge_engine import LocalJudgeBackend, start_judge_engine
 from .scoring import score_group
 
 
@@ -58,6 +58,8 @@ class RewardWorker:
         self.counts = {"groups_scored": 0, "groups_failed": 0, "trajectories_scored": 0, "scoring_s_sum": 0.0}
 
     def score(self, trajectories: list[Trajectory], sample: PromptSample, frames: list[bytes] | None = None):
+        """Score one group. The judge is shown `frames` when given, else reward.judge.num_frames frames that
+        score_group reads from sample.video (once for the group)."""
         with self._slots:
             return self._score(trajectories, sample, frames)
 
@@ -97,6 +99,7 @@ class RewardPool:
 
     cfg: RewardConfig
     judge_engine: object | None = None  # a JudgeEngineActor handle; created here when None and needed
+    stage: int | None = None  # the job's stage: a judge engine is started only if its weights use the judge
     workers: list = field(default_factory=list)
     _inflight: dict = field(default_factory=dict)  # ObjectRef -> _Inflight
     _ready: list = field(default_factory=list)
@@ -108,8 +111,8 @@ class RewardPool:
     def __post_init__(self):
         jc = self.cfg.judge
         if self.judge_engine is None and jc.backend == "local" and jc.model_path and self._needs_judge():
-            engine = JudgeEngineActor.options(num_gpus=jc.num_gpus)
-            self.judge_engine = engine.remote(jc.model_path, jc.max_model_len, jc.engine)
+            # start_judge_engine refuses a text-only judge model that num_frames would show images to
+            self.judge_engine = start_judge_engine(jc, num_gpus=jc.num_gpus)
             self._owns_engine = True
         options = {"max_concurrency": self.cfg.groups_per_worker + 1}  # +1: stats() answers while busy
         cfg = self.cfg.model_dump()
@@ -191,7 +194,12 @@ class RewardPool:
             self.judge_engine = None
 
     def _needs_judge(self) -> bool:
-        weights = [self.cfg.weights] if self.cfg.weights is not None else list(STAGE_WEIGHTS.values())
+        if self.cfg.weights is not None:
+            weights = [self.cfg.weights]
+        elif self.stage is not None:
+            weights = [STAGE_WEIGHTS.get(self.stage, {})]
+        else:  # stage unknown: any stage's defaults that weight the judge
+            weights = list(STAGE_WEIGHTS.values())
         return any(w.get("judge") for w in weights)
 
     def _collect(self, timeout: float | None, wait_one: bool = False) -> None:

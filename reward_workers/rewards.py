@@ -92,7 +92,9 @@ def self_consistency_reward(completion: str, sample: PromptSample, group: GroupC
 
 
 def multiple_choice(answer: str, sample: PromptSample) -> float:
-    """Exact option letter, case-insensitive ("b", "(B)", "B. green" all name B)."""
+    """1 if the whole answer names the reference option (answers.choice_letter): "b", "B.", "(B)", "B)",
+    "B) green", "B. green" or "green" when option B reads green; "a green cube", "A is wrong, B", "A or B" and a
+    label with another option's text ("A. green") name nothing and score 0."""
     pred = choice_letter(answer, sample.options)
     gt = choice_letter(sample.answer, sample.options)
     return 1.0 if pred is not None and pred == gt else 0.0

@@ -8,7 +8,7 @@ from buffer_service.records import Trajectory
 from data.sample import PromptSample
 
 from .config import STAGE_WEIGHTS, RewardConfig
-from .judge import Judge, JudgeRequest
+from .judge import Judge, JudgeRequest, judge_frames
 from .rewards import GroupContext, accuracy_reward, format_reward, self_consistency_reward
 
 
@@ -32,7 +32,11 @@ def score_group(
 
     format and accuracy are always computed (cheap, and training accuracy is worth watching in every stage);
     self and judge only when weighted. A judge failure stores rewards["judge"] = None (missing) and adds
-    weight * cfg.judge.fallback to the total."""
+    weight * cfg.judge.fallback to the total.
+
+    The judge sees the prompt's video: `frames` when given, else cfg.judge.num_frames frames read here from
+    sample.video, once for the whole group. A video that cannot be read fails every judge request of the
+    group (fallback, marked missing, counted as judge_media_failures; the reason is logged)."""
     if not trajectories:
         return trajectories
     stage = trajectories[0].stage
@@ -50,7 +54,10 @@ def score_group(
     if weights.get("judge"):
         if judge is None:
             raise ValueError(f"stage {stage} weights the judge term but no judge was given")
-        results = judge.score([JudgeRequest.of(c, sample, frames) for c in texts])
+        media_error = None
+        if frames is None:
+            frames, media_error = judge_frames(sample, cfg.judge)
+        results = judge.score([JudgeRequest.of(c, sample, frames, media_error) for c in texts])
         for t, v, r in zip(terms, values, results):
             t["judge"], v["judge"] = r.score, r.value
     now = time.time()

@@ -29,7 +29,7 @@ def write_config(tmp_path: Path, name: str, **settings) -> Path:
         "run_dir": str(tmp_path / "runs"),
         "data": {"synth": {"num_items": 12}},
         "rollout": {"max_new_tokens": 16},
-        "learner": {"total_steps": 6, "lr": 1.0e-3},
+        "learner": {"lr": 1.0e-3},
         "buffer": {"min_size": 4},
         "pipeline": {"steps": 6, "prompts_per_step": 2, "replay_per_group": 2, "eval_items": 0,
                      "checkpoint_every": 1},

@@ -49,7 +49,7 @@ def test_synchronous_stage_with_judge_scraped_by_prometheus(tmp_path):
     """Staleness 0 (synchronous GRPO timing), stage 3 so the LLM judge scores every completion; a real
     Prometheus scrapes the job and every query of the Grafana dashboard returns data."""
     config = write_config(tmp_path, "sync", stage=3, **{"pipeline.max_staleness": 0, "pipeline.steps": 6,
-                                                         "data.synth.stage": 3,
+                                                         "data.synth.stage": 3, "reward.judge.allow_tiny": True,
                                                          "reward.weights": {"format": 0.5, "judge": 1.0}})
     run_dir = tmp_path / "runs" / "sync"
     log = tmp_path / "sync.log"
@@ -87,7 +87,7 @@ def test_synchronous_stage_with_judge_scraped_by_prometheus(tmp_path):
     assert all(r["staleness_max"] == 0 for r in rows)  # every group trained on the version that made it
     assert [r["policy_version"] for r in rows] == [1, 2, 3, 4, 5, 6]
     # the judge scored (the tiny random judge answers garbage: counted failures, the term marked missing)
-    assert "judging with the tiny random text model" in log.read_text()
+    assert "judging with the tiny random omni model" in log.read_text()
     # its garbage is never a silent 0: every judge term is marked missing and counted as a failure
     assert all(r["judge_missing"] == 8 for r in rows)  # 2 prompts x 4 completions per step
     assert rows[-1]["judge_failures_total"] >= 6 * 8
@@ -102,7 +102,7 @@ def test_synchronous_stage_with_judge_scraped_by_prometheus(tmp_path):
 def _manifest_with_bad_input(config: Path, folder: Path) -> tuple[set[str], int]:
     """The job's synthetic data as a manifest, with two prompts whose media cannot be read (a truncated mp4,
     an empty one) and one malformed row. Returns the broken prompts' ids and the malformed row's line."""
-    manifest = generate(load_config(config).data.synth, folder)
+    manifest = generate(load_config(config, ["data.manifest=null"]).data.synth, folder)  # not written yet
     rows = [json.loads(line) for line in manifest.read_text().splitlines()]
     video = folder / rows[0]["video"]
     video.write_bytes(video.read_bytes()[:300])
@@ -119,7 +119,6 @@ def test_async_stage_killed_and_resumed_trains_each_group_once(tmp_path):
     dead-letter stream exactly once across the kill and resume."""
     steps = 8
     config = write_config(tmp_path, "async", **{"pipeline.max_staleness": 2, "pipeline.steps": steps,
-                                                 "learner.total_steps": steps,
                                                  "data.manifest": str(tmp_path / "data" / "manifest.jsonl")})
     broken, bad_line = _manifest_with_bad_input(config, tmp_path / "data")
     run_dir = tmp_path / "runs" / "async"
@@ -180,7 +179,7 @@ def test_sft_stage_skips_unreadable_media(tmp_path):
     its steps on the readable prompts only, each skip counted and in the dead-letter stream."""
     steps = 3
     config = write_config(tmp_path, "sft", stage=0, **{
-        "learner.mode": "sft", "pipeline.steps": steps, "learner.total_steps": steps,
+        "learner.mode": "sft", "pipeline.steps": steps,
         "pipeline.prompts_per_step": 4, "data.manifest": str(tmp_path / "data" / "manifest.jsonl")})
     broken, bad_line = _manifest_with_bad_input(config, tmp_path / "data")
     run_dir = tmp_path / "runs" / "sft"
@@ -197,6 +196,9 @@ def test_sft_stage_skips_unreadable_media(tmp_path):
     assert [t for t in tasks if t not in broken] == trained  # in order, none left out
     assert summary["counters"]["skipped_prompts"] == sum(t in broken for t in tasks) >= 1
     assert "[sft] skipping prompt" in log.read_text() and "media file is empty" in log.read_text()
+    listed = [json.loads(line) for line in (run_dir / "rejected_rows.jsonl").read_text().splitlines()]
+    assert listed == [{"manifest": str(tmp_path / "data" / "manifest.jsonl"), "line": bad_line, "id": "no-answer",
+                       "reason": "missing required field(s) answer"}]
 
 
 def test_ray_job_submit_to_a_local_head(tmp_path):
@@ -207,7 +209,7 @@ def test_ray_job_submit_to_a_local_head(tmp_path):
     gcs, dash = _free_port(), _free_port()
     ray_bin = str(Path(sys.executable).with_name("ray"))
     temp = tempfile.mkdtemp(prefix="avatar-rayjob-")
-    config = write_config(tmp_path, "submitted", **{"pipeline.steps": 2, "learner.total_steps": 2,
+    config = write_config(tmp_path, "submitted", **{"pipeline.steps": 2,
                                                      "buffer.redis.url": redis.url})
     try:
         subprocess.run([ray_bin, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs}",

@@ -111,6 +111,7 @@ class Ledger:
     in_buffer: dict = field(default_factory=dict)  # task key -> trajectory ids committed into the tiers
     unscored: list = field(default_factory=list)  # trajectory ids without a finite reward or scored_at
     waiting: set = field(default_factory=set)  # task keys pushed but not (yet) trained
+    dropped: set = field(default_factory=set)  # task keys dropped at training for exceeding max_staleness
     pushed_groups: int = 0
     dropped_duplicates: int = 0
     lost: list = field(default_factory=list)
@@ -119,7 +120,8 @@ class Ledger:
 
     def summary(self) -> str:
         return (f"{self.tasks} tasks: trained {sum(self.trained.values())}, lost {len(self.lost)}, duplicated "
-                f"{len(self.duplicated)}, unscored {len(self.unscored)}, pushed groups {self.pushed_groups}, "
+                f"{len(self.duplicated)}, unscored {len(self.unscored)}, dropped as stale {len(self.dropped)}, "
+                f"pushed groups {self.pushed_groups}, "
                 f"re-pushes dropped as duplicates {self.dropped_duplicates}")
 
 
@@ -156,6 +158,7 @@ def build_ledger(run_dir: Path, config: Path) -> Ledger:
     committed, waiting, stats = read_buffer(run_dir)
     led = Ledger(tasks=cfg.pipeline.steps * cfg.pipeline.prompts_per_step, group_size=cfg.rollout.group_size)
     led.trained = Counter(k for r in rows for k in r["trained_groups"])
+    led.dropped = {k for r in rows for k in r.get("stale_dropped_groups", [])}
     for t in committed:
         led.in_buffer.setdefault(t.group_id, []).append(t.trajectory_id)
         if t.scored_at is None or t.reward is None or t.reward != t.reward:
@@ -171,15 +174,15 @@ def build_ledger(run_dir: Path, config: Path) -> Ledger:
     order = PromptOrder(load_prompts(cfg, run_dir), cfg.data.seed, cfg.data.shuffle)
     assert not state["counters"].get("skipped_prompts"), "the synthetic data has no unreadable media"
     for key in [order.task(i)[0] for i in range(state["cursor"])]:  # every task before the cursor
-        if led.trained[key] == 0 and key not in led.waiting:
+        if led.trained[key] == 0 and key not in led.waiting and key not in led.dropped:
             led.lost.append(key)
     for key, n in led.trained.items():
         ids = sorted(led.in_buffer.get(key, []))
         want = sorted(f"{key}/{i}" for i in range(led.group_size))
-        if n > 1 or (key in led.waiting) or ids != want:
+        if n > 1 or (key in led.waiting) or (key in led.dropped) or ids != want:
             led.duplicated.append((key, n, len(ids)))
     # a group accepted twice by the buffer would show as more pushes than distinct groups
-    distinct = set(led.in_buffer) | led.waiting
+    distinct = set(led.in_buffer) | led.waiting | led.dropped
     if led.pushed_groups != len(distinct):
         led.duplicated.append(("pushed_groups", led.pushed_groups, len(distinct)))
     return led

@@ -60,8 +60,8 @@ def main() -> int:
     work.mkdir(parents=True, exist_ok=True)
     config = write_config(work, "soak", stage=3, **{
         "data.synth.stage": 3, "data.synth.num_items": 48, "pipeline.steps": args.steps,
-        "learner.total_steps": args.steps, "pipeline.max_staleness": 1, "pipeline.checkpoint_every": 2,
-        "learner.publish_timeout_s": 3.0, "reward.judge.timeout_s": 10.0,
+        "pipeline.max_staleness": 1, "pipeline.checkpoint_every": 2,
+        "learner.publish_timeout_s": 3.0, "reward.judge.timeout_s": 10.0, "reward.judge.allow_tiny": True,
         "reward.weights": {"format": 0.2, "accuracy": 0.5, "judge": 0.3},  # the demo's weights leave the judge out
         "buffer.capacity": 100_000})  # nothing evicted: the ledger finds every committed trajectory in the tiers
     run_dir, log = work / "runs" / "soak", work / "soak.log"

@@ -46,8 +46,8 @@ def _finish(job, log, timeout: float = 900) -> int:
 def test_faults_the_job_survives(tmp_path):
     steps = 20  # the four faults land within the first ~6 steps; the rest shows the job going on
     config = write_config(tmp_path, "survive", stage=3, **{
-        "data.synth.stage": 3, "pipeline.steps": steps, "learner.total_steps": steps, "pipeline.max_staleness": 1,
-        "learner.publish_timeout_s": 3.0, "reward.judge.timeout_s": 10.0,
+        "data.synth.stage": 3, "pipeline.steps": steps, "pipeline.max_staleness": 1,
+        "learner.publish_timeout_s": 3.0, "reward.judge.timeout_s": 10.0, "reward.judge.allow_tiny": True,
         "reward.weights": {"format": 0.5, "judge": 1.0}})  # the demo's weights leave the judge out
     run_dir = tmp_path / "runs" / "survive"
     log = tmp_path / "survive.log"
@@ -107,24 +107,35 @@ def test_faults_the_job_survives(tmp_path):
     assert [r["policy_version"] for r in rows] == list(range(1, steps + 1))  # every publish eventually landed
 
 
+def _checkpointed_step(run_dir) -> int:
+    marker = run_dir / "checkpoints" / "latest"
+    return int(marker.read_text().strip().split("-")[1]) if marker.is_file() else 0
+
+
 def test_faults_that_need_a_resume(tmp_path):
-    steps = 9
-    config = write_config(tmp_path, "resume", **{"pipeline.steps": steps, "learner.total_steps": steps,
-                                                  "pipeline.max_staleness": 1})
+    steps = 12
+    # a checkpoint every 3 steps: the tiers receive each step's samples at once, so a crash between
+    # checkpoints leaves tier entries whose stream entries are not yet acknowledged
+    config = write_config(tmp_path, "resume", **{"pipeline.steps": steps, "pipeline.max_staleness": 1,
+                                                  "pipeline.checkpoint_every": 3})
     run_dir = tmp_path / "runs" / "resume"
     log = tmp_path / "resume.log"
     records: list[h.FaultRecord] = []
     job = start_job(config, log)
     try:
-        h.wait_for(lambda: h.steps_done(run_dir) >= 2 or job.poll() is not None, 400, "two steps")
+        h.wait_for(lambda: h.steps_done(run_dir) >= 4 or job.poll() is not None, 400, "four steps")
 
-        # 1. a learner rank, mid-step: the driver stops with a clear message (exit 3), the resume retrains
+        # 1. a learner rank, mid-step, after step 4's samples entered the tiers and before the step-6
+        #    checkpoint: the driver stops with a clear message (exit 3); the resume retrains steps 4.. from the
+        #    step-3 checkpoint, and the retrained entries are not inserted into the tiers again (ledger)
         n = h.steps_done(run_dir)
         pid, busy = h.kill_component(job.pid, "LearnerWorker", "train_step")
+        ahead = h.steps_done(run_dir) - _checkpointed_step(run_dir)
         rec = h.FaultRecord("learner killed" + (" mid-step" if busy else "") + " -> resume", time.time(),
-                            detail=f"pid {pid}")
+                            detail=f"pid {pid}, {ahead} steps in the tiers past the checkpoint")
         assert _finish(job, log, 180) == 3, log.read_text()[-4000:]
         assert _log_has(log, "a Ray actor (") and _log_has(log, "resumes from step-")
+        assert ahead >= 1, "the learner was not killed between a tier insert and the next checkpoint"
         assert not h.descendants(job.pid)
         job = start_job(config, log)
         rec.recovered_at = _await_step_after(run_dir, n, job, log)

@@ -13,8 +13,9 @@ import pytest
 import redis
 from scipy.stats import chisquare
 
-from buffer_service.config import BufferConfig, RedisConfig
+from buffer_service.config import BufferConfig, HintConfig, RedisConfig
 from buffer_service.inspect import inspect_text, main
+from buffer_service.records import Trajectory
 from buffer_service.redis_server import RedisAuthError, connect, start_redis
 from buffer_service.schema import VERSION_KEY, encode_group
 from buffer_service.service import ReplayService
@@ -269,7 +270,7 @@ def test_dead_consumer_entries_are_reclaimed_and_trained_once(make_service):
 
 
 def test_sigkill_and_aof_restart_keep_everything(redis_server, tmp_path):
-    cfg = BufferConfig(redis=redis_server.config(), min_size=0, capacity=100)
+    cfg = BufferConfig(redis=redis_server.config(), min_size=0, capacity=100, hint={"trigger": "zero_total_streak"})
     svc = ReplayService(cfg)
     for j in range(4):
         svc.push_group(
@@ -369,11 +370,12 @@ def test_rejected_inputs_are_dead_lettered_once_each(make_service):
 
 
 def test_hint_trigger_streak_window_and_lapse(make_service):
-    svc = make_service(rbar_window=4)
+    svc = make_service(rbar_window=4, hint={"trigger": "zero_total_streak"})
     svc.push_group([make_traj("a0", "Q", 1.0, group_id="ga")])  # another prompt, R(q) 1
     svc.push_group([make_traj(f"b{i}", "P", 0.0, group_id="gb") for i in range(2)])
     st = svc.prompt_states(["P"])["P"]
-    assert st == {"rbar": 0.0, "streak": 2, "hint_active": False, "tier": "hard", "count": 2}
+    assert st == {"rbar": 0.0, "streak": 2, "hint_active": False, "tier": "hard", "count": 2, "task_mean": 0.0,
+                  "kl": None}
     svc.push_group([make_traj("c0", "P", 0.0, group_id="gc")])  # third zero in a row
     assert svc.prompt_states(["P"])["P"]["hint_active"] is True
     assert svc.stats()["hints_active"] == 1
@@ -392,7 +394,8 @@ def test_hint_trigger_streak_window_and_lapse(make_service):
     assert svc.stats()["hints_active"] == 0
     # the release's behaviour: hints stay on forever
     redis_cfg = svc.config.redis.model_copy(update={"key_prefix": "keep"})
-    keep = make_service(rbar_window=4, hint={"lapse_when_not_hard": False}, redis=redis_cfg)
+    keep = make_service(rbar_window=4, hint={"lapse_when_not_hard": False, "trigger": "zero_total_streak"},
+                        redis=redis_cfg)
     keep.push_group([make_traj(f"k{i}", "K", 0.0, group_id="gk") for i in range(3)])  # hint on
     keep.push_group([make_traj(f"m{i}", "K", 1.0, group_id="gm") for i in range(4)])  # K: R(q) 1
     for pid in ("M", "N"):
@@ -420,7 +423,7 @@ def test_wrong_password_and_passwordless_redis_are_refused(redis_server):
 
 
 def test_inspect_prints_tiers_distributions_and_streaks(make_service, redis_server, capsys):
-    svc = make_service()
+    svc = make_service(hint={"trigger": "zero_total_streak"})
     svc.push_group([make_traj(f"a{i}", "hard-prompt", 0.0, group_id="ga") for i in range(4)])
     svc.push_group([make_traj(f"b{i}", "easy-prompt", 1.0, group_id="gb") for i in range(2)])
     train(svc, advantage=-0.5)
@@ -439,7 +442,7 @@ def test_inspect_prints_tiers_distributions_and_streaks(make_service, redis_serv
 
 def test_hint_extra_condition_and_disabled(make_service, redis_server):
     # max_rbar 0.2: three zeros after rewards 1 1 1 1 give R(q) 4/7 > .2 -> no hint despite the streak
-    svc = make_service(hint={"max_rbar": 0.2})
+    svc = make_service(hint={"max_rbar": 0.2, "trigger": "zero_total_streak"})
     svc.push_group([make_traj(f"a{i}", "P", 1.0, group_id="ga") for i in range(4)])
     svc.push_group([make_traj(f"b{i}", "P", 0.0, group_id="gb") for i in range(3)])
     st = svc.prompt_states(["P"])["P"]
@@ -454,4 +457,113 @@ def test_hint_extra_condition_and_disabled(make_service, redis_server):
         "hint_active": False,
         "tier": "hard",
         "count": 5,
+        "task_mean": 0.0,
+        "kl": None,
     }
+
+
+def scored(tid: str, pid: str, accuracy: float, group_id: str, fmt: float = 1.0) -> Trajectory:
+    """A completion scored as in demo.yaml (0.1 format + 0.9 accuracy)."""
+    return make_traj(tid, pid, 0.1 * fmt + 0.9 * accuracy, group_id=group_id,
+                     rewards={"format": fmt, "accuracy": accuracy})
+
+
+def push_prompt(svc: ReplayService, pid: str, accuracies: list[float], tag: str = "") -> None:
+    svc.push_group([scored(f"{pid}{tag}-{i}", pid, a, f"{pid}{tag}") for i, a in enumerate(accuracies)])
+
+
+def test_paper_hint_trigger_fires_for_answers_in_format_but_wrong(make_service, redis_server):
+    svc = make_service()  # default trigger: paper, task_reward_max .25, kl_max .05, min_completions 4
+    assert svc.config.hint.trigger == "paper"
+    push_prompt(svc, "P", [0, 0, 0, 0])  # in format, wrong: total .1 each, so never a zero total
+    push_prompt(svc, "M", [1, 0, 1, 0])  # R(q) .55, task mean .5
+    push_prompt(svc, "E", [1, 1, 1, 1])  # R(q) 1.0
+    push_prompt(svc, "F", [1, 1, 1, 0])  # R(q) .775
+    # R(q) sorted [.1 .55 .775 1]: q40 = sorted[round(1.2)=1] = .55 -> P and M hard
+    st = svc.prompt_states(["P", "M", "E"])
+    assert st["P"]["tier"] == "hard" and st["P"]["task_mean"] == 0.0 and st["P"]["rbar"] == pytest.approx(0.1)
+    assert st["P"]["hint_active"] is True  # hard, task mean 0 <= .25, no KL yet (still the reference)
+    assert st["M"]["tier"] == "hard" and st["M"]["hint_active"] is False  # task mean .5 > .25
+    assert st["E"]["hint_active"] is False
+    # the release's trigger on the same data: no zero total, no streak, no hint
+    rel = make_service(hint={"trigger": "zero_total_streak"}, redis=redis_server.config(key_prefix="rel"))
+    push_prompt(rel, "P", [0, 0, 0, 0])
+    assert rel.prompt_states(["P"])["P"]["streak"] == 0 and rel.prompt_states(["P"])["P"]["hint_active"] is False
+    # the task streak sees what the total streak cannot
+    task = make_service(hint={"trigger": "zero_task_streak"}, redis=redis_server.config(key_prefix="task"))
+    push_prompt(task, "P", [0, 0, 0, 0])
+    assert task.prompt_states(["P"])["P"]["streak"] == 4 and task.prompt_states(["P"])["P"]["hint_active"] is True
+    # P answered right from now on: R(q) (.1 * 4 + 1 * 4) / 8 = .55, sorted [.55 .55 .775 1], q40 = .55: still
+    # hard, the hint stays; 12 more right ones: (.4 + 16) / 20 = .82 > q40 = sorted[1] = .775: P leaves hard
+    push_prompt(svc, "P", [1, 1, 1, 1], "b")
+    st = svc.prompt_states(["P"])["P"]
+    assert st["rbar"] == pytest.approx(0.55) and st["tier"] == "hard" and st["hint_active"] is True
+    for tag in "cde":
+        push_prompt(svc, "P", [1, 1, 1, 1], tag)
+    st = svc.prompt_states(["P"])["P"]
+    assert st["rbar"] == pytest.approx(0.82) and st["tier"] == "medium" and st["hint_active"] is False
+
+
+def test_paper_hint_trigger_needs_low_kl(make_service, redis_server):
+    svc = make_service(capacity=100)
+    for pid, acc in (("E", 1.0), ("F", 1.0), ("G", 1.0)):
+        push_prompt(svc, pid, [acc] * 4)
+    push_prompt(svc, "Q", [0, 0])  # 2 completions: below min_completions
+    assert svc.prompt_states(["Q"])["Q"]["hint_active"] is False
+    ((eid, group),) = [(e, g) for e, g in svc.read_fresh("learner", 10) if g[0].prompt_id == "Q"]
+    for t in group:
+        t.advantage = 0.0
+    # the learner measured the policy far from the reference on Q (mean k3 .2 and .4 per token)
+    out = svc.insert([eid], group, kl={group[0].trajectory_id: 0.2, group[1].trajectory_id: 0.4})
+    assert out == {"inserted": 2, "evicted": 0, "ignored": 0}
+    push_prompt(svc, "Q", [0, 0], "b")  # 4 completions, task mean 0, hard, but KL .3 > .05: still exploring
+    st = svc.prompt_states(["Q"])["Q"]
+    assert st["kl"] == pytest.approx(0.3) and st["count"] == 4 and st["tier"] == "hard"
+    assert st["hint_active"] is False
+    # the same statistics under kl_max .5: the rule fires
+    loose = ReplayService(svc.config.model_copy(update={"hint": HintConfig(kl_max=0.5)}))
+    assert loose.prompt_states(["Q"])["Q"]["hint_active"] is True
+
+
+def test_streak_does_not_depend_on_the_order_of_a_group(make_service, redis_server):
+    states = []
+    for k, order in enumerate(([0, 0, 0, 1], [0, 1, 0, 0], [1, 0, 0, 0])):
+        svc = make_service(hint={"trigger": "zero_total_streak"}, redis=redis_server.config(key_prefix=f"o{k}"))
+        svc.push_group([make_traj(f"t{i}", "P", float(r), group_id="g") for i, r in enumerate(order)])
+        states.append(svc.prompt_states(["P"])["P"])
+    assert states[0] == states[1] == states[2] and states[0]["streak"] == 0 and not states[0]["hint_active"]
+    # a whole group of zeros counts its size; the next group with a success resets
+    svc.push_group([make_traj(f"z{i}", "P", 0.0, group_id="gz") for i in range(3)])
+    assert svc.prompt_states(["P"])["P"]["streak"] == 3 and svc.prompt_states(["P"])["P"]["hint_active"] is True
+
+
+def test_insert_after_the_step_ack_with_the_checkpoint_exactly_once(make_service):
+    svc = make_service(capacity=100)
+    for j in range(2):
+        svc.push_group([make_traj(f"g{j}-t{i}", f"P{j}", float(i % 2), group_id=f"g{j}") for i in range(4)])
+    got = svc.read_fresh("learner", 10)
+    ids, trained = [e for e, _ in got], [t for _, g in got for t in g]
+    for t in trained:
+        t.advantage = 0.5
+    assert svc.insert(ids, trained) == {"inserted": 8, "evicted": 0, "ignored": 0}
+    # replayable at once, while the entries wait for the checkpoint's acknowledgement
+    assert len(svc.sample(4, rng_seed=0)) == 4
+    assert svc.stats()["fresh_pending"] == 2
+    # a crash before the checkpoint: the entries are redelivered, retrained, and inserted nothing again
+    again = svc.read_fresh("learner-2", 10, reclaim_idle_ms=0)
+    assert sorted(e for e, _ in again) == sorted(ids)
+    assert svc.insert(ids, [t for _, g in again for t in g]) == {"inserted": 0, "evicted": 0, "ignored": 8}
+    assert sum(svc.tier_sizes().values()) == 8
+    assert svc.ack(ids) == 2 and svc.ack(ids) == 0
+    assert svc.stats()["fresh_pending"] == 0 and svc.stats()["fresh_length"] == 0
+    assert svc.insert(ids, trained)["inserted"] == 0  # acknowledged entries are gone: nothing to insert
+
+
+def test_insert_with_replay_off_feeds_statistics_not_tiers(make_service):
+    svc = make_service(capacity=100)
+    svc.push_group([make_traj(f"t{i}", "P", 0.0, group_id="g") for i in range(2)])
+    ((eid, group),) = svc.read_fresh("learner", 1)
+    out = svc.insert([eid], group, kl={"t0": 0.01, "t1": 0.03}, into_tiers=False)
+    assert out == {"inserted": 0, "evicted": 0, "ignored": 0}
+    assert svc.tier_sizes() == {"easy": 0, "medium": 0, "hard": 0}
+    assert svc.prompt_states(["P"])["P"]["kl"] == pytest.approx(0.02)

@@ -1,13 +1,25 @@
 """The judge against a real OpenAI-compatible HTTP server on 127.0.0.1 that answers valid, invalid, slow and
-failing responses: parsing, timeout, retry, fallback, the concurrency limit and the counters."""
+failing responses: parsing, timeout, retry, fallback, the concurrency limit and the counters; and what the
+server receives of a video prompt: the frames, as image_url parts."""
 
+import base64
+import io
 import threading
 import time
 
+import numpy as np
 import pytest
+from PIL import Image
 
-from reward_workers.config import JudgeConfig
+from buffer_service.records import Trajectory
+from data.config import SynthConfig
+from data.manifest import load_manifest
+from data.sample import PromptSample
+from data.synth import generate
+from policy.media import read_video
+from reward_workers.config import JudgeConfig, RewardConfig
 from reward_workers.judge import Judge, JudgeRequest, OpenAIJudgeBackend
+from reward_workers.scoring import score_group
 from reward_workers.stub_judge import VALID_JUDGE_REPLY, StubJudgeServer
 
 pytestmark = pytest.mark.integration
@@ -153,3 +165,64 @@ def test_unreachable_server_falls_back():
     judge.close()
     assert (r.score, r.value, r.attempts) == (None, 0.0, 3)
     assert judge.stats()["judge_request_errors"] == 3
+
+
+def decode_data_url(url: str) -> tuple[str, np.ndarray]:
+    head, data = url.split(",", 1)
+    assert head.startswith("data:image/") and head.endswith(";base64"), head
+    with Image.open(io.BytesIO(base64.b64decode(data))) as image:
+        return image.format, np.asarray(image.convert("RGB"))
+
+
+def group_of(texts, prompt_id):
+    return [
+        Trajectory(trajectory_id=f"{prompt_id}:{k}", group_id=prompt_id, prompt_id=prompt_id, prompt_token_ids=[1],
+                   completion_token_ids=[2], behaviour_logprobs=[-1.0], policy_version=0, completion_text=t, stage=3)
+        for k, t in enumerate(texts)
+    ]
+
+
+@pytest.mark.parametrize("fmt, num_frames, max_pixels", [("png", 4, 448 * 448), ("jpeg", 8, 56 * 56)])
+def test_the_server_receives_the_frames_of_a_video_prompt(tmp_path, fmt, num_frames, max_pixels):
+    """score_group reads the frames of the prompt's video itself (synthetic, 112x112) and every request of the
+    group carries them: the recorded bodies hold num_frames image_url parts that decode to images of the
+    expected size (PNG: exactly the video's frames; JPEG scaled within max_pixels: 56x56)."""
+    bodies = []
+
+    def record(body):
+        bodies.append(body)
+        return 200, VALID_JUDGE_REPLY, 0.0
+
+    (sample,), _ = load_manifest(generate(SynthConfig(num_items=1, stage=3, seed=5), tmp_path))
+    cfg = RewardConfig(judge=JudgeConfig(backend="openai", endpoint="http://unused", num_frames=num_frames,
+                                         frame_format=fmt, frame_max_pixels=max_pixels, retries=0))
+    texts = ["<think>1. the red circle grows.</think><answer>Left: red circle</answer>", "Left: red circle"]
+    with StubJudgeServer(record) as srv:
+        cfg.judge.endpoint = srv.url
+        judge = Judge(cfg.judge, OpenAIJudgeBackend(cfg.judge))
+        try:
+            scored = score_group(group_of(texts, "v"), sample, cfg, judge)
+            text_scored = score_group(group_of(texts[:1], "t"), PromptSample(
+                id="t", question="Where?", problem_type="localization", answer="Left: red circle", stage=3), cfg, judge)
+        finally:
+            judge.close()
+    assert [t.rewards["judge"] for t in scored + text_scored] == [0.5, 0.5, 0.5]
+    assert len(bodies) == 3
+    expected, _ = read_video(sample.video, 1.0, num_frames, num_frames)  # the frames spread over the video
+    for body in bodies[:2]:
+        system, user = body["messages"]
+        assert isinstance(system["content"], str) and user["role"] == "user"
+        parts = user["content"]
+        assert parts[0]["type"] == "text" and f"the {num_frames} frames after this text" in parts[0]["text"]
+        images = [decode_data_url(p["image_url"]["url"]) for p in parts[1:] if p["type"] == "image_url"]
+        assert len(parts) == 1 + num_frames and len(images) == num_frames
+        assert {f for f, _ in images} == {fmt.upper()}
+        if fmt == "png":
+            assert all(np.array_equal(img, frame) for (_, img), frame in zip(images, expected))
+        else:
+            assert all(img.shape == (56, 56, 3) for _, img in images)
+            small = [np.asarray(Image.fromarray(f).resize((56, 56), Image.BICUBIC)).astype(float) for f in expected]
+            assert all(np.abs(img - ref).mean() < 12 for (_, img), ref in zip(images, small))  # JPEG's loss only
+    # the prompt without video: the user message is plain text that says so
+    user = bodies[2]["messages"][1]["content"]
+    assert isinstance(user, str) and "this prompt has none" in user

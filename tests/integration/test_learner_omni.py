@@ -44,7 +44,7 @@ def test_omni_learner_with_media_and_export(tmp_path):
         return processor.build(sample).media
 
     learner = Learner(LearnerConfig(zero_stage=2, lr=1e-2, warmup_ratio=0.0, micro_batch_size=4), model,
-                      media_provider=media_provider)
+                      total_steps=10, media_provider=media_provider)
     prompt = processed.prompt_token_ids
     g = torch.Generator().manual_seed(0)
     comps = [torch.randint(0, 700, (5,), generator=g).tolist() for _ in range(4)]

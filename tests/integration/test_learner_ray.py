@@ -42,7 +42,7 @@ def ray_session():
 def test_two_ranks_raise_logprob_of_rewarded_completion(ray_session, tmp_path, zero_stage):
     model = ensure_tiny_model(TinyModelConfig(kind="text"), tmp_path / "models")
     cfg = LearnerConfig(zero_stage=zero_stage, num_ranks=2, lr=1e-2, warmup_ratio=0.0, micro_batch_size=2)
-    group = LearnerGroup(cfg, model, publish_dir=tmp_path / "pub")
+    group = LearnerGroup(cfg, model, total_steps=4, publish_dir=tmp_path / "pub")
     try:
         prompt, comps = problem()
 

@@ -1,13 +1,21 @@
 """The RewardWorker pool on a real local Ray: 1,000 groups scored by a slow HTTP judge while a generator actor
-keeps generating (overlap shown by timestamps), back-pressure, and failed groups reported, not lost."""
+keeps generating (overlap shown by timestamps), back-pressure, and failed groups reported, not lost; the
+reward worker reads the frames of a video prompt itself and the judge receives them."""
 
+import base64
+import dataclasses
+import io
 import time
 
 import pytest
 import ray
+from PIL import Image
 
 from buffer_service.records import Trajectory
+from data.config import SynthConfig
+from data.manifest import load_manifest
 from data.sample import PromptSample
+from data.synth import generate
 from reward_workers.config import JudgeConfig, RewardConfig
 from reward_workers.pool import PoolFull, RewardPool
 from reward_workers.stub_judge import VALID_JUDGE_REPLY, StubJudgeServer
@@ -156,3 +164,44 @@ def test_back_pressure_and_failed_groups_are_reported(ray_local):
     )
     assert stats["groups_scored"] == 3 and stats["groups_failed"] == 1
     assert stats["submits_blocked"] == 3  # the refused, the blocking and the bad group's submit found it full
+
+
+def test_the_reward_worker_shows_the_judge_the_frames_of_the_video(ray_local, tmp_path):
+    """The driver submits a group with its PromptSample only; the worker reads reward.judge.num_frames (8)
+    frames of the sample's video and every judge request carries them. A video that cannot be read: the judge
+    is not asked, the terms fall back (marked missing, counted)."""
+    bodies = []
+
+    def record(body):
+        bodies.append(body)
+        return 200, VALID_JUDGE_REPLY, 0.0
+
+    (video_sample,), _ = load_manifest(generate(SynthConfig(num_items=1, stage=3, seed=2), tmp_path / "data"))
+    broken = tmp_path / "broken.mp4"
+    broken.write_bytes(b"not a video at all")
+    broken_sample = dataclasses.replace(video_sample, id="broken", video=broken)
+    gen = Generator.remote(group_size=2, seconds=0)
+    with StubJudgeServer(record) as server:
+        pool = RewardPool(RewardConfig(judge=judge_cfg(server.url, fallback=0.1)))
+        try:
+            pool.submit(ray.get(gen.generate.remote(0))[0], video_sample)
+            (scored,) = pool.drain(timeout=120)
+            n_bodies = len(bodies)
+            pool.submit(ray.get(gen.generate.remote(1))[0], broken_sample)
+            (failed,) = pool.drain(timeout=120)
+            stats = pool.stats()
+        finally:
+            pool.shutdown()
+    assert scored.error is None and [t.rewards["judge"] for t in scored.trajectories] == [0.5, 0.5]
+    assert n_bodies == 2
+    for body in bodies:
+        parts = body["messages"][1]["content"]
+        urls = [p["image_url"]["url"] for p in parts if p["type"] == "image_url"]
+        assert len(urls) == 8 and all(u.startswith("data:image/jpeg;base64,") for u in urls)
+        sizes = {Image.open(io.BytesIO(base64.b64decode(u.split(",", 1)[1]))).size for u in urls}
+        assert sizes == {(112, 112)}  # the synthetic video's frames, within frame_max_pixels
+    # the unreadable video: no request reached the server, the group is scored with the judge term missing
+    assert len(bodies) == n_bodies
+    assert failed.error is None and failed.judge_failures == 2
+    assert [t.rewards["judge"] for t in failed.trajectories] == [None, None]
+    assert stats["judge_media_failures"] == 2 and stats["judge_ok"] == 2

@@ -14,7 +14,8 @@ def test_defaults_follow_avatar_md():
 def test_yaml_and_typed_overrides(tmp_path):
     path = tmp_path / "job.yaml"
     path.write_text("name: trial\nlearner:\n  lr: 1.0e-6\n  zero_stage: 1\n")
-    cfg = load_config(path, ["learner.lr=2e-6", "rollout.group_size=8", "pipeline.max_staleness=2", "stage=3"])
+    cfg = load_config(path, ["learner.lr=2e-6", "rollout.group_size=8", "pipeline.max_staleness=2", "stage=3",
+                             "reward.judge.allow_tiny=true"])
     assert cfg.name == "trial"
     assert cfg.learner.lr == pytest.approx(2e-6) and cfg.learner.zero_stage == 1
     assert cfg.rollout.group_size == 8 and cfg.pipeline.max_staleness == 2 and cfg.stage == 3
@@ -52,3 +53,69 @@ def test_malformed_override_and_missing_file(tmp_path):
     bad.write_text("- a\n- b\n")
     with pytest.raises(ConfigError, match="mapping"):
         load_config(bad)
+
+
+def test_removed_learner_keys_are_unknown_keys():
+    # the step count is pipeline.steps alone; micro-batches are accumulated over the whole batch by hand
+    for key in ("learner.total_steps=1000", "learner.grad_accum_steps=4"):
+        with pytest.raises(ConfigError) as err:
+            load_config(None, [key])
+        assert f"{key.split('=')[0]}: unknown key" in str(err.value) and "warmup_ratio" in str(err.value)
+
+
+def test_nccl_transport_is_refused_saying_what_is_supported():
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["learner.transport=nccl"])
+    text = str(err.value)
+    assert "learner.transport" in text and "'safetensors'" in text and "no receiving side" in text
+    assert load_config(None, ["learner.transport=safetensors"]).learner.transport == "safetensors"
+
+
+def _model_folder(path, config=True, weights=True):
+    path.mkdir(parents=True)
+    if config:
+        (path / "config.json").write_text("{}")
+    if weights:
+        (path / "model.safetensors").write_bytes(b"x")
+    return path
+
+
+def test_paths_are_checked_at_load_naming_key_and_path(tmp_path):
+    good = _model_folder(tmp_path / "good")
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text("")
+    ok = load_config(None, [f"init_from={good}", f"model.path={good}", f"reward.judge.model_path={good}",
+                            f"data.manifest={manifest}", f"data.eval_manifest={manifest}"])
+    assert ok.init_from == str(good) and ok.data.eval_manifest == str(manifest)
+
+    cases = {
+        f"init_from={tmp_path / 'runs/stage1/exprot'}": f"init_from: {tmp_path / 'runs/stage1/exprot'} does not exist",
+        f"model.path={_model_folder(tmp_path / 'noconf', config=False)}": "model.path: "
+        f"{tmp_path / 'noconf'} has no config.json",
+        f"reward.judge.model_path={_model_folder(tmp_path / 'noweights', weights=False)}": "reward.judge.model_path: "
+        f"{tmp_path / 'noweights'} has no weights",
+        f"init_from={manifest}": f"init_from: {manifest} is not a folder",
+        f"data.manifest={tmp_path / 'nope.jsonl'}": f"data.manifest: {tmp_path / 'nope.jsonl'} does not exist",
+        f"data.eval_manifest={tmp_path}": f"data.eval_manifest: {tmp_path} is not a file",
+    }
+    for override, message in cases.items():
+        with pytest.raises(ConfigError) as err:
+            load_config(None, [override])
+        assert message in str(err.value), str(err.value)
+    with pytest.raises(ConfigError) as err:  # every wrong path at once
+        load_config(None, [f"init_from={tmp_path / 'a'}", f"data.manifest={tmp_path / 'b'}"])
+    assert "init_from:" in str(err.value) and "data.manifest:" in str(err.value)
+
+
+def test_curriculum_init_from_is_checked_when_the_stage_starts(tmp_path):
+    """A later stage's init_from is set by run_curriculum to the previous stage's export, which does not exist
+    when the configs load: loading skips it (unchecked_paths), run_stage checks it before starting anything."""
+    from cluster.job import run_stage
+
+    missing = tmp_path / "runs" / "stage0" / "export"
+    cfg = load_config(None, [f"init_from={missing}", f"run_dir={tmp_path / 'runs'}"], unchecked_paths=("init_from",))
+    with pytest.raises(ConfigError, match=f"init_from: {missing} does not exist"):
+        run_stage(cfg)
+    assert not (tmp_path / "runs").exists()  # stopped before the run folder, Ray or Redis
+    with pytest.raises(ConfigError, match="data.manifest"):  # only the named keys are skipped
+        load_config(None, [f"data.manifest={tmp_path / 'x'}"], unchecked_paths=("init_from",))

@@ -73,3 +73,54 @@ def test_empty_or_missing_manifest(tmp_path):
         load_manifest(tmp_path / "nope.jsonl")
     with pytest.raises(ManifestError, match="no rows"):
         load_manifest(_write(tmp_path / "empty.jsonl", []))
+
+
+def test_a_field_of_the_wrong_type_is_a_named_rejection(tmp_path):
+    """Wrong JSON types are rejected by name, never coerced (a number question used to become "42", an
+    integer difficulty stayed an int in a str field)."""
+    rows = [
+        {**GOOD, "id": "ok"},                                                  # 1 ok
+        {**GOOD, "id": "b", "difficulty": 3},                                  # 2
+        {**GOOD, "id": "c", "question": 42},                                   # 3
+        {**GOOD, "id": "d", "hint": ["look"]},                                 # 4
+        {**GOOD, "id": "e", "cot": 5},                                         # 5
+        {**GOOD, "id": "f", "audio_caption": {"text": "beep"}},                # 6
+        {**GOOD, "id": True},                                                  # 7
+        {**GOOD, "id": "g", "answer": False},                                  # 8
+        {**GOOD, "id": "h", "problem_type": 1},                                # 9
+        {**GOOD, "id": 1.5},                                                   # 10
+        {**GOOD, "id": 7, "answer": 3, "difficulty": None, "hint": ""},        # 11 ok: integer id, number answer
+    ]
+    path = _write(tmp_path / "m.jsonl", rows)
+    good, rejected = load_manifest(path, on_error="skip")
+    assert [(s.id, s.answer, s.difficulty, s.hint) for s in good] == [("ok", "3", None, None), ("7", "3", None, None)]
+    reasons = dict(rejected)
+    assert sorted(reasons) == [2, 3, 4, 5, 6, 7, 8, 9, 10]
+    assert reasons[2] == "difficulty must be a string, got int 3"
+    assert reasons[3] == "question must be a string, got int 42"
+    assert reasons[4].startswith("hint must be a string, got list")
+    assert reasons[5].startswith("cot must be a string") and reasons[6].startswith("audio_caption must be a string")
+    assert reasons[7] == "id must be a string (or an integer), got bool True"
+    assert reasons[8] == "answer must be a string (or a number), got bool"
+    assert reasons[9] == "problem_type must be a string, got int"
+    assert reasons[10].startswith("id must be a string")
+    assert {r.line: r.id for r in rejected} == {2: "b", 3: "c", 4: "d", 5: "e", 6: "f", 7: None, 8: "g", 9: "h",
+                                                10: None}
+    with pytest.raises(ManifestError) as err:  # and counted in the strict mode's message
+        load_manifest(path)
+    assert "9 invalid row(s)" in str(err.value) and "line 2: difficulty must be a string" in str(err.value)
+
+
+def test_rejected_rows_carry_line_id_reason_and_file(tmp_path):
+    import pickle
+
+    path = _write(tmp_path / "m.jsonl", [GOOD, "{broken", {"id": "x", "question": "q", "problem_type": "numerical"}])
+    _, rejected = load_manifest(path, on_error="skip")
+    assert [r.as_dict() for r in rejected] == [
+        {"manifest": str(path), "line": 2, "id": None, "reason": rejected[0].reason},
+        {"manifest": str(path), "line": 3, "id": "x", "reason": "missing required field(s) answer"},
+    ]
+    line, reason = rejected[1]  # still unpacks as (line, reason)
+    assert (line, reason) == (3, "missing required field(s) answer")
+    again = pickle.loads(pickle.dumps(rejected[1]))
+    assert again == rejected[1] and again.as_dict() == rejected[1].as_dict()

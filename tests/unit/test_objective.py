@@ -101,29 +101,47 @@ def test_group_of_one_has_zero_advantage():
 
 
 def test_vcrs_single_sample_uses_std_one():
-    adv = vcrs_advantages(T([1.0]), T([0.25]), alpha=1.0)
-    assert adv.item() == pytest.approx(0.75 / (1 + 1e-4))
+    for std in ("none", "replay_batch"):
+        adv = vcrs_advantages(T([1.0]), T([0.25]), alpha=1.0, std=std)
+        assert adv.item() == pytest.approx(0.75 / (1 + 1e-4))
 
 
-def test_vcrs_many_samples_and_alpha():
-    s = math.sqrt(1 / 3)  # sample std of [1, 0, 1]
+def test_vcrs_default_is_the_release_scale():
+    # the release's per-device batch of one sample: std_off = 1, A = alpha (R - R(q)) whatever the batch
     adv = vcrs_advantages(T([1.0, 0.0, 1.0]), T([0.5, 0.5, 0.2]), alpha=2.0)
+    assert torch.allclose(adv, T([1.0, -1.0, 1.6]) / (1 + 1e-4), atol=1e-6)
+
+
+def test_vcrs_replay_batch_std_and_alpha():
+    s = math.sqrt(1 / 3)  # sample std of [1, 0, 1]
+    adv = vcrs_advantages(T([1.0, 0.0, 1.0]), T([0.5, 0.5, 0.2]), alpha=2.0, std="replay_batch")
     assert torch.allclose(adv, 2 * T([0.5, -0.5, 0.8]) / (s + 1e-4), atol=1e-6)
+    # 1 / 0.577: the batch std makes replayed advantages 1.73x the release's here
+    assert adv[0].item() / vcrs_advantages(T([1.0]), T([0.5]), alpha=2.0).item() == pytest.approx(1 / s, rel=1e-3)
+
+
+def test_vcrs_unknown_std_mode_is_refused():
+    with pytest.raises(ValueError, match="replay_batch"):
+        vcrs_advantages(T([1.0, 0.0]), T([0.5, 0.5]), std="batch")
 
 
 def test_vcrs_all_equal_rewards_guard():
-    adv = vcrs_advantages(T([1.0, 1.0]), T([0.5, 0.0]))
+    adv = vcrs_advantages(T([1.0, 1.0]), T([0.5, 0.0]), std="replay_batch")
     assert torch.allclose(adv, T([0.5, 1.0]) / (1 + 1e-4))
-    raw = vcrs_advantages(T([1.0, 1.0]), T([0.5, 0.0]), guard_zero_std=False)
+    raw = vcrs_advantages(T([1.0, 1.0]), T([0.5, 0.0]), guard_zero_std=False, std="replay_batch")
     assert torch.allclose(raw, T([0.5, 1.0]) / 1e-4)
 
 
 def test_mixed_advantages_route_fresh_and_replayed():
     rewards = T([1.0, 0.0, 1.0, 0.0])
-    adv = mixed_advantages(rewards, T([0, 0, 1, 2]), T([False, False, True, True]), T([0.0, 0.0, 0.5, 0.5]))
+    group, replay, rbar = T([0, 0, 1, 2]), T([False, False, True, True]), T([0.0, 0.0, 0.5, 0.5])
     s = math.sqrt(0.5)
+    adv = mixed_advantages(rewards, group, replay, rbar, vcrs_std="replay_batch")
     assert torch.allclose(adv[:2], T([0.5, -0.5]) / (s + 1e-4), atol=1e-6)
     assert torch.allclose(adv[2:], T([0.5, -0.5]) / (s + 1e-4), atol=1e-6)
+    adv = mixed_advantages(rewards, group, replay, rbar)  # default: replayed ones at the release's scale
+    assert torch.allclose(adv[:2], T([0.5, -0.5]) / (s + 1e-4), atol=1e-6)
+    assert torch.allclose(adv[2:], T([0.5, -0.5]) / (1 + 1e-4), atol=1e-6)
 
 
 # --- KL and the clipped surrogate -----------------------------------------------------------------------------

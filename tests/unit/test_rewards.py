@@ -61,18 +61,12 @@ def test_extract_answer_last_block_and_strip():
     assert extract_answer(None) is None
 
 
-def test_extract_answer_multiple_choice_fallback():
-    text = "I think A is wrong, so the answer is B."
-    assert extract_answer(text, "multiple_choice") is None  # strict by default
-    assert extract_answer(text, "multiple_choice", OPTIONS, fallback=True) == "B"
-    # without options any standalone capital counts; "I" in "I am" is one
-    assert extract_answer("B is it. I am sure", "multiple_choice", fallback=True) == "I"
-    assert extract_answer("B is it. I am sure", "multiple_choice", OPTIONS, fallback=True) == "B"
-    assert extract_answer("no letters BEYOND words", "multiple_choice", OPTIONS, fallback=True) is None
-    assert (
-        extract_answer("A or B", "numerical", fallback=True) is None
-    )  # fallback is for multiple choice only
-    assert extract_answer("<answer>C</answer> B", "multiple_choice", OPTIONS, fallback=True) == "C"
+def test_extract_answer_has_no_capital_letter_fallback():
+    # AVATAR.md section 6's evaluation fallback (last standalone capital letter) is not implemented: nothing
+    # evaluates with it (cluster/job.py scores <answer> only) and it would read B out of these
+    for text in ["I think A is wrong, so the answer is B.", "C is wrong, B", "A or B"]:
+        assert extract_answer(text) is None
+    assert extract_answer("<answer>C</answer> B") == "C"
 
 
 def test_parse_number():
@@ -112,6 +106,24 @@ def test_parse_localization():
         ("", 0.0),
         ("Bee", 0.0),
         ("ß", 0.0),
+        # the strict rule (issue 15, item 4): the whole answer must be the letter or the option text
+        ("B.", 1.0),
+        ("B)", 1.0),
+        ("b) green", 1.0),
+        ("(B) Green.", 1.0),
+        ("GREEN", 1.0),
+        ("a green cube", 0.0),  # option text inside a longer phrase
+        ("green cube", 0.0),
+        ("the answer is B", 0.0),  # extra words around the letter
+        ("B is right", 0.0),
+        ("C is wrong, B", 0.0),  # other letters present
+        ("A or B", 0.0),  # two letters
+        ("B, C", 0.0),
+        ("B. blue", 0.0),  # B's label with C's text contradicts itself
+        ("B green", 0.0),  # no separator: "a green" would be the article
+        ("B:", 0.0),
+        ("B..", 0.0),
+        ("D", 0.0),  # not an option's letter
     ],
 )
 def test_multiple_choice(pred, expected):
