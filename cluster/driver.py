@@ -37,36 +37,50 @@ MAX_SCORING_RETRIES = 3
 
 
 class Rollouts:
-    """Tasks handed to the rollout workers, round robin, one task per call."""
+    """Tasks handed to the rollout workers, several per call: a worker generates a call's prompts in one engine
+    call (vLLM batches across them), and `finished` wakes on the first call that completes."""
 
     def __init__(self, comps: Components):
         self.comps = comps
         self.workers = comps.workers
-        self.inflight: dict = {}  # ObjectRef -> (task, worker)
+        self.inflight: dict = {}  # ObjectRef -> (tasks, worker)
         self._next = 0
 
-    def submit(self, task: PromptTask, worker=None) -> None:
-        if worker is None:
-            worker = self.workers[self._next % len(self.workers)]
+    @property
+    def tasks_in_flight(self) -> int:
+        return sum(len(tasks) for tasks, _ in self.inflight.values())
+
+    def submit(self, tasks: list[PromptTask], worker=None) -> None:
+        """One call per worker, the tasks dealt round robin (all of them to `worker` when given)."""
+        if worker is not None:
+            self.inflight[worker.generate.remote(tasks)] = (tasks, worker)
+            return
+        shares: dict[int, list[PromptTask]] = {}
+        for task in tasks:
+            shares.setdefault(self._next % len(self.workers), []).append(task)
             self._next += 1
-        self.inflight[worker.generate.remote([task])] = (task, worker)
+        for i, share in shares.items():
+            self.submit(share, self.workers[i])
 
     def finished(self, timeout: float) -> list:
         if not self.inflight:
             time.sleep(timeout)
             return []
-        done, _ = ray.wait(list(self.inflight), num_returns=len(self.inflight), timeout=timeout)
+        done, _ = ray.wait(list(self.inflight), num_returns=1, timeout=timeout)
+        if done:  # whatever else is ready too, without waiting for it
+            done, _ = ray.wait(list(self.inflight), num_returns=len(self.inflight), timeout=0)
         results = []
         for ref in done:
-            task, worker = self.inflight.pop(ref)
+            tasks, worker = self.inflight.pop(ref)
             try:
                 results += ray.get(ref)
             except ray.exceptions.RayActorError as exc:
-                # The worker died mid-task and Ray restarts it: once it is back with the current weights,
-                # the task is handed out again (its ids are the task's, so nothing can be counted twice).
-                print(f"[driver] rollout worker died on {task.key} ({type(exc).__name__}); resubmitting", flush=True)
+                # The worker died mid-call and Ray restarts it: once it is back with the current weights, the
+                # tasks are handed out again (their ids are the tasks', so nothing can be counted twice).
+                keys = ", ".join(t.key for t in tasks)
+                print(f"[driver] rollout worker died on {keys} ({type(exc).__name__}); resubmitting", flush=True)
                 self.comps.ready_worker(worker)
-                self.submit(task, worker)
+                self.submit(tasks, worker)
         return results
 
     def drain(self) -> None:
@@ -110,16 +124,18 @@ def train_rl(cfg: JobConfig, run_dir: Path, comps: Components, order: PromptOrde
         # 1. keep rollouts busy: a task may start if it will be trained within max_staleness versions
         lost = state.counters.get("lost_before_cursor", 0) + state.counters.get("stale_dropped", 0) + len(lost_here)
         allowed = (state.step + 1 + pcfg.max_staleness) * per_step + lost
-        room = pcfg.max_prompts_in_flight - len(rollouts.inflight)
+        room = pcfg.max_prompts_in_flight - rollouts.tasks_in_flight
         wanted = [order.task(i) for i in range(submitted, min(allowed, submitted + max(room, 0)))]
         if wanted:
             with phase("buffer"):
                 states = ray.get(comps.buffer.prompt_states.remote([s.id for _, s in wanted]))
+            tasks = []
             for key, sample in wanted:
                 hinted = cfg.buffer.hint.enabled and states.get(sample.id, {}).get("hint_active") and sample.hint
-                rollouts.submit(PromptTask(key=key, sample=sample, use_hint=bool(hinted)))
+                tasks.append(PromptTask(key=key, sample=sample, use_hint=bool(hinted)))
                 not_pushed[key] = submitted
                 submitted += 1
+            rollouts.submit(tasks)
 
         # 2. generated groups -> the reward pool; scored groups -> the fresh stream
         with phase("rollout_wait"):
