@@ -212,6 +212,8 @@ def train_rl(cfg: JobConfig, run_dir: Path, comps: Components, order: PromptOrde
         for t in trained:
             t.advantage = stats["advantages"][t.trajectory_id]
             t.mean_logratio_old_ref = stats["mean_logratio_old_ref"].get(t.trajectory_id)
+            # the reference log-probs travel with the record: a replayed sample needs no reference forward
+            t.ref_logprobs = stats["ref_logprobs"].get(t.trajectory_id, t.ref_logprobs)
         # the trained fresh samples join the tiers now (step t+1 can replay them; with replay off they only
         # feed the prompts' KL statistic); their entries are acknowledged with the next checkpoint
         entry_ids = [e for e, _ in batch]

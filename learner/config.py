@@ -53,6 +53,13 @@ class LearnerConfig(_Strict):
         8, ge=1, description="sequences per forward pass (per rank); a step's whole batch is accumulated over as "
         "many micro-batches as it needs, so there is no separate gradient-accumulation setting")
     num_ranks: int = Field(1, ge=1)
+    freeze_media_encoders: bool = Field(
+        True, description="keep the vision and audio towers of a multimodal policy at their starting weights "
+        "(as ms-swift freezes the vision tower by default); under LoRA they get no adapters. Their outputs are "
+        "then computed once per prompt under no_grad, cached, and shared by the reference forward")
+    media_cache_mb: float = Field(
+        1024.0, gt=0, description="bound on the learner's per-prompt media cache (processed media, or the "
+        "frozen towers' outputs), least recently used evicted first")
     reference: Literal["frozen_model", "none"] = Field(
         "frozen_model", description="frozen_model: the base weights (adapters disabled under LoRA); none: no KL"
     )

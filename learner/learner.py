@@ -6,8 +6,16 @@ version, and turns fresh groups plus replayed samples into one optimizer step.
 
 Why the reference log-probs are computed here and not at rollout time: the rollout engines (vLLM) hold only
 the current policy; a second model per engine would double their memory, and the reference never changes, so
-one no-grad forward in the learner (cheap next to the backward) keeps the engines lean. A trajectory that
-already carries ref_logprobs (e.g. from an earlier pass) is not recomputed.
+one no-grad forward in the learner (cheap next to the backward) keeps the engines lean. It runs once per
+trajectory: train_step returns the log-probs it computed (stats["ref_logprobs"]) for the caller to store with
+the trajectory, and a trajectory that already carries ref_logprobs (e.g. a replayed one) is not recomputed.
+
+Multimodal prompts (the Qwen2.5-Omni thinker): a micro-batch mixes rows of several prompts, each with its own
+media. Each prompt's media go through the vision and audio towers once per forward (not once per row); the
+text model gets the embeddings with the media features on their placeholder tokens and the 3-D rope
+positions from per-row grids and audio lengths. With learner.freeze_media_encoders (the default) the towers
+keep their starting weights, so their outputs are computed once per prompt under no_grad, cached by bytes
+(learner.media_cache_mb) and shared by the policy and the reference forwards.
 """
 
 from __future__ import annotations
@@ -24,7 +32,7 @@ import numpy as np
 import torch
 
 from buffer_service.records import ReplaySample, Trajectory
-from policy.logprobs import gather_logprobs, repeat_media
+from policy.logprobs import encode_media, gather_logprobs, media_nbytes, media_positions, scatter_media
 from policy.model import is_omni, load_policy
 
 from .config import LearnerConfig
@@ -42,6 +50,52 @@ class SFTExample:
     prompt_token_ids: list[int]
     target_token_ids: list[int]
     prompt_id: str | None = None  # for media, as for trajectories
+
+
+class _MediaEntry:
+    """One prompt's media as the learner holds them: the processed tensors, or, once the frozen towers
+    have encoded them, only the (video, audio) features plus what the rope positions need."""
+
+    __slots__ = ("media", "features", "nbytes")
+
+    def __init__(self, media: Mapping[str, torch.Tensor], features=None):
+        self.media, self.features = media, features
+        if features is not None:  # keep only the small tensors the positions need
+            self.media = {k: v for k, v in media.items()
+                          if k in ("video_grid_thw", "video_second_per_grid", "feature_attention_mask")}
+        self.nbytes = media_nbytes(self.media) + media_nbytes(features)
+
+
+class MediaCache:
+    """Least-recently-used cache of per-prompt media, bounded by bytes (an entry larger than the bound is
+    used but not kept)."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes, self.nbytes = int(max_bytes), 0
+        self._items: OrderedDict[str, _MediaEntry | None] = OrderedDict()
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._items
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def get(self, key: str) -> _MediaEntry | None:
+        self._items.move_to_end(key)
+        return self._items[key]
+
+    def put(self, key: str, entry: _MediaEntry | None) -> None:
+        size = entry.nbytes if entry is not None else 0
+        if size > self.max_bytes:
+            return
+        if key in self._items:
+            old = self._items.pop(key)
+            self.nbytes -= old.nbytes if old is not None else 0
+        self._items[key] = entry
+        self.nbytes += size
+        while self.nbytes > self.max_bytes:
+            _, old = self._items.popitem(last=False)
+            self.nbytes -= old.nbytes if old is not None else 0
 
 
 @dataclass
@@ -118,7 +172,8 @@ class Learner:
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
         self.model_path = Path(model_path)
         self.media_provider = media_provider
-        self._media_cache: OrderedDict[str, Mapping[str, torch.Tensor] | None] = OrderedDict()
+        self._media_cache = MediaCache(int(cfg.media_cache_mb * 2**20))
+        self._step_media: dict[str, _MediaEntry | None] = {}  # this step's entries (evictions cannot drop them)
         _seed_everything(cfg.seed + rank)
         dtype = "bfloat16" if cfg.precision == "bf16" else "float32"
 
@@ -129,12 +184,17 @@ class Learner:
         model = loaded.model
         self.ref_model = None
         uses_ref = cfg.reference == "frozen_model" and cfg.objective.kl_beta > 0
+        self.encoders_frozen = self.multimodal and cfg.freeze_media_encoders
+        if self.encoders_frozen:
+            model.visual.requires_grad_(False).eval()
+            model.audio_tower.requires_grad_(False).eval()
         if cfg.lora.enabled:
             from peft import LoraConfig as PeftLoraConfig
             from peft import get_peft_model
 
             peft_cfg = PeftLoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
-                                      target_modules="all-linear", bias="none")
+                                      target_modules="all-linear", bias="none",
+                                      exclude_modules=r"(visual|audio_tower)\..*" if self.encoders_frozen else None)
             model = get_peft_model(model, peft_cfg)
         elif uses_ref:
             self.ref_model = load_policy(model_path, dtype).model.eval().requires_grad_(False)
@@ -168,16 +228,40 @@ class Learner:
 
     # --- forward passes -----------------------------------------------------------------------------------
 
-    def _media(self, prompt_id: str | None) -> Mapping[str, torch.Tensor] | None:
-        """Prompt media from the provider (the same processor as the rollout), cached per prompt_id."""
+    def _thinker(self) -> torch.nn.Module:
+        """The policy's own model (under LoRA: the base model the adapters sit in)."""
+        module = self.engine.module
+        return module.get_base_model() if hasattr(module, "get_base_model") else module
+
+    def _media(self, prompt_id: str | None) -> _MediaEntry | None:
+        """Prompt media from the provider (the same processor as the rollout), cached per prompt_id (by
+        bytes); with frozen towers the cache holds their outputs instead of the processed media."""
         if not self.multimodal or self.media_provider is None or prompt_id is None:
             return None
-        if prompt_id not in self._media_cache:
-            self._media_cache[prompt_id] = self.media_provider(prompt_id)
-            while len(self._media_cache) > 256:
-                self._media_cache.popitem(last=False)
-        self._media_cache.move_to_end(prompt_id)
-        return self._media_cache[prompt_id]
+        if prompt_id in self._step_media:
+            return self._step_media[prompt_id]
+        if prompt_id in self._media_cache:
+            entry = self._media_cache.get(prompt_id)
+        else:
+            media = self.media_provider(prompt_id)
+            entry = None
+            if media:
+                features = None
+                if self.encoders_frozen:
+                    with torch.no_grad():
+                        features = tuple(None if f is None else f.detach()
+                                         for f in encode_media(self._thinker(), [media])[0])
+                entry = _MediaEntry(media, features)
+            self._media_cache.put(prompt_id, entry)
+        self._step_media[prompt_id] = entry
+        return entry
+
+    def _prefetch_media(self, rows: Sequence[_Row]) -> None:
+        """Hold this step's media, fetched (and with frozen towers encoded) in the batch's order: every rank
+        sees the same full batch, so under ZeRO-3 all ranks run the same tower forwards."""
+        self._step_media = {}
+        for r in rows:
+            self._media(r.prompt_id)
 
     def _inputs(self, rows: Sequence[_Row]) -> tuple[dict, torch.Tensor, list[int]]:
         seqs = [r.prompt + r.completion for r in rows]
@@ -190,39 +274,75 @@ class Learner:
             attention[i, : len(s)] = 1
             mask[i, len(r.prompt) : len(s)] = 1
         kwargs = {"input_ids": input_ids.to(self.device), "attention_mask": attention.to(self.device),
-                  "use_cache": False}
-        media = self._media(rows[0].prompt_id)
-        if media:  # micro-batches hold one prompt each when media are in play (plan_micro_batches)
-            kwargs.update({k: v.to(self.device) for k, v in repeat_media(media, len(rows)).items()})
+                  "use_cache": False, "logits_from": min(len(r.prompt) for r in rows) - 1}
+        entries = [self._media(r.prompt_id) for r in rows]
+        if any(e is not None for e in entries):  # rows of several prompts, each with its own media
+            kwargs["position_ids"] = media_positions(self._thinker(), kwargs["input_ids"], kwargs["attention_mask"],
+                                                     [e.media if e is not None else None for e in entries])
+            kwargs["media_rows"] = entries
         return kwargs, mask.to(self.device), [len(r.prompt) for r in rows]
 
-    @staticmethod
-    def _logprobs(model: torch.nn.Module, kwargs: dict) -> torch.Tensor:
-        """[B, L]: entry t is log p(input_ids[t] | input_ids[:t]) (entry 0 is 0)."""
-        logits = model(**kwargs).logits
+    def _features(self, thinker: torch.nn.Module, entries: Sequence[_MediaEntry | None]) -> list:
+        """Per row, its prompt's (video, audio) features: the cached frozen-tower outputs, or the towers of
+        `thinker` run once per distinct prompt of the micro-batch (under the caller's grad mode)."""
+        if self.encoders_frozen:
+            return [e.features if e is not None else None for e in entries]
+        distinct = list({id(e): e for e in entries if e is not None}.values())
+        encoded = dict(zip(map(id, distinct), encode_media(thinker, [e.media for e in distinct])))
+        return [encoded[id(e)] if e is not None else None for e in entries]
+
+    def _logprobs(self, model: torch.nn.Module, kwargs: dict, thinker: torch.nn.Module | None = None
+                  ) -> torch.Tensor:
+        """[B, L]: entry t is log p(input_ids[t] | input_ids[:t]) for the completion positions t (entries
+        before kwargs["logits_from"] + 1, inside the shortest prompt, are 0: the lm_head and the log-softmax
+        run only from there on). `thinker` is the model whose towers, embeddings and lm_head serve `model`
+        (the policy's by default)."""
         ids = kwargs["input_ids"]
-        logp = gather_logprobs(logits[:, :-1], ids[:, 1:])
-        return torch.cat([torch.zeros_like(logp[:, :1]), logp], dim=1)
+        start = kwargs.get("logits_from", 0)
+        thinker = thinker if thinker is not None else self._thinker()
+        # the lm_head sees only the positions from `start` on (the prompt's logits are never used)
+        head = thinker.get_output_embeddings().register_forward_pre_hook(
+            lambda _, args: (args[0][:, start:], *args[1:]))
+        try:
+            entries = kwargs.get("media_rows")
+            if entries is not None:
+                embeds = scatter_media(thinker.get_input_embeddings()(ids), ids, thinker.config,
+                                       self._features(thinker, entries))
+                logits = model(inputs_embeds=embeds, attention_mask=kwargs["attention_mask"],
+                               position_ids=kwargs["position_ids"], use_cache=False).logits
+            else:
+                logits = model(input_ids=ids, attention_mask=kwargs["attention_mask"], use_cache=False).logits
+        finally:
+            head.remove()
+        logp = gather_logprobs(logits[:, :-1], ids[:, start + 1:])
+        return torch.cat([logp.new_zeros(logp.shape[0], start + 1), logp], dim=1)
 
     @torch.no_grad()
     def _ref_logprobs(self, kwargs: dict) -> torch.Tensor:
         if self.cfg.lora.enabled:
             with self.engine.module.disable_adapter():
-                return self._logprobs(self.engine.module, kwargs)
-        return self._logprobs(self.ref_model, kwargs)
+                return self._logprobs(self.engine.module, kwargs, self._thinker())
+        return self._logprobs(self.ref_model, kwargs, self.ref_model)
+
+    def _train_mode(self) -> None:
+        self.engine.train()
+        if self.encoders_frozen:  # frozen towers stay in eval mode (their cached outputs are deterministic)
+            self._thinker().visual.eval()
+            self._thinker().audio_tower.eval()
 
     @torch.no_grad()
     def completion_logprobs(self, items: Sequence[Trajectory | SFTExample]) -> list[torch.Tensor]:
         """Current-policy log-probs of each item's completion tokens (all ranks must call under ZeRO-3)."""
         rows = [_to_row(x) for x in items]
+        self._prefetch_media(rows)
         out = []
-        for chunk in plan_micro_batches([r.prompt_id for r in rows], self.cfg.micro_batch_size, 1,
-                                        self.multimodal)[0]:
+        for chunk in plan_micro_batches([r.prompt_id for r in rows], self.cfg.micro_batch_size, 1, False)[0]:
             if not chunk:
                 continue
             kwargs, mask, _ = self._inputs([rows[i] for i in chunk])
             logp = self._logprobs(self.engine, kwargs)
             out += [(i, logp[j][mask[j].bool()].float().cpu()) for j, i in enumerate(chunk)]
+        self._step_media = {}
         return [lp for _, lp in sorted(out, key=lambda x: x[0])]
 
     # --- training steps -----------------------------------------------------------------------------------
@@ -258,6 +378,7 @@ class Learner:
             tas_shape=obj.tas_shape, tas_lambda=obj.tas_lambda, aggregation=obj.aggregation,
             num_sequences=n_seq, num_tokens=n_tok))
         gap, kl_seq = totals.pop("old_minus_ref"), totals.pop("kl_per_sequence")
+        computed_ref = totals.pop("ref_computed")
         return {
             **totals,
             "adv_abs_mean": adv.abs().mean().item(),
@@ -267,6 +388,9 @@ class Learner:
             "mean_logratio_old_ref": {t.trajectory_id: gap.get(i) for i, t in enumerate(trajs)},
             # mean per-token k3 KL of the current policy to the reference, per trajectory (the hint rule's KL)
             "kl_per_trajectory": {t.trajectory_id: kl_seq[i] for i, t in enumerate(trajs) if i in kl_seq},
+            # reference log-probs per completion token, for the trajectories whose reference was computed in
+            # this step (those that came without): stored with the trajectory, they are not computed again
+            "ref_logprobs": {t.trajectory_id: computed_ref[i] for i, t in enumerate(trajs) if i in computed_ref},
         }
 
     def sft_step(self, examples: Sequence[SFTExample]) -> dict:
@@ -277,7 +401,7 @@ class Learner:
         rows = [_to_row(e) for e in examples]
         totals = self._accumulate(rows, lambda logp, old, ref, mask, idx, n_seq, n_tok: _SFTOut(
             sft_loss(logp, mask, self.cfg.objective.aggregation, n_seq, n_tok)), needs_old=False)
-        totals.pop("old_minus_ref"), totals.pop("kl_per_sequence")
+        totals.pop("old_minus_ref"), totals.pop("kl_per_sequence"), totals.pop("ref_computed")
         return {**totals, "seconds": time.perf_counter() - start}
 
     def _accumulate(self, rows: list[_Row], loss_fn, needs_old: bool = True) -> dict:
@@ -286,13 +410,18 @@ class Learner:
         import torch.distributed as dist
 
         n_seq, n_tok = len(rows), sum(len(r.completion) for r in rows)
-        plan = plan_micro_batches([r.prompt_id for r in rows], self.cfg.micro_batch_size, self.world_size,
-                                  self.multimodal)[self.rank]
+        # rows without reference log-probs first, so that as many micro-batches as possible need no
+        # reference forward; micro-batches mix prompts (each row carries its own prompt's media)
+        order = sorted(range(n_seq), key=lambda i: not (needs_old and self.uses_ref and rows[i].ref is None))
+        plan = [[order[j] for j in chunk] for chunk in plan_micro_batches(
+            [rows[i].prompt_id for i in order], self.cfg.micro_batch_size, self.world_size, False)[self.rank]]
+        self._prefetch_media(rows)
         sums = torch.zeros(5, dtype=torch.float64)  # loss, tokens, clip*tok, kl*tok, zero_adv*tok
         ratio_max = torch.tensor([0.0], dtype=torch.float64)
         gap: dict[int, float] = {}
         kl_seq: dict[int, float] = {}
-        self.engine.train()
+        computed_ref: dict[int, list[float]] = {}
+        self._train_mode()
         for k, chunk in enumerate(plan):
             dummy = not chunk  # keeps collectives in step on a rank without work; contributes 0
             idx = chunk or [0]
@@ -302,10 +431,15 @@ class Learner:
             old = _pad([rows[i].old or [] for i in idx], width, starts).to(self.device) if needs_old else None
             ref = None
             if needs_old and self.uses_ref:
-                if all(rows[i].ref is not None for i in idx):
-                    ref = _pad([rows[i].ref for i in idx], width, starts).to(self.device)
-                else:
-                    ref = self._ref_logprobs(kwargs).float()
+                ref = _pad([rows[i].ref or [] for i in idx], width, starts).to(self.device)
+                need = [j for j, i in enumerate(idx) if rows[i].ref is None]
+                if need:  # the reference forward only on the rows that come without reference log-probs
+                    sub = kwargs if len(need) == len(idx) else self._inputs([rows[idx[j]] for j in need])[0]
+                    fresh_ref = self._ref_logprobs(sub).float()
+                    ref[need, : fresh_ref.shape[1]] = fresh_ref
+                    if not dummy:
+                        for j in need:
+                            computed_ref[idx[j]] = ref[j][mask[j].bool()].cpu().tolist()
                 for j, i in enumerate(idx):
                     sel = mask[j].bool()
                     gap[i] = (old[j][sel] - ref[j][sel]).mean().item()
@@ -327,13 +461,15 @@ class Learner:
                                                                   dtype=torch.float64))
         self.engine.step()
         self.step += 1
+        self._step_media = {}
         if self.world_size > 1:
             dist.all_reduce(sums)
             dist.all_reduce(ratio_max, op=dist.ReduceOp.MAX)
-            gathered: list[dict] = [{} for _ in range(self.world_size)]
-            dist.all_gather_object(gathered, (gap, kl_seq))
-            gap = {k: v for g, _ in gathered for k, v in g.items()}
-            kl_seq = {k: v for _, g in gathered for k, v in g.items()}
+            gathered: list[tuple] = [() for _ in range(self.world_size)]
+            dist.all_gather_object(gathered, (gap, kl_seq, computed_ref))
+            gap = {k: v for g, _, _ in gathered for k, v in g.items()}
+            kl_seq = {k: v for _, g, _ in gathered for k, v in g.items()}
+            computed_ref = {k: v for _, _, g in gathered for k, v in g.items()}
         tokens = max(sums[1].item(), 1.0)
         grad_norm = self.engine.get_global_grad_norm()
         return {
@@ -342,6 +478,7 @@ class Learner:
             "tokens": int(n_tok), "sequences": n_seq, "clip_fraction": sums[2].item() / tokens,
             "kl": sums[3].item() / tokens, "zero_adv_token_fraction": sums[4].item() / tokens,
             "ratio_max": ratio_max.item(), "old_minus_ref": gap, "kl_per_sequence": kl_seq,
+            "ref_computed": computed_ref,
         }
 
     # --- weights out --------------------------------------------------------------------------------------

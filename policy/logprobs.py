@@ -71,3 +71,82 @@ def completion_logprobs(
     media = repeat_media(media, len(completions)) if media else None
     logp = token_logprobs(model, input_ids, attention, media)
     return [logp[i][completion_mask[i].bool()].detach().cpu() for i in range(len(completions))]
+
+
+# --- batched multimodal forward: each prompt's media encoded once, several prompts in one forward ----------
+
+def media_nbytes(value) -> int:
+    """Bytes held by the tensors in a (nested) mapping / sequence of tensors."""
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, Mapping):
+        return sum(media_nbytes(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(media_nbytes(v) for v in value)
+    return 0
+
+
+def encode_media(thinker: torch.nn.Module, medias: Sequence[Mapping[str, torch.Tensor] | None]
+                 ) -> list[tuple[torch.Tensor | None, torch.Tensor | None]]:
+    """The vision and audio towers' outputs for several prompts' media, one call per tower for all of them
+    (Qwen2.5-Omni takes per-video grids and per-audio lengths). Per prompt: (video embeddings
+    [n_video_tokens, H], audio embeddings [n_audio_tokens, H]), None where the prompt has none. Runs under
+    the caller's grad mode."""
+    device = next(thinker.parameters()).device
+    out: list[list[torch.Tensor | None]] = [[None, None] for _ in medias]
+    vids = [i for i, m in enumerate(medias) if m and m.get("pixel_values_videos") is not None]
+    if vids:
+        grids = [medias[i]["video_grid_thw"] for i in vids]
+        pooled = thinker.get_video_features(
+            torch.cat([medias[i]["pixel_values_videos"] for i in vids]).to(device),
+            torch.cat(grids).to(device)).pooler_output
+        k = 0
+        for i, g in zip(vids, grids):
+            out[i][0] = torch.cat(pooled[k:k + g.shape[0]])
+            k += g.shape[0]
+    auds = [i for i, m in enumerate(medias) if m and m.get("input_features") is not None]
+    if auds:
+        width = max(medias[i]["input_features"].shape[-1] for i in auds)
+        feats = torch.cat([torch.nn.functional.pad(medias[i]["input_features"],
+                                                   (0, width - medias[i]["input_features"].shape[-1]))
+                           for i in auds])
+        masks = torch.cat([torch.nn.functional.pad(medias[i]["feature_attention_mask"],
+                                                   (0, width - medias[i]["feature_attention_mask"].shape[-1]))
+                           for i in auds])
+        hidden = thinker.get_audio_features(feats.to(device), masks.to(device)).last_hidden_state
+        _, lengths = thinker.audio_tower._get_feat_extract_output_lengths(masks.sum(-1))
+        pieces = torch.split(hidden, lengths.tolist())
+        k = 0
+        for i in auds:
+            n = medias[i]["input_features"].shape[0]
+            out[i][1] = torch.cat(pieces[k:k + n])
+            k += n
+    return [(v, a) for v, a in out]
+
+
+def media_positions(thinker: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                    medias: Sequence[Mapping[str, torch.Tensor] | None]) -> torch.Tensor:
+    """Qwen2.5-Omni's 3-D rope positions [3, B, L] for rows that each carry their own prompt's media (None for
+    a text-only row), exactly as the thinker's forward computes them from per-row grids and audio lengths."""
+    present = [m for m in medias if m]
+
+    def cat(key, fn=lambda v: v):
+        values = [fn(m[key]) for m in present if m.get(key) is not None]
+        return torch.cat(values).to(input_ids.device) if values else None
+
+    positions, _ = thinker.get_rope_index(
+        input_ids, None, cat("video_grid_thw"), attention_mask, False,
+        cat("feature_attention_mask", lambda v: v.sum(-1)), cat("video_second_per_grid"))
+    return positions
+
+
+def scatter_media(embeds: torch.Tensor, input_ids: torch.Tensor, config,
+                  features: Sequence[tuple[torch.Tensor | None, torch.Tensor | None] | None]) -> torch.Tensor:
+    """Text embeddings [B, L, H] with each row's media features put on its placeholder tokens (row order:
+    `features[i]` is row i's (video, audio) features, None for a text-only row)."""
+    for slot, token in ((0, config.video_token_id), (1, config.audio_token_id)):
+        parts = [f[slot] for f in features if f is not None and f[slot] is not None]
+        if parts:
+            mask = (input_ids == token).unsqueeze(-1).expand_as(embeds)
+            embeds = embeds.masked_scatter(mask, torch.cat(parts).to(embeds.device, embeds.dtype))
+    return embeds
