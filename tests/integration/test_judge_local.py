@@ -56,21 +56,7 @@ def test_tiny_local_judge_falls_back_and_counts(ray_local, tmp_path):
     )
     pool = RewardPool(RewardConfig(judge=jc))
     try:
-        group = [
-            Trajectory(
-                trajectory_id=f"t{k}",
-                group_id="g",
-                prompt_id="loc",
-                prompt_token_ids=[1],
-                completion_token_ids=[2],
-                behaviour_logprobs=[-1.0],
-                policy_version=0,
-                completion_text=t,
-                stage=3,
-            )
-            for k, t in enumerate(TEXTS)
-        ]
-        pool.submit(group, SAMPLE)
+        pool.submit(trajectories(TEXTS, "loc"), SAMPLE)
         (scored,) = pool.drain(timeout=600)
         stats = pool.stats()
         # what the engine really says, twice (greedy: the same both times)
