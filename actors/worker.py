@@ -155,12 +155,17 @@ class RolloutWorker:
         log.info("worker %s: now at policy v%d (%.2f s)", self.worker_id, version, seconds)
         return seconds
 
+    # control calls run in their own thread (the "control" concurrency group), so that the driver's stats and
+    # liveness calls answer while a generate or load call runs instead of queueing behind it
+    @ray.method(concurrency_group="control")
     def version(self) -> int:
         return self.engine.version
 
+    @ray.method(concurrency_group="control")
     def stats(self) -> dict:
         return {**self.counts, "version": self.engine.version, "given_back": self.given_back}
 
+    @ray.method(concurrency_group="control")
     def pid(self) -> int:
         import os
 
@@ -173,4 +178,5 @@ class RolloutWorker:
 
 def rollout_worker_actor(num_cpus: float = 1, max_restarts: int = 3):
     """The Ray actor class of RolloutWorker, restartable by Ray (its leases go back to the queue)."""
-    return ray.remote(num_cpus=num_cpus, max_restarts=max_restarts, max_task_retries=0)(RolloutWorker)
+    return ray.remote(num_cpus=num_cpus, max_restarts=max_restarts, max_task_retries=0,
+                      concurrency_groups={"control": 1})(RolloutWorker)

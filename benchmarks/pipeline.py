@@ -1,6 +1,6 @@
 """The speed of the pipeline: the same AVATAR job synchronous (staleness 0) and asynchronous (staleness 1).
 
-    .venv/bin/python -m benchmarks.pipeline [--steps 20] [--staleness 0,1]
+    .venv/bin/python -m benchmarks.pipeline [--steps 20] [--staleness 0,1] [--baseline DIR] [--engine-batch]
 
 Both runs start from the stage-0 checkpoint that benchmarks/sample_efficiency.py builds (built here if missing)
 and are configs/demo.yaml (4 prompts x 4 fresh completions + 16 replayed per step, one rollout worker, one
@@ -16,6 +16,14 @@ includes warm-up):
                        blocks up to 0.1 s for scored groups), scoring (handing groups to the reward pool and
                        polling it), buffer (prompt states, push, replay sampling, commit), train, weight_sync,
                        record, checkpoint; "other" is the rest of the loop
+  weight sync share    the weight_sync phase over the step's wall time
+  generation tok/s     the pipeline's own generation speed: completion tokens over the rollout workers'
+                       engine seconds (the history's rollout_tokens / rollout_generate_seconds)
+--baseline DIR runs the same job, with the same overrides and the same stage-0 checkpoint, in DIR (a checkout of
+an earlier commit, e.g. `git worktree add /tmp/old f620750`) right after each of this checkout's runs, and prints
+the speed-up in seconds per step. --engine-batch also measures the engine alone (benchmarks/rollout.py's batched
+call: 8 prompts x G completions in one vLLM call) on the same stage-0 model and max_new_tokens, so the pipeline's
+generation tokens/s can be read against it.
 Prints a table, writes benchmarks/results/pipeline.json.
 """
 
@@ -25,11 +33,13 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import statistics
+import subprocess
 import time
 from pathlib import Path
 
-from benchmarks.sample_efficiency import RESULTS, _train, ensure_stage0, read_history
+from benchmarks.sample_efficiency import RESULTS, ROOT, _python, _train, ensure_stage0, read_history
 
 PHASES = ["rollout_wait", "fresh_wait", "scoring", "buffer", "train", "weight_sync", "record", "checkpoint"]
 
@@ -52,10 +62,49 @@ def analyse(rows: list[dict], workers: int) -> dict:
         "learner_busy": sum(r["step_seconds"] for r in body) / wall,
         "rollout_busy": (last["rollout_generate_seconds"] - first["rollout_generate_seconds"]) / (wall * workers),
         "scoring_busy": (last["reward_scoring_seconds"] - first["reward_scoring_seconds"]) / wall,
+        "weight_sync_share": statistics.mean(r.get("phase_seconds", {}).get("weight_sync", 0.0) for r in body)
+        / step_wall,
+        "generation_tokens_per_second": _generation_speed(first, last),
+        # the rollout workers' own load time per step (queued between their generate calls, not on the
+        # driver's path since loads stopped being waited for; absent from older histories)
+        "worker_load_seconds_per_step": statistics.mean(r.get("weight_load_seconds") or 0.0 for r in body),
         "staleness_max": max(r["staleness_max"] for r in body),
         "staleness_mean": statistics.mean(r["staleness_max"] for r in body),
         "phase_seconds_per_step": per_step,
     }
+
+
+def _generation_speed(first: dict, last: dict) -> float | None:
+    """Completion tokens per engine second between two history rows (None for histories without token counts)."""
+    if "rollout_tokens" not in last:
+        return None
+    seconds = last["rollout_generate_seconds"] - first["rollout_generate_seconds"]
+    return (last["rollout_tokens"] - first["rollout_tokens"]) / seconds if seconds > 0 else None
+
+
+def engine_batch_speed(model: str, group: int, max_new_tokens: int, log: Path) -> float:
+    """benchmarks/rollout.py's batched vLLM call (8 prompts x `group` completions) on `model`: tokens/s."""
+    out = log.with_suffix(".json")
+    cmd = [_python(), "-m", "benchmarks.rollout", "--model", model, "--prompts", "8", "--group", str(group),
+           "--max-new-tokens", str(max_new_tokens), "--out", str(out)]
+    print(f"[bench] engine alone: {' '.join(cmd[1:])}", flush=True)
+    with log.open("w") as f:
+        rc = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT).returncode
+    if rc != 0:
+        raise SystemExit(f"[bench] benchmarks.rollout failed (exit {rc}); see {log}")
+    rows = json.loads(out.read_text())["rows"]
+    return next(r["tokens_per_s"] for r in rows if r["engine"] == "vllm" and r["prompts"] == "multimodal")
+
+
+def run_baseline(checkout: Path, overrides: list[str], log: Path) -> None:
+    """The same job in an earlier checkout (its own packages first on the path, this venv's Python)."""
+    cmd = [_python(), "-m", "cluster.cli", "train", "configs/demo.yaml", *overrides, "--fresh"]
+    print(f"[bench] baseline {checkout}: {' '.join(cmd[1:])}", flush=True)
+    env = {**os.environ, "PYTHONPATH": str(checkout)}
+    with log.open("w") as f:
+        rc = subprocess.run(cmd, cwd=checkout, env=env, stdout=f, stderr=subprocess.STDOUT).returncode
+    if rc != 0:
+        raise SystemExit(f"[bench] baseline run failed (exit {rc}); see {log}")
 
 
 def main() -> None:
@@ -63,17 +112,29 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--staleness", default="0,1")
     ap.add_argument("--out", default=str(RESULTS / "sample_efficiency"), help="where the stage-0 checkpoint is cached")
+    ap.add_argument("--baseline", default=None, metavar="DIR", help="a checkout of an earlier commit to compare with")
+    ap.add_argument("--engine-batch", action="store_true", help="also time the engine alone on a batched call")
     args = ap.parse_args()
     out = Path(args.out).resolve()
     init_from = ensure_stage0(out)
-    results = {}
+    results, baseline = {}, {}
     for s in [int(x) for x in args.staleness.split(",")]:
         name = f"pipeline_staleness{s}"
         ov = [f"run_dir={out / 'runs'}", f"name={name}", f"init_from={init_from}", f"pipeline.steps={args.steps}",
               f"pipeline.max_staleness={s}", "pipeline.eval_items=0"]
+        # timings are never taken from a cache, and each run starts from an empty folder (an earlier commit's
+        # --fresh kept the previous run's replay buffer, whose seen ids refused every group)
+        for folder in (name, f"baseline_staleness{s}"):
+            shutil.rmtree(out / "runs" / folder, ignore_errors=True)
         summary = _train("configs/demo.yaml", ov, out / "logs" / f"{name}.log")
         rows = read_history(out / "runs" / name)
         results[s] = {**analyse(rows, workers=1), "job_wall_seconds": summary.get("wall_seconds")}
+        if args.baseline:
+            bname = f"baseline_staleness{s}"
+            run_baseline(Path(args.baseline).resolve(), [o.replace(f"name={name}", f"name={bname}") for o in ov],
+                         out / "logs" / f"{bname}.log")
+            baseline[s] = analyse(read_history(out / "runs" / bname), workers=1)
+    engine_tps = engine_batch_speed(init_from, 4, 128, out / "logs" / "engine_batch.log") if args.engine_batch else None
 
     lines = ["| staleness | s/step | trajectories/s | trained samples/s | learner busy | rollout busy | scoring busy "
              "| max staleness seen |", "|---|---|---|---|---|---|---|---|"]
@@ -86,6 +147,30 @@ def main() -> None:
     for s, r in results.items():
         ph = r["phase_seconds_per_step"]
         lines.append(f"| {s} | " + " | ".join(f"{ph[p]:.3f}" for p in PHASES + ["other"]) + " |")
+    if baseline:
+        commit = subprocess.run(["git", "-C", args.baseline, "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True).stdout.strip()
+        lines += ["", f"this checkout against the baseline checkout (commit {commit}), same job, same machine, "
+                      "one run after the other", "",
+                  "| staleness | s/step here | s/step baseline | speed-up | weight sync share here | "
+                  "weight sync share baseline | worker load s/step here |", "|---|---|---|---|---|---|---|"]
+        for s, b in baseline.items():
+            r = results[s]
+            lines.append(f"| {s} | {r['seconds_per_step']:.2f} | {b['seconds_per_step']:.2f} | "
+                         f"{b['seconds_per_step'] / r['seconds_per_step']:.2f}x | {r['weight_sync_share']:.3f} | "
+                         f"{b['weight_sync_share']:.3f} | {r['worker_load_seconds_per_step']:.3f} |")
+        lines += ["", "baseline driver wall seconds per step by phase", "",
+                  "| staleness | " + " | ".join(PHASES + ["other"]) + " |", "|---" * (len(PHASES) + 2) + "|"]
+        for s, b in baseline.items():
+            ph = b["phase_seconds_per_step"]
+            lines.append(f"| {s} | " + " | ".join(f"{ph[p]:.3f}" for p in PHASES + ["other"]) + " |")
+    lines += ["", "generation tokens/s inside the pipeline (completion tokens / engine seconds)" +
+              (f" against the engine alone on one batched call of 8 prompts x 4: {engine_tps:.0f}" if engine_tps
+               else ""), ""]
+    for s, r in results.items():
+        tps = r["generation_tokens_per_second"]
+        ratio = f" (engine alone / pipeline: {engine_tps / tps:.2f})" if engine_tps and tps else ""
+        lines.append(f"staleness {s}: {tps:.0f} tokens/s{ratio}" if tps else f"staleness {s}: not recorded")
     keys = list(results)
     if len(keys) >= 2:
         a, b = results[keys[0]], results[keys[-1]]
@@ -98,6 +183,7 @@ def main() -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     js = RESULTS / "pipeline.json"
     js.write_text(json.dumps({"args": vars(args), "init_from": init_from, "machine": machine, "results": results,
+                              "baseline": baseline, "engine_batch_tokens_per_second": engine_tps,
                               "printed": lines, "time": time.time()}, indent=1))
     print(f"wrote {js}")
 

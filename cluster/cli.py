@@ -51,9 +51,6 @@ def main(argv: list[str] | None = None) -> int:
     synth.add_argument("overrides", nargs="*", help="synth settings, e.g. num_items=100 stage=2")
     args = parser.parse_args(argv)
 
-    import transformers
-
-    transformers.logging.set_verbosity_error()  # the Omni config warns about talker ids we never use
     try:
         if args.command == "config":
             print(dump_config(load_config(args.config, args.overrides)), end="")

@@ -62,13 +62,11 @@ class Rollouts:
         for i, share in shares.items():
             self.submit(share, self.workers[i])
 
-    def finished(self, timeout: float) -> list:
+    def finished(self) -> list:
+        """The results of the calls that have finished (waits for none)."""
         if not self.inflight:
-            time.sleep(timeout)
             return []
-        done, _ = ray.wait(list(self.inflight), num_returns=1, timeout=timeout)
-        if done:  # whatever else is ready too, without waiting for it
-            done, _ = ray.wait(list(self.inflight), num_returns=len(self.inflight), timeout=0)
+        done, _ = ray.wait(list(self.inflight), num_returns=len(self.inflight), timeout=0)
         results = []
         for ref in done:
             tasks, worker = self.inflight.pop(ref)
@@ -88,6 +86,15 @@ class Rollouts:
         if self.inflight:
             ray.wait(list(self.inflight), num_returns=len(self.inflight), timeout=300)
             self.inflight.clear()
+
+
+def wait_for_work(rollouts: Rollouts, comps: Components, timeout: float) -> None:
+    """Sleep until a generate or scoring call finishes, or `timeout` passes: the driver wakes on the first."""
+    refs = list(rollouts.inflight) + comps.rewards.inflight_refs
+    if refs and timeout > 0:
+        ray.wait(refs, num_returns=1, timeout=timeout)
+    elif timeout > 0:
+        time.sleep(timeout)
 
 
 def skip_prompt(comps: Components, state: RunState, key: str, prompt_id: str, reason: str, handed_out: int) -> int:
@@ -119,6 +126,8 @@ def train_rl(cfg: JobConfig, run_dir: Path, comps: Components, order: PromptOrde
     ack_pending(comps, state)  # the previous run may have stopped between its checkpoint and its acknowledgement
     dropped_stale: list[str] = []  # group ids dropped for staleness since the last recorded step
     phase = _PhaseTimer()  # driver wall time per phase since the last recorded step (benchmarks/pipeline.py)
+    unread = 0  # groups this run pushed and has not read yet: when they make a batch, the driver does not sleep
+    load_s = 0.0  # the rollout workers' weight-load seconds collected since the last recorded step
 
     while state.step < pcfg.steps:
         # 1. keep rollouts busy: a task may start if it will be trained within max_staleness versions
@@ -137,9 +146,13 @@ def train_rl(cfg: JobConfig, run_dir: Path, comps: Components, order: PromptOrde
                 submitted += 1
             rollouts.submit(tasks)
 
-        # 2. generated groups -> the reward pool; scored groups -> the fresh stream
+        # 2. generated groups -> the reward pool; scored groups -> the fresh stream. The driver sleeps only
+        # when no batch can be read yet, and wakes on whichever generate or scoring call finishes first.
+        with phase("weight_sync"):
+            load_s += comps.settle_loads()
         with phase("rollout_wait"):
-            finished = rollouts.finished(timeout=0.1)
+            wait_for_work(rollouts, comps, timeout=0.0 if len(held) + unread >= per_step else 0.1)
+            finished = rollouts.finished()
         for result in finished:
             if result.skipped is not None:  # unreadable media: the reason goes to the dead-letter stream
                 skipped = skip_prompt(comps, state, result.key, result.prompt_id, result.skipped.reason, submitted)
@@ -173,7 +186,8 @@ def train_rl(cfg: JobConfig, run_dir: Path, comps: Components, order: PromptOrde
                     lost_here[key] = not_pushed[key]  # another task takes its place in this run
                 continue
             with phase("buffer"):
-                ray.get(comps.buffer.push_group.remote(scored.trajectories))
+                pushed = ray.get(comps.buffer.push_group.remote(scored.trajectories))
+            unread += pushed["entry_id"] is not None
             not_pushed.pop(scored.trajectories[0].group_id, None)
         state.cursor = min(not_pushed.values(), default=submitted)
         for key in [k for k, i in lost_here.items() if i < state.cursor]:
@@ -187,8 +201,12 @@ def train_rl(cfg: JobConfig, run_dir: Path, comps: Components, order: PromptOrde
 
         # 3. a training step once a full batch of fresh groups has been read
         if len(held) < per_step:
-            with phase("fresh_wait"):  # blocks up to 100 ms for scored groups: mostly waiting on generation
-                held += ray.get(comps.buffer.read_fresh.remote("learner", per_step - len(held), 100, reclaim_ms))
+            # the driver pushes every group itself, so a read need not block (the first one takes back what a
+            # previous run of this job had read and not committed)
+            with phase("fresh_wait"):
+                read = ray.get(comps.buffer.read_fresh.remote("learner", per_step - len(held), None, reclaim_ms))
+            held += read
+            unread = max(0, unread - len(read))
             reclaim_ms = None
         held, stale = split_stale(held, state.policy_version, pcfg.max_staleness)
         for entry_id, group in stale:  # acknowledged with the next checkpoint; another task takes its place
@@ -228,14 +246,15 @@ def train_rl(cfg: JobConfig, run_dir: Path, comps: Components, order: PromptOrde
         sync_s = None
         if state.step % cfg.learner.publish_every == 0:
             t0 = time.perf_counter()
-            with phase("weight_sync"):
-                state.policy_version = publish_with_retries(comps)
+            with phase("weight_sync"):  # the workers load behind their current generate call, unwaited
+                state.policy_version = publish_with_retries(comps, wait=False)
             sync_s = time.perf_counter() - t0
 
         # 5. record, checkpoint (with the acknowledgements it owes), then acknowledge
         with phase("record"):
             row = record_step(cfg, state, stats, groups, replay, comps, metrics, sync_s, staleness)
         row["stale_dropped_groups"], dropped_stale = dropped_stale, []
+        row["weight_load_seconds"], load_s = round(load_s, 4), 0.0
         row["phase_seconds"] = phase.take()  # this step's record time is counted in the next row
         with history.open("a") as f:
             f.write(json.dumps(row) + "\n")
@@ -250,18 +269,19 @@ def train_rl(cfg: JobConfig, run_dir: Path, comps: Components, order: PromptOrde
                         hint=f"{row['hint_rate']:.2f}", replay=f"{row['replay_fraction']:.2f}",
                         tiers=f"{tiers['easy']}/{tiers['medium']}/{tiers['hard']}", v=state.policy_version)
     bar.close()
+    comps.settle_loads(wait=True)
     rollouts.drain()
     return state
 
 
-def publish_with_retries(comps: Components, retries: int = 3, backoff_s: float = 2.0) -> int:
+def publish_with_retries(comps: Components, retries: int = 3, backoff_s: float = 2.0, wait: bool = True) -> int:
     """comps.publish_weights(); a publish that fails inside the learner (the transport's timeout, a full disk)
     is tried again, republishing the version the learner holds (it may have bumped before the transport
     failed). The workers keep the weights they have meanwhile. A dead learner (RayActorError) is not retried."""
     bump = True
     for attempt in range(retries + 1):
         try:
-            return comps.publish_weights(bump)
+            return comps.publish_weights(bump, wait=wait)
         except ray.exceptions.RayTaskError as exc:
             if attempt == retries:
                 raise
@@ -319,6 +339,7 @@ def record_step(cfg, state, stats, groups, replay, comps, metrics, sync_s, stale
     }
     # cumulative busy seconds of the rollout workers (generation) and reward workers (scoring)
     row["rollout_generate_seconds"] = sum(s.get("generate_seconds", 0.0) for s in worker_stats)
+    row["rollout_tokens"] = sum(s.get("tokens", 0) for s in worker_stats)  # cumulative completion tokens
     row["reward_scoring_seconds"] = float(reward_stats.get("scoring_s_sum", 0.0))
     m = metrics
     m.set("avatar_policy_version", state.policy_version)
@@ -334,9 +355,8 @@ def record_step(cfg, state, stats, groups, replay, comps, metrics, sync_s, stale
         m.set("avatar_reward_mean", v, term=k)
     m.set("avatar_reward_mean", row["reward_mean"], term="total")
     m.set("avatar_accuracy", row["accuracy"])
-    tokens = sum(s.get("tokens", 0) for s in worker_stats)
-    gen_s = sum(s.get("generate_seconds", 0.0) for s in worker_stats)
-    m.set("avatar_rollout_tokens_per_second", tokens / gen_s if gen_s else 0.0)
+    gen_s = row["rollout_generate_seconds"]
+    m.set("avatar_rollout_tokens_per_second", row["rollout_tokens"] / gen_s if gen_s else 0.0)
     m.count_to("avatar_completions_total", state.completions_generated)
     m.set("avatar_queue_depth", buffer_stats.get("fresh_length", 0), queue="fresh_stream")
     m.set("avatar_queue_depth", reward_stats.get("pending", 0), queue="reward_pool")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 from pathlib import Path
 
@@ -117,6 +118,9 @@ def run_stage(cfg: JobConfig, resume: bool = True) -> dict:
     (run_dir / "config.yaml").write_text(dump_config(cfg))
     history = run_dir / "history.jsonl"
     rl = cfg.stage != 0
+    if not resume:  # --fresh: a later resume must not find the previous run's checkpoints or weights
+        for old in ("checkpoints", "published"):
+            shutil.rmtree(run_dir / old, ignore_errors=True)
     launch = launcher.start(run_dir, cfg.buffer.redis)
     metrics = JobMetrics()
     port = metrics.serve(cfg.pipeline.metrics_port)
@@ -135,6 +139,9 @@ def run_stage(cfg: JobConfig, resume: bool = True) -> dict:
                         cfg.data.eval_fraction)
         model_path = Path(cfg.init_from) if cfg.init_from else resolve_model_path(cfg.model, Path(cfg.run_dir) / "_models")
         comps = start_components(cfg, run_dir, model_path, samples, launch.redis, rl)
+        if not resume and (cleared := ray.get(comps.buffer.clear.remote())):
+            # the previous run's buffer (its seen ids would make every regenerated group a duplicate)
+            print(f"[job] --fresh: cleared {cleared} replay-service keys left by a previous run", flush=True)
         for row in bad_rows:  # in the dead-letter stream too, once each (a resume adds nothing)
             source = "manifest" if row.manifest == str(Path(cfg.data.manifest)) else "eval_manifest"
             ray.get(comps.buffer.reject.remote(f"{source}:{row.line}", source, f"{row.manifest} line {row.line}: {row.reason}"))

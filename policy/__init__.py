@@ -5,6 +5,9 @@ Config and record names load eagerly; the rest (torch, Ray, vLLM behind them) on
 that reading a config stays cheap."""
 
 from .config import ModelConfig, ProcessorConfig, TinyModelConfig
+from .quiet import quiet_talker_defaults
+
+quiet_talker_defaults()  # every process that loads an Omni model imports this package
 
 _LAZY = {
     "LoadedPolicy": "model",

@@ -62,7 +62,19 @@ def _omni_config(cfg: TinyModelConfig, tok) -> Qwen2_5OmniConfig:
         vision_end_token_id=ids["vision_eos_token"],
         user_token_id=tok.convert_tokens_to_ids("user") if "user" in tok.get_vocab() else 0,
     )
-    return Qwen2_5OmniConfig(thinker_config=thinker, enable_audio_output=False)
+    # No talker is built (enable_audio_output false), but transformers validates its config at every load:
+    # its defaults name text-token ids of the real 151k vocabulary (151647...151861), outside the talker's
+    # 8448-entry codec vocabulary, and each load warned about seven of them. Ours point at the tiny tokenizer's
+    # own tokens (the real model's meaning for vision/audio; <|endoftext|> stands in for the tts text tokens,
+    # which the tiny tokenizer does not have).
+    talker = dict(
+        vision_start_token_id=ids["vision_bos_token"], vision_end_token_id=ids["vision_eos_token"],
+        audio_start_token_id=ids["audio_bos_token"], audio_end_token_id=ids["audio_eos_token"],
+        audio_token_index=ids["audio_token"], image_token_index=ids["image_token"],
+        video_token_index=ids["video_token"], tts_text_start_token_id=ids["eos_token"],
+        tts_text_end_token_id=ids["eos_token"], tts_text_pad_token_id=ids["eos_token"],
+    )
+    return Qwen2_5OmniConfig(thinker_config=thinker, talker_config=talker, enable_audio_output=False)
 
 
 def _text_config(cfg: TinyModelConfig, tok) -> Qwen2Config:

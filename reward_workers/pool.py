@@ -122,6 +122,11 @@ class RewardPool:
         ]
 
     @property
+    def inflight_refs(self) -> list:
+        """The scoring calls in flight, for a caller that waits on them together with other work."""
+        return list(self._inflight)
+
+    @property
     def pending(self) -> int:
         """Groups submitted and not finished."""
         return len(self._inflight)

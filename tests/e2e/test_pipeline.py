@@ -178,6 +178,14 @@ def test_async_stage_killed_and_resumed_trains_each_group_once(tmp_path):
         (f"manifest:{bad_line}",
          f"{tmp_path / 'data' / 'manifest.jsonl'} line {bad_line}: missing required field(s) answer")]
 
+    # --fresh on the same run folder starts over: the previous run's buffer is cleared (its seen ids would refuse
+    # every regenerated group and the job would wait for ever) and its checkpoints are gone
+    job = start_job(config, log, "pipeline.steps=2", "--fresh")
+    wait_job(job, log, timeout=300)
+    assert "--fresh: cleared" in log.read_text()
+    assert [r["step"] for r in history(run_dir)] == [1, 2]
+    assert sorted(p.name for p in (run_dir / "checkpoints").glob("step-*")) == ["step-000001", "step-000002"]
+
 
 def test_sft_stage_skips_unreadable_media(tmp_path):
     """Stage 0 on a manifest with two prompts whose media cannot be read and a malformed row: the job trains

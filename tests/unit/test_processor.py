@@ -76,6 +76,23 @@ def test_video_patch_order_matches_qwen2vl():
     assert decode(0, 0)[0] == 0 and decode(0, 1)[0] == 1  # the temporal pair holds frames 0 and 1
 
 
+@pytest.mark.parametrize("height,width", [(64, 64), (112, 112), (96, 160), (224, 224)])
+def test_video_patches_equal_transformers_image_processor(height, width):
+    # A clip of two identical frames is what Qwen2-VL's image processor makes of one image (it repeats the
+    # image over the temporal patch), so transformers' PIL processor (no torchvision needed) is the reference.
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    rng = np.random.default_rng(height * 1000 + width)
+    frame = rng.integers(0, 256, size=(height, width, 3), dtype=np.uint8)
+    min_pixels, max_pixels = 56 * 56, 224 * 224
+    ours, grid = video_patches(np.stack([frame, frame]), min_pixels, max_pixels)
+    hf = Qwen2VLImageProcessorPil(min_pixels=min_pixels, max_pixels=max_pixels)(
+        images=[frame], return_tensors="pt")
+    assert grid.tolist() == hf["image_grid_thw"].tolist()
+    assert ours.shape == hf["pixel_values"].shape
+    assert torch.equal(ours, hf["pixel_values"].to(ours.dtype))
+
+
 def test_audio_token_count_by_hand():
     assert audio_token_count(100) == 25  # (99//2+1)=50 -> (50-2)//2+1 = 25
     assert audio_token_count(403) == 101  # 202 -> 101
