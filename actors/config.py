@@ -4,14 +4,12 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
+
+from common.config import StrictConfig
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-
-class RolloutConfig(_Strict):
+class RolloutConfig(StrictConfig):
     engine: Literal["vllm", "hf"] = "vllm"
     num_workers: int = Field(1, ge=1)
     group_size: int = Field(4, ge=1, description="G_on: fresh completions generated per prompt")

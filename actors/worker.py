@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -46,6 +47,22 @@ class GroupResult:
     skipped: Skipped | None = None
 
 
+@dataclass
+class Receipt:
+    """What the driver gets back for a task: ids and counts. The group itself goes from this worker to a reward
+    worker as an object reference (`group`); `scored` is that reward worker's call (its PushReceipt, or the
+    evaluation's numbers), for the driver to wait on. Neither carries data to the driver until it asks."""
+
+    key: str
+    prompt_id: str
+    completions: int = 0
+    tokens: int = 0
+    policy_version: int = -1
+    skipped: str | None = None  # the reason a task's media could not be read (no group, nothing scored)
+    group: object | None = None  # ObjectRef of the list[Trajectory], for scoring it again if its scorer dies
+    scored: object | None = None  # ObjectRef of the reward worker's answer
+
+
 class RolloutWorker:
     def __init__(
         self,
@@ -71,6 +88,7 @@ class RolloutWorker:
             "generate_seconds": 0.0,
         }
         self.given_back = 0
+        self._next_scorer = zlib.crc32(worker_id.encode())  # workers start their round robin at different scorers
         if queue is not None:  # a restarted worker gives back what its previous life had leased
             self.given_back = ray.get(queue.release_worker.remote(worker_id))
             if self.given_back:
@@ -132,6 +150,28 @@ class RolloutWorker:
             self.counts["tokens"] += sum(len(c.token_ids) for c in out.completions)
             results.append(GroupResult(task.key, task.sample.id, trajectories))
         return results
+
+    def rollout(self, tasks: list[PromptTask], scorers: list, evaluate: bool = False, seed: int | None = None,
+                sampling: dict | None = None) -> list[Receipt]:
+        """Generate the tasks' groups (one engine call) and hand each group straight to a reward worker of
+        `scorers` (round robin): `score_and_push` (into the replay service's fresh stream) or, with evaluate,
+        `evaluate` (greedy accuracy). Returns receipts, never the groups."""
+        by_key = {t.key: t for t in tasks}
+        receipts = []
+        for result in self.generate(tasks, seed, sampling):
+            if result.skipped is not None:
+                receipts.append(Receipt(result.key, result.prompt_id, skipped=result.skipped.reason))
+                continue
+            group = ray.put(result.trajectories)
+            scorer = scorers[self._next_scorer % len(scorers)]
+            self._next_scorer += 1
+            call = scorer.evaluate if evaluate else scorer.score_and_push
+            receipts.append(Receipt(
+                result.key, result.prompt_id, len(result.trajectories),
+                sum(len(t.completion_token_ids) for t in result.trajectories),
+                result.trajectories[0].policy_version, group=group,
+                scored=call.remote(group, by_key[result.key].sample)))
+        return receipts
 
     def run(self, queue, batch_size: int = 1, max_tasks: int | None = None, seed: int | None = None) -> int:
         """Lease tasks from a PromptQueue actor, generate, complete them there, until the queue is empty (or

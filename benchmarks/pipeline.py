@@ -11,11 +11,13 @@ includes warm-up):
   learner busy         the learner's train-step seconds / wall seconds
   rollout busy         the rollout workers' generate seconds / (wall seconds x workers)
   scoring busy         the reward workers' scoring seconds / wall seconds
-  per step             the driver's wall seconds by phase (cluster/driver.py `phase_seconds`): rollout_wait
-                       (polling the rollout workers, 0.1 s at a time), fresh_wait (the fresh-stream read, which
-                       blocks up to 0.1 s for scored groups), scoring (handing groups to the reward pool and
-                       polling it), buffer (prompt states, push, replay sampling, commit), train, weight_sync,
-                       record, checkpoint; "other" is the rest of the loop
+  per step             the driver's wall seconds by phase (cluster/driver.py `phase_seconds`): submit (prompt
+                       states, handing out tasks), rollout_wait (waiting for a rollout or scoring call to finish
+                       and reading the receipts), train (the learner's call: it reads the stream, samples the
+                       tiers, trains and inserts), weight_sync, record, checkpoint; "other" is the rest of the
+                       loop. Earlier commits (a --baseline run) also had fresh_wait (the driver's stream read),
+                       scoring (the driver handing groups to the reward pool) and buffer (pushes, replay sampling,
+                       tier inserts by the driver)
   weight sync share    the weight_sync phase over the step's wall time
   generation tok/s     the pipeline's own generation speed: completion tokens over the rollout workers'
                        engine seconds (the history's rollout_tokens / rollout_generate_seconds)
@@ -39,9 +41,11 @@ import subprocess
 import time
 from pathlib import Path
 
-from benchmarks.sample_efficiency import RESULTS, ROOT, _python, _train, ensure_stage0, read_history
+from benchmarks.sample_efficiency import RESULTS, ROOT, _python, ensure_stage0, read_history
 
-PHASES = ["rollout_wait", "fresh_wait", "scoring", "buffer", "train", "weight_sync", "record", "checkpoint"]
+# the driver's phases; an earlier commit's (a --baseline run) had fresh_wait, scoring and buffer in the driver too,
+# which are now inside the learner's train call and the reward workers
+PHASES = ["submit", "rollout_wait", "fresh_wait", "scoring", "buffer", "train", "weight_sync", "record", "checkpoint"]
 
 
 def analyse(rows: list[dict], workers: int) -> dict:
@@ -96,15 +100,35 @@ def engine_batch_speed(model: str, group: int, max_new_tokens: int, log: Path) -
     return next(r["tokens_per_s"] for r in rows if r["engine"] == "vllm" and r["prompts"] == "multimodal")
 
 
-def run_baseline(checkout: Path, overrides: list[str], log: Path) -> None:
-    """The same job in an earlier checkout (its own packages first on the path, this venv's Python)."""
+def run_job(checkout: Path, overrides: list[str], log: Path, history: Path) -> dict:
+    """`cluster.cli train configs/demo.yaml` in `checkout` (its own packages first on the path, this venv's
+    Python), sampling the driver process's CPU seconds (psutil) every 50 ms against the history's length: the
+    driver's CPU per trained group is the CPU spent between the first and the last recorded step over the groups
+    trained in between (start-up, evaluations and shutdown left out). Works for any commit: nothing in the job
+    measures itself."""
+    import psutil
+
     cmd = [_python(), "-m", "cluster.cli", "train", "configs/demo.yaml", *overrides, "--fresh"]
-    print(f"[bench] baseline {checkout}: {' '.join(cmd[1:])}", flush=True)
+    print(f"[bench] {checkout}: {' '.join(cmd[1:])}", flush=True)
     env = {**os.environ, "PYTHONPATH": str(checkout)}
+    first = last = None  # (rows, driver CPU seconds) when the first and the latest row appeared
     with log.open("w") as f:
-        rc = subprocess.run(cmd, cwd=checkout, env=env, stdout=f, stderr=subprocess.STDOUT).returncode
-    if rc != 0:
-        raise SystemExit(f"[bench] baseline run failed (exit {rc}); see {log}")
+        proc = subprocess.Popen(cmd, cwd=checkout, env=env, stdout=f, stderr=subprocess.STDOUT)
+        driver = psutil.Process(proc.pid)
+        while proc.poll() is None:
+            try:
+                cpu = sum(driver.cpu_times()[:2])
+            except psutil.NoSuchProcess:
+                break
+            rows = len(history.read_text().splitlines()) if history.is_file() else 0
+            if rows and first is None:
+                first = (rows, cpu)
+            if rows and (last is None or rows > last[0]):
+                last = (rows, cpu)
+            time.sleep(0.05)
+    if proc.wait() != 0:
+        raise SystemExit(f"[bench] run failed (exit {proc.returncode}); see {log}")
+    return {"driver_cpu_seconds": last[1] - first[1], "rows_between": last[0] - first[0]}
 
 
 def main() -> None:
@@ -117,6 +141,7 @@ def main() -> None:
     args = ap.parse_args()
     out = Path(args.out).resolve()
     init_from = ensure_stage0(out)
+    per_step = 4  # configs/demo.yaml's pipeline.prompts_per_step: groups trained per step
     results, baseline = {}, {}
     for s in [int(x) for x in args.staleness.split(",")]:
         name = f"pipeline_staleness{s}"
@@ -126,14 +151,16 @@ def main() -> None:
         # --fresh kept the previous run's replay buffer, whose seen ids refused every group)
         for folder in (name, f"baseline_staleness{s}"):
             shutil.rmtree(out / "runs" / folder, ignore_errors=True)
-        summary = _train("configs/demo.yaml", ov, out / "logs" / f"{name}.log")
-        rows = read_history(out / "runs" / name)
-        results[s] = {**analyse(rows, workers=1), "job_wall_seconds": summary.get("wall_seconds")}
+        runs = {name: (ROOT, results)}
         if args.baseline:
-            bname = f"baseline_staleness{s}"
-            run_baseline(Path(args.baseline).resolve(), [o.replace(f"name={name}", f"name={bname}") for o in ov],
-                         out / "logs" / f"{bname}.log")
-            baseline[s] = analyse(read_history(out / "runs" / bname), workers=1)
+            runs[f"baseline_staleness{s}"] = (Path(args.baseline).resolve(), baseline)
+        for run, (checkout, into) in runs.items():
+            t0 = time.time()
+            cpu = run_job(checkout, [o.replace(f"name={name}", f"name={run}") for o in ov], out / "logs" / f"{run}.log",
+                          out / "runs" / run / "history.jsonl")
+            into[s] = {**analyse(read_history(out / "runs" / run), workers=1), "job_wall_seconds": time.time() - t0,
+                       "driver_cpu_ms_per_group": 1000 * cpu["driver_cpu_seconds"] / (cpu["rows_between"] * per_step)
+                       if cpu["rows_between"] else None}
     engine_tps = engine_batch_speed(init_from, 4, 128, out / "logs" / "engine_batch.log") if args.engine_batch else None
 
     lines = ["| staleness | s/step | trajectories/s | trained samples/s | learner busy | rollout busy | scoring busy "
@@ -153,12 +180,14 @@ def main() -> None:
         lines += ["", f"this checkout against the baseline checkout (commit {commit}), same job, same machine, "
                       "one run after the other", "",
                   "| staleness | s/step here | s/step baseline | speed-up | weight sync share here | "
-                  "weight sync share baseline | worker load s/step here |", "|---|---|---|---|---|---|---|"]
+                  "weight sync share baseline | worker load s/step here | driver CPU ms/group here | "
+                  "driver CPU ms/group baseline |", "|---|---|---|---|---|---|---|---|---|"]
         for s, b in baseline.items():
             r = results[s]
             lines.append(f"| {s} | {r['seconds_per_step']:.2f} | {b['seconds_per_step']:.2f} | "
                          f"{b['seconds_per_step'] / r['seconds_per_step']:.2f}x | {r['weight_sync_share']:.3f} | "
-                         f"{b['weight_sync_share']:.3f} | {r['worker_load_seconds_per_step']:.3f} |")
+                         f"{b['weight_sync_share']:.3f} | {r['worker_load_seconds_per_step']:.3f} | "
+                         f"{r['driver_cpu_ms_per_group']:.2f} | {b['driver_cpu_ms_per_group']:.2f} |")
         lines += ["", "baseline driver wall seconds per step by phase", "",
                   "| staleness | " + " | ".join(PHASES + ["other"]) + " |", "|---" * (len(PHASES) + 2) + "|"]
         for s, b in baseline.items():

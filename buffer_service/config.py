@@ -4,14 +4,12 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
+
+from common.config import StrictConfig
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-
-class RedisConfig(_Strict):
+class RedisConfig(StrictConfig):
     url: str | None = Field(
         None, description="redis://host:port/db of an existing Redis; None = start a private one"
     )
@@ -24,7 +22,7 @@ class RedisConfig(_Strict):
     key_prefix: str = "avatar"
 
 
-class HintConfig(_Strict):
+class HintConfig(StrictConfig):
     """When a prompt gets its hint (AVATAR.md section 4). One rule, evaluated in the replay service whenever the
     prompt's statistics change or its state is read (buffer_service/lua/helpers.lua, update_hint)."""
 
@@ -48,7 +46,7 @@ class HintConfig(_Strict):
     lapse_when_not_hard: bool = Field(True, description="drop the hint once the prompt leaves the hard tier")
 
 
-class BufferConfig(_Strict):
+class BufferConfig(StrictConfig):
     redis: RedisConfig = Field(default_factory=RedisConfig)
     capacity: int = Field(10_000, ge=3)
     tier_ratios: dict[Literal["easy", "medium", "hard"], float] = Field(

@@ -513,13 +513,15 @@ class ReplayService:
         return out
 
     def clear(self) -> int:
-        """Delete every key of this service's prefix (a new run on a shared Redis). Returns the count."""
+        """Delete every key of this service's prefix (a new run on a shared Redis). Returns the count, leaving
+        out an empty fresh stream (every client creates it with its consumer group: it holds nothing)."""
         keys = list(self.r.scan_iter(match=f"{self.prefix}:*", count=1000))
+        counted = sum(1 for k in keys if k.decode() != self.k["fresh"] or self.r.xlen(k))
         for i in range(0, len(keys), 500):
             self.r.delete(*keys[i : i + 500])
         self._snapshot = None
         self.r.xgroup_create(self.k["fresh"], self.config.consumer_group, id="0", mkstream=True)
-        return len(keys)
+        return counted
 
 
 def _parse_meta(tid: bytes, value: bytes) -> dict:

@@ -17,6 +17,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from common.console import configure_console
+
 from .config import ConfigError, dump_config, load_config
 
 
@@ -50,6 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     synth.add_argument("out_dir")
     synth.add_argument("overrides", nargs="*", help="synth settings, e.g. num_items=100 stage=2")
     args = parser.parse_args(argv)
+    configure_console()
 
     try:
         if args.command == "config":

@@ -76,8 +76,8 @@ class Components:
                     if tries > MAX_LOAD_RETRIES:
                         raise
                     cause = str(exc).strip().splitlines()[-1][:300]
-                    print(f"[driver] weight load failed ({cause}); loading v{self.weights['version']} again "
-                          f"({tries}/{MAX_LOAD_RETRIES})", flush=True)
+                    log.warning(f"weight load failed ({cause}); loading v{self.weights['version']} again "
+                          f"({tries}/{MAX_LOAD_RETRIES})")
                     self.loads[worker].append(self._load(worker))
         return seconds
 
@@ -91,7 +91,7 @@ class Components:
         version = _answer_once_back(worker.version, time.monotonic() + timeout_s)
         if self.weights is not None and version != self.weights["version"]:
             ray.get(self._load(worker))
-            print(f"[driver] restarted rollout worker reloaded policy v{self.weights['version']}", flush=True)
+            log.info(f"restarted rollout worker reloaded policy v{self.weights['version']}")
 
     def ready_reward_workers(self, timeout_s: float = 300.0) -> None:
         """Wait until every reward worker answers (Ray restarts a dead one); raises if one does not come back."""
@@ -99,23 +99,13 @@ class Components:
         for worker in self.rewards.workers:
             _answer_once_back(worker.stats, deadline)
 
-    def worker_stats(self) -> list[dict]:
-        """Each worker's counters; a worker being restarted reports nothing this time."""
-        out = []
-        for ref in [w.stats.remote() for w in self.workers]:
-            try:
-                out.append(ray.get(ref, timeout=30))
-            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
-                out.append({})
-        return out
-
     def stop(self) -> None:
         """vLLM engines first (inside their actors), then the rest; Ray itself is stopped by the launcher."""
         for w in self.workers:
             try:
                 ray.get(w.shutdown.remote(), timeout=60)
             except Exception as exc:  # a dead worker has nothing left to stop
-                print(f"[driver] rollout worker shutdown: {type(exc).__name__}: {exc}", flush=True)
+                log.info(f"rollout worker shutdown: {type(exc).__name__}: {exc}")
             ray.kill(w)
         if self.rewards is not None:
             self.rewards.shutdown()
@@ -171,7 +161,7 @@ def start_components(cfg: JobConfig, run_dir: Path, model_path: Path, samples, r
     gpu = placement.group is not None
     buffer_cfg = cfg.buffer.model_copy(update={"redis": redis_cfg})
     buffer = ray.remote(num_cpus=0)(ReplayService).remote(buffer_cfg)
-    learner = LearnerGroup(
+    learner = LearnerGroup(buffer_cfg=buffer_cfg.model_dump() if rl else None,
         **learner_args(cfg, rl), model_path=model_path,
         media_provider=PromptMedia(samples, cfg.processor, str(model_path)),
         publish_dir=run_dir / "published", num_cpus_per_rank=1 if gpu else 0, num_gpus_per_rank=1 if gpu else 0,
@@ -185,13 +175,14 @@ def start_components(cfg: JobConfig, run_dir: Path, model_path: Path, samples, r
         .remote(f"rollout-{i}", str(model_path), cfg.rollout, cfg.processor, None, cfg.model.dtype, cfg.seed + i)
         for i in range(cfg.rollout.num_workers)
     ]
-    if rl:
-        judge_engine = None
-        if needs_judge and reward_cfg.judge.model_path:
-            # refuses a text-only judge model that num_frames would show images to
-            judge_engine = start_judge_engine(reward_cfg.judge,
-                                              num_gpus=plan_bundles(cfg, True)["judge"][0]["GPU"] if gpu else 0,
-                                              **placement.options("judge", 0))
-        comps.rewards = RewardPool(reward_cfg, judge_engine=judge_engine, stage=cfg.stage)
-        comps.judge_engine = judge_engine
+    # Reward workers for SFT too: they score the evaluations (the groups go to them, not to the driver).
+    judge_engine = None
+    if needs_judge and reward_cfg.judge.model_path:
+        # refuses a text-only judge model that num_frames would show images to
+        judge_engine = start_judge_engine(reward_cfg.judge,
+                                          num_gpus=plan_bundles(cfg, True)["judge"][0]["GPU"] if gpu else 0,
+                                          **placement.options("judge", 0))
+    comps.rewards = RewardPool(reward_cfg, judge_engine=judge_engine, stage=cfg.stage,
+                               buffer_cfg=buffer_cfg.model_dump())
+    comps.judge_engine = judge_engine
     return comps

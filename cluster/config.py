@@ -8,18 +8,18 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, Field, ValidationError, model_validator
 
 from actors.config import RolloutConfig
 from buffer_service.config import BufferConfig
+from common.config import StrictConfig
 from data.config import DataConfig
 from learner.config import LearnerConfig
 from policy.config import ModelConfig, ProcessorConfig
 from reward_workers.config import RewardConfig
 
 
-class PipelineConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+class PipelineConfig(StrictConfig):
 
     steps: int = Field(20, ge=0, description="learner steps in this stage")
     prompts_per_step: int = Field(4, ge=1, description="fresh groups per training batch")
@@ -32,8 +32,7 @@ class PipelineConfig(BaseModel):
     metrics_port: int = Field(0, ge=0, description="Prometheus port of the driver (0 = a free one)")
 
 
-class JobConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+class JobConfig(StrictConfig):
 
     name: str = "avatar"
     stage: Literal[0, 1, 2, 3] = 1

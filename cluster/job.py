@@ -17,9 +17,9 @@ from learner.learner import SFTExample
 from policy.media import MediaError
 from policy.model import resolve_model_path
 from policy.processor import PromptProcessor
-from reward_workers.rewards import accuracy_reward, format_reward
 
 from . import launcher
+from .audit import install_from_env as install_audit_from_env
 from .components import Components, start_components
 from .config import JobConfig, check_config_paths, dump_config
 from .driver import skip_prompt, train_rl
@@ -32,25 +32,19 @@ log = logging.getLogger(__name__)
 
 
 def evaluate(comps: Components, samples, cfg: JobConfig) -> dict:
-    """Greedy decoding on the eval prompts; the answer parsed from <answer> (AVATAR.md section 6)."""
+    """Greedy decoding on the eval prompts; the answer parsed from <answer> (AVATAR.md section 6). Each worker
+    hands its completions to the reward workers, which return the accuracy and format values only."""
     if not samples:
         return {"accuracy": None, "format": None, "n": 0}
     greedy = {"n": 1, "temperature": 0.0, "max_new_tokens": cfg.rollout.max_new_tokens}
     shards = [samples[i :: len(comps.workers)] for i in range(len(comps.workers))]
-    refs = [w.generate.remote([PromptTask(f"eval:{s.id}", s) for s in shard], 0, greedy)
+    refs = [w.rollout.remote([PromptTask(f"eval:{s.id}", s) for s in shard], comps.rewards.workers, True, 0, greedy)
             for w, shard in zip(comps.workers, shards) if shard]
-    by_id = {s.id: s for s in samples}
-    acc, fmt, skipped = [], [], 0
-    for results in ray.get(refs):
-        for r in results:
-            if r.skipped is not None:
-                skipped += 1
-                continue
-            text = r.trajectories[0].completion_text
-            acc.append(accuracy_reward(text, by_id[r.prompt_id]))
-            fmt.append(format_reward(text, by_id[r.prompt_id]))
+    receipts = [r for rs in ray.get(refs) for r in rs]
+    scores = ray.get([r.scored for r in receipts if r.skipped is None])
+    acc, fmt = [s["accuracy"] for s in scores], [s["format"] for s in scores]
     return {"accuracy": sum(acc) / max(len(acc), 1), "format": sum(fmt) / max(len(fmt), 1), "n": len(acc),
-            "skipped": skipped}
+            "skipped": len(receipts) - len(scores)}
 
 
 def train_sft(cfg: JobConfig, run_dir: Path, comps: Components, order: PromptOrder, state: RunState,
@@ -71,7 +65,7 @@ def train_sft(cfg: JobConfig, run_dir: Path, comps: Components, order: PromptOrd
                 examples.append(SFTExample(processor.build(sample).prompt_token_ids, processor.target_ids(sample.cot),
                                            prompt_id=sample.id))
             except (MediaError, OSError) as exc:  # skipped, counted, its reason in the dead-letter stream
-                print(f"[sft] skipping prompt {sample.id}: {exc}", flush=True)
+                log.warning(f"skipping prompt {sample.id}: {exc}")
                 skip_prompt(comps, state, key, sample.id, str(exc), state.cursor)
         stats = comps.learner.sft_step(examples)
         state.step += 1
@@ -121,11 +115,12 @@ def run_stage(cfg: JobConfig, resume: bool = True) -> dict:
     if not resume:  # --fresh: a later resume must not find the previous run's checkpoints or weights
         for old in ("checkpoints", "published"):
             shutil.rmtree(run_dir / old, ignore_errors=True)
+    install_audit_from_env()  # tests: what the driver receives (cluster/audit.py)
     launch = launcher.start(run_dir, cfg.buffer.redis)
     metrics = JobMetrics()
     port = metrics.serve(cfg.pipeline.metrics_port)
     write_scrape_config(run_dir, port, cfg.name)
-    print(f"[job] {cfg.name}: stage {cfg.stage}, run folder {run_dir}, metrics on 127.0.0.1:{port}/metrics", flush=True)
+    log.info(f"{cfg.name}: stage {cfg.stage}, run folder {run_dir}, metrics on 127.0.0.1:{port}/metrics")
     comps = None
     try:
         bad_rows: list = []
@@ -141,7 +136,7 @@ def run_stage(cfg: JobConfig, resume: bool = True) -> dict:
         comps = start_components(cfg, run_dir, model_path, samples, launch.redis, rl)
         if not resume and (cleared := ray.get(comps.buffer.clear.remote())):
             # the previous run's buffer (its seen ids would make every regenerated group a duplicate)
-            print(f"[job] --fresh: cleared {cleared} replay-service keys left by a previous run", flush=True)
+            log.info(f"--fresh: cleared {cleared} replay-service keys left by a previous run")
         for row in bad_rows:  # in the dead-letter stream too, once each (a resume adds nothing)
             source = "manifest" if row.manifest == str(Path(cfg.data.manifest)) else "eval_manifest"
             ray.get(comps.buffer.reject.remote(f"{source}:{row.line}", source, f"{row.manifest} line {row.line}: {row.reason}"))
@@ -154,13 +149,13 @@ def run_stage(cfg: JobConfig, resume: bool = True) -> dict:
             comps.learner.load_checkpoint(ckpt / "learner")
             _truncate_history(history, state.step)
             state.policy_version = comps.publish_weights(version=resume_version(run_dir, state.policy_version))
-            print(f"[job] resumed from {ckpt.name}: step {state.step}, cursor {state.cursor}", flush=True)
+            log.info(f"resumed from {ckpt.name}: step {state.step}, cursor {state.cursor}")
         else:
             state = RunState()
             history.unlink(missing_ok=True)
         if "before" not in summary:
             summary["before"] = evaluate(comps, eval_samples, cfg)
-            print(f"[job] accuracy before: {summary['before']}", flush=True)
+            log.info(f"accuracy before: {summary['before']}")
             summary_path.write_text(json.dumps(summary, indent=2))
         if rl:
             state = train_rl(cfg, run_dir, comps, order, state, metrics, history)
@@ -169,7 +164,7 @@ def run_stage(cfg: JobConfig, resume: bool = True) -> dict:
         if not rl:  # SFT changed the weights without publishing: hand them to the workers for the evaluation
             comps.publish_weights()
         summary["after"] = evaluate(comps, eval_samples, cfg)
-        print(f"[job] accuracy after: {summary['after']}", flush=True)
+        log.info(f"accuracy after: {summary['after']}")
         summary["export"] = comps.learner.export_hf(run_dir / "export")
         if rl and state.step:
             summary["report"] = [str(p) for p in write_report(run_dir)]
@@ -193,7 +188,7 @@ def run_stage(cfg: JobConfig, resume: bool = True) -> dict:
             try:
                 comps.stop()
             except Exception as exc:  # a dead component must not keep Ray and Redis from being stopped
-                print(f"[job] stopping components: {type(exc).__name__}: {str(exc)[:300]}", flush=True)
+                log.warning(f"stopping components: {type(exc).__name__}: {str(exc)[:300]}")
         launcher.stop(launch)
 
 

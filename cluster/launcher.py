@@ -7,6 +7,7 @@ from __future__ import annotations
 import glob
 import hashlib
 import json
+import logging
 import os
 import tempfile
 from dataclasses import dataclass
@@ -16,6 +17,8 @@ import psutil
 
 from buffer_service.config import RedisConfig
 from buffer_service.redis_server import LocalRedis, start_redis
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -88,7 +91,7 @@ def _clean_after_crash(run_dir: Path) -> None:
             pass
     psutil.wait_procs(victims, timeout=10)
     if victims:
-        print(f"[launch] stopped {len(victims)} processes left by a previous driver of {run_dir}", flush=True)
+        log.info(f"stopped {len(victims)} processes left by a previous driver of {run_dir}")
 
 
 def start(run_dir: Path, redis_cfg: RedisConfig, num_cpus: int | None = None, with_redis: bool = True) -> Launch:

@@ -4,14 +4,12 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
+
+from common.config import StrictConfig
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-
-class SynthConfig(_Strict):
+class SynthConfig(StrictConfig):
     """The synthetic audio-visual dataset: beeps and shapes whose questions need both senses."""
 
     num_items: int = Field(48, ge=1)
@@ -24,7 +22,7 @@ class SynthConfig(_Strict):
     separate_audio_fraction: float = Field(0.25, ge=0, le=1, description="items whose audio is a wav file")
 
 
-class DataConfig(_Strict):
+class DataConfig(StrictConfig):
     manifest: str | None = Field(None, description="JSONL or Parquet manifest; None = generate synthetic data")
     eval_manifest: str | None = Field(
         None, description="held-out evaluation manifest; its ids are taken out of the training manifest (with a "

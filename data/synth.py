@@ -14,14 +14,19 @@ Difficulty (easy/medium/hard) sets the number of shapes and beeps. Deterministic
 from __future__ import annotations
 
 import argparse
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from common.console import configure_console
+
 from .config import SynthConfig
 from .manifest import write_manifest
 from .sample import PromptSample
+
+log = logging.getLogger(__name__)
 
 COLOURS = {"red": (220, 40, 40), "green": (40, 200, 60), "blue": (40, 80, 230), "yellow": (230, 220, 40)}
 SHAPES = ("circle", "square", "triangle")
@@ -241,7 +246,7 @@ def generate(cfg: SynthConfig, out_dir: str | Path, progress: bool = False) -> P
             options=options, hint=hint, audio_caption=caption, stage=cfg.stage, cot=cot, difficulty=level,
         ))
         if progress and (i + 1) % 10 == 0:
-            print(f"[synth] {i + 1}/{cfg.num_items} items", flush=True)
+            log.info(f"{i + 1}/{cfg.num_items} items")
     return write_manifest(samples, out / "manifest.jsonl")
 
 
@@ -252,8 +257,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--stage", type=int, default=1, choices=(0, 1, 2, 3))
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    configure_console()
     path = generate(SynthConfig(num_items=args.num_items, stage=args.stage, seed=args.seed), args.out_dir, progress=True)
-    print(f"[synth] wrote {path}")
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

@@ -12,21 +12,25 @@ from dataclasses import asdict
 from pathlib import Path
 
 from .config import LearnerConfig
-from .distributed import free_port
+from .distributed import broadcast_from_rank0, free_port
+from .feed import FreshFeed, commit
 from .learner import Learner, MediaProvider
+from .summary import step_summary
 
 
 class LearnerWorker:
     """One rank. Constructed cheaply; setup() joins the process group and builds the engine."""
 
     def __init__(self, cfg: LearnerConfig | dict, model_path: str, rank: int, world_size: int, total_steps: int,
-                 media_provider: MediaProvider | None = None, publish_dir: str | None = None):
+                 media_provider: MediaProvider | None = None, publish_dir: str | None = None,
+                 buffer_cfg: dict | None = None):
         self.cfg = cfg if isinstance(cfg, LearnerConfig) else LearnerConfig.model_validate(cfg)
         self.model_path, self.rank, self.world_size = model_path, rank, world_size
         self.total_steps = total_steps
         self.media_provider, self.publish_dir = media_provider, publish_dir
         self.learner: Learner | None = None
         self.transport = None
+        self.feed = FreshFeed(buffer_cfg) if buffer_cfg is not None and rank == 0 else None
 
     def address(self) -> tuple[str, int]:
         """Where rank 0 hosts the rendezvous: this node's address and a free port on it."""
@@ -49,6 +53,36 @@ class LearnerWorker:
 
     def train_step(self, fresh_groups, replay_samples=()) -> dict:
         return self.learner.train_step(fresh_groups, replay_samples)
+
+    def train_from_buffer(self, per_step: int, n_replay: int, max_staleness: int, block_ms: int | None = None,
+                          reclaim: bool = False) -> dict:
+        """One step on data the learner fetches itself: rank 0 reads `per_step` fresh groups from the stream
+        (dropping those older than max_staleness versions) and samples `n_replay` replayed ones, every rank
+        trains on its share, rank 0 puts the trained samples into the tiers. Returns a summary of counts, means
+        and ids ({"trained": False, ...} when fewer than a batch could be read; what was read stays held)."""
+        batch = replay = None
+        stale: list = []
+        if self.rank == 0:
+            if self.feed is None:
+                raise RuntimeError("train_from_buffer: this learner was started without a replay service")
+            version = self.learner.policy_version
+            self.feed.read(per_step, version, max_staleness, block_ms, reclaim)
+            batch = self.feed.take(per_step)
+            stale = self.feed.take_stale()
+            if batch is not None and n_replay:
+                replay = self.feed.service.sample(n_replay, None, None, version)
+        if self.world_size > 1:  # the batch reaches the other ranks over the learner's process group
+            batch, replay = broadcast_from_rank0((batch, replay))
+        held = len(self.feed.held) if self.feed is not None else 0
+        if batch is None:
+            return {"trained": False, "stale": stale, "held": held}
+        groups = [g for _, g in batch]
+        stats = self.learner.train_step(groups, replay or [])
+        if self.rank != 0:
+            return {"trained": True}
+        commit(self.feed.service, batch, stats, replay_on=n_replay > 0)
+        return {"trained": True, **step_summary(groups, replay or [], stats, self.learner.policy_version),
+                "entry_ids": [e for e, _ in batch], "stale": stale, "held": held}
 
     def sft_step(self, examples) -> dict:
         return self.learner.sft_step(examples)
@@ -85,14 +119,15 @@ class LearnerGroup:
     def __init__(self, cfg: LearnerConfig, model_path: str | Path, *, total_steps: int,
                  media_provider: MediaProvider | None = None,
                  publish_dir: str | Path | None = None, num_cpus_per_rank: float = 1,
-                 num_gpus_per_rank: float = 0, scheduling_strategies: list | None = None):
+                 num_gpus_per_rank: float = 0, scheduling_strategies: list | None = None,
+                 buffer_cfg: dict | None = None):
         import ray
 
         actor = ray.remote(LearnerWorker).options(num_cpus=num_cpus_per_rank, num_gpus=num_gpus_per_rank)
         self.workers = [
             (actor.options(scheduling_strategy=scheduling_strategies[rank]) if scheduling_strategies else actor)
             .remote(cfg.model_dump(), str(model_path), rank, cfg.num_ranks, total_steps, media_provider,
-                    str(publish_dir) if publish_dir else None)
+                    str(publish_dir) if publish_dir else None, buffer_cfg)
             for rank in range(cfg.num_ranks)
         ]
         addr, port = ray.get(self.workers[0].address.remote())
@@ -106,6 +141,10 @@ class LearnerGroup:
 
     def train_step(self, fresh_groups, replay_samples=()) -> dict:
         return self._all("train_step", list(fresh_groups), list(replay_samples))
+
+    def train_from_buffer(self, per_step: int, n_replay: int, max_staleness: int, block_ms: int | None = None,
+                          reclaim: bool = False) -> dict:
+        return self._all("train_from_buffer", per_step, n_replay, max_staleness, block_ms, reclaim)
 
     def sft_step(self, examples) -> dict:
         return self._all("sft_step", list(examples))

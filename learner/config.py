@@ -4,14 +4,12 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field, field_validator
+
+from common.config import StrictConfig
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-
-class ObjectiveConfig(_Strict):
+class ObjectiveConfig(StrictConfig):
     clip_eps: float = Field(0.2, gt=0)
     kl_beta: float = Field(0.1, ge=0)
     tas_shape: Literal["parabola", "uniform", "linear_decay", "linear_incline", "inverse_parabola"] = "parabola"
@@ -27,14 +25,14 @@ class ObjectiveConfig(_Strict):
     )
 
 
-class LoraConfig(_Strict):
+class LoraConfig(StrictConfig):
     enabled: bool = False
     r: int = Field(8, ge=1)
     alpha: int = Field(32, ge=1)
     dropout: float = Field(0.0, ge=0, lt=1)
 
 
-class LearnerConfig(_Strict):
+class LearnerConfig(StrictConfig):
     mode: Literal["rl", "sft"] = "rl"
     objective: ObjectiveConfig = Field(default_factory=ObjectiveConfig)
     lora: LoraConfig = Field(default_factory=LoraConfig)

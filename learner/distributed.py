@@ -54,3 +54,12 @@ def shutdown_distributed() -> None:
     for name in ("_WORLD_GROUP", "_ZERO_PARAM_INTRA_PARALLEL_GROUP", "_MODEL_PARALLEL_GROUP", "_DATA_PARALLEL_GROUP",
                  "_TENSOR_MODEL_PARALLEL_GROUP"):
         setattr(groups, name, None)
+
+
+def broadcast_from_rank0(obj):
+    """Rank 0's `obj` on every rank (a Python object over the process group; other ranks pass anything)."""
+    import torch.distributed as dist
+
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]

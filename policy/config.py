@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
+
+from common.config import StrictConfig
 
 SYSTEM_PROMPT = (
     "You are a helpful assistant who watches the video and listens to its audio. "
@@ -13,11 +15,8 @@ SYSTEM_PROMPT = (
 )
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
-
-class TinyModelConfig(_Strict):
+class TinyModelConfig(StrictConfig):
     """A random-weight model built offline (nothing is downloaded)."""
 
     kind: Literal["omni", "text"] = "omni"
@@ -31,13 +30,13 @@ class TinyModelConfig(_Strict):
     seed: int = 0
 
 
-class ModelConfig(_Strict):
+class ModelConfig(StrictConfig):
     path: str | None = Field(None, description="local folder of a Hugging Face checkpoint (e.g. Qwen2.5-Omni-7B)")
     tiny: TinyModelConfig | None = Field(default_factory=TinyModelConfig)
     dtype: Literal["float32", "bfloat16"] = "float32"
 
 
-class ProcessorConfig(_Strict):
+class ProcessorConfig(StrictConfig):
     """How a prompt becomes model inputs; defaults follow AVATAR.md (16 frames at 224x224, 16 kHz audio)."""
 
     system_prompt: str = SYSTEM_PROMPT

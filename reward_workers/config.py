@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
+
+from common.config import StrictConfig
 
 STAGE_WEIGHTS: dict[int, dict[str, float]] = {
     0: {"format": 0.5, "accuracy": 0.5},
@@ -17,11 +19,8 @@ STAGE_WEIGHTS: dict[int, dict[str, float]] = {
 }
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
-
-class JudgeConfig(_Strict):
+class JudgeConfig(StrictConfig):
     backend: Literal["local", "openai"] = "local"
     model_path: str | None = Field(None, description="local judge model folder (backend local)")
     engine: Literal["vllm", "hf"] = Field("vllm", description="local judge engine (actors.engines)")
@@ -56,7 +55,7 @@ class JudgeConfig(_Strict):
     )
 
 
-class RewardConfig(_Strict):
+class RewardConfig(StrictConfig):
     weights: dict[Literal["format", "accuracy", "self", "judge"], float] | None = Field(
         None, description="term weights; None = the stage's defaults"
     )

@@ -7,6 +7,7 @@ timeout, raises PoolFull), which is the back-pressure. A worker scores cfg.group
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from dataclasses import dataclass, field
@@ -22,6 +23,23 @@ from .judge_engine import LocalJudgeBackend, start_judge_engine
 from .scoring import score_group
 
 
+def failpoint(name: str) -> None:
+    """Fault injection for the fault suite (tests/faults): with AVATAR_FAILPOINT=<name> and AVATAR_FAILPOINT_FILE
+    set, the first process to reach the point claims the file and exits at once (as a SIGKILL would); nothing
+    happens otherwise."""
+    if os.environ.get("AVATAR_FAILPOINT") != name:
+        return
+    marker = os.environ.get("AVATAR_FAILPOINT_FILE")
+    try:
+        fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY) if marker else None
+    except FileExistsError:
+        return  # fired once already
+    if fd is not None:
+        os.write(fd, str(os.getpid()).encode())
+        os.close(fd)
+        os._exit(1)
+
+
 class PoolFull(Exception):
     """submit() found max_pending_groups groups in flight and none finished within its timeout."""
 
@@ -35,6 +53,7 @@ class ScoredGroup:
     worker: int
     error: str | None = None  # set when scoring raised: the trajectories are then unscored
     judge_failures: int = 0
+    worker_lost: bool = False  # the error is the worker's death (Ray's RayActorError family), not the group's
 
 
 def build_judge(cfg: RewardConfig, engine=None) -> Judge | None:
@@ -46,16 +65,67 @@ def build_judge(cfg: RewardConfig, engine=None) -> Judge | None:
     return Judge(jc, LocalJudgeBackend(jc, engine)) if engine is not None else None
 
 
+@dataclass
+class PushReceipt:
+    """What the driver learns of a group a reward worker scored and pushed: ids and counts, never the group."""
+    group_id: str
+    prompt_id: str
+    entry_id: str | None = None  # the fresh-stream entry; None when nothing new entered (duplicates, errors)
+    accepted: int = 0
+    duplicates: int = 0  # trajectories the buffer had already seen (a regenerated or rescored group)
+    dead_lettered: bool = False  # the record failed validation: in the dead-letter stream, never trained
+    error: str | None = None  # scoring raised: nothing was pushed; the caller may score the group again
+    judge_failures: int = 0
+    seconds: float = 0.0
+
+
 # Restartable: a worker that dies fails the groups it held (reported as ScoredGroup.error, for the caller to
 # submit again) and Ray starts it again with the same arguments.
 @ray.remote(num_cpus=0, max_restarts=3, max_task_retries=0)
 class RewardWorker:
-    def __init__(self, cfg: dict, index: int, judge_engine=None):
+    def __init__(self, cfg: dict, index: int, judge_engine=None, buffer_cfg: dict | None = None):
         self.cfg = RewardConfig.model_validate(cfg)
         self.index = index
         self.judge = build_judge(self.cfg, judge_engine)
         self._slots = threading.BoundedSemaphore(self.cfg.groups_per_worker)  # the actor has one thread more
         self.counts = {"groups_scored": 0, "groups_failed": 0, "trajectories_scored": 0, "scoring_s_sum": 0.0}
+        self.buffer_cfg = buffer_cfg
+        self._buffer = None  # this worker's own client of the replay service (Redis), made on first push
+        self._buffer_lock = threading.Lock()
+
+    def score_and_push(self, trajectories: list[Trajectory], sample: PromptSample) -> PushReceipt:
+        """Score one group (handed over by a rollout worker as an object reference) and push it into the fresh
+        stream through the replay service's atomic push (dedup by trajectory id, R(q), streaks, hints)."""
+        with self._slots:
+            scored = self._score(trajectories, sample, None)
+            receipt = PushReceipt(trajectories[0].group_id, sample.id, error=scored.error,
+                                  judge_failures=scored.judge_failures,
+                                  seconds=scored.finished_at - scored.started_at)
+            if scored.error:
+                return receipt
+            pushed = self._service().push_group(trajectories)
+            failpoint("reward_worker_after_push")
+            receipt.entry_id, receipt.accepted = pushed["entry_id"], pushed["accepted"]
+            receipt.duplicates, receipt.dead_lettered = pushed["duplicates"], pushed["dead_lettered"]
+            return receipt
+
+    def evaluate(self, trajectories: list[Trajectory], sample: PromptSample) -> dict[str, float]:
+        """Accuracy and format of a greedy completion (held-out evaluation): numbers back, not the text."""
+        from .rewards import accuracy_reward, format_reward
+
+        text = trajectories[0].completion_text
+        return {"accuracy": accuracy_reward(text, sample), "format": format_reward(text, sample)}
+
+    def _service(self):
+        with self._buffer_lock:
+            if self._buffer is None:
+                if self.buffer_cfg is None:
+                    raise RuntimeError("this reward worker was started without a replay service to push to")
+                from buffer_service.config import BufferConfig
+                from buffer_service.service import ReplayService
+
+                self._buffer = ReplayService(BufferConfig.model_validate(self.buffer_cfg))
+            return self._buffer
 
     def score(self, trajectories: list[Trajectory], sample: PromptSample, frames: list[bytes] | None = None):
         """Score one group. The judge is shown `frames` when given, else reward.judge.num_frames frames that
@@ -100,6 +170,7 @@ class RewardPool:
     cfg: RewardConfig
     judge_engine: object | None = None  # a JudgeEngineActor handle; created here when None and needed
     stage: int | None = None  # the job's stage: a judge engine is started only if its weights use the judge
+    buffer_cfg: dict | None = None  # the replay service the workers push scored groups into (score_and_push)
     workers: list = field(default_factory=list)
     _inflight: dict = field(default_factory=dict)  # ObjectRef -> _Inflight
     _ready: list = field(default_factory=list)
@@ -117,7 +188,7 @@ class RewardPool:
         options = {"max_concurrency": self.cfg.groups_per_worker + 1}  # +1: stats() answers while busy
         cfg = self.cfg.model_dump()
         self.workers = [
-            RewardWorker.options(**options).remote(cfg, i, self.judge_engine)
+            RewardWorker.options(**options).remote(cfg, i, self.judge_engine, self.buffer_cfg)
             for i in range(self.cfg.num_workers)
         ]
 
@@ -224,4 +295,6 @@ class RewardPool:
                     item.trajectories, item.sample_id, item.submitted_at, time.time(), item.worker
                 )
                 failed.error = f"worker failed: {type(e).__name__}: {e}"
+                # ActorDiedError and ActorUnavailableError are RayActorErrors: the worker died or is restarting
+                failed.worker_lost = isinstance(e, ray.exceptions.RayActorError)
                 self._ready.append(failed)

@@ -45,9 +45,10 @@ def write_config(tmp_path: Path, name: str, **settings) -> Path:
     return path
 
 
-def start_job(config: Path, log: Path, *extra: str) -> subprocess.Popen:
+def start_job(config: Path, log: Path, *extra: str, env: dict | None = None) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "cluster.cli", "train", str(config), *extra], cwd=ROOT,
-                            env=job_env(), stdout=log.open("ab"), stderr=subprocess.STDOUT, start_new_session=True)
+                            env={**job_env(), **(env or {})}, stdout=log.open("ab"), stderr=subprocess.STDOUT,
+                            start_new_session=True)
 
 
 def wait_job(proc: subprocess.Popen, log: Path, timeout: float = 600) -> None:

@@ -53,7 +53,8 @@ def test_synchronous_stage_with_judge_scraped_by_prometheus(tmp_path):
                                                          "reward.weights": {"format": 0.5, "judge": 1.0}})
     run_dir = tmp_path / "runs" / "sync"
     log = tmp_path / "sync.log"
-    job = start_job(config, log)
+    audit = tmp_path / "received.txt"  # what the driver process got from every ray.get (cluster/audit.py)
+    job = start_job(config, log, env={"AVATAR_AUDIT_RECEIVED": str(audit)})
     prom_port = _free_port()
     prometheus = None
     try:
@@ -93,6 +94,12 @@ def test_synchronous_stage_with_judge_scraped_by_prometheus(tmp_path):
     assert rows[-1]["judge_failures_total"] >= 6 * 8
     keys = [k for r in rows for k in r["trained_groups"]]
     assert len(keys) == len(set(keys)) == 12
+    # the data plane: the trajectories went rollout worker -> reward worker -> Redis -> learner; the driver got
+    # receipts and summaries (ids and counts), never a trajectory, a replayed sample or an encoded group
+    received = {line.split()[0]: line for line in audit.read_text().splitlines()}
+    assert {"Receipt", "PushReceipt"} <= set(received), sorted(received)  # the audit saw the real messages
+    assert not {"Trajectory", "ReplaySample", "GroupResult", "ScoredGroup"} & set(received), sorted(received)
+    assert "bytes" not in received, received.get("bytes")
     assert sum(len(r["advantages_replay"]) for r in rows) > 0  # replay joined once the buffer held min_size
     paths = write_report(run_dir)
     assert [p.name for p in paths] == ["reward_vs_completions.png", "advantage_histogram.png", "tier_sizes.png"]
@@ -208,7 +215,7 @@ def test_sft_stage_skips_unreadable_media(tmp_path):
     tasks = [order.task(i)[1].id for i in range(summary["cursor"])]
     assert [t for t in tasks if t not in broken] == trained  # in order, none left out
     assert summary["counters"]["skipped_prompts"] == sum(t in broken for t in tasks) >= 1
-    assert "[sft] skipping prompt" in log.read_text() and "media file is empty" in log.read_text()
+    assert "[job] skipping prompt" in log.read_text() and "media file is empty" in log.read_text()
     listed = [json.loads(line) for line in (run_dir / "rejected_rows.jsonl").read_text().splitlines()]
     assert listed == [{"manifest": str(tmp_path / "data" / "manifest.jsonl"), "line": bad_line, "id": "no-answer",
                        "reason": "missing required field(s) answer"}]

@@ -2,8 +2,9 @@
 id ledger: every task generated, scored and trained the configured number of times, none lost, none duplicated.
 
 Two jobs keep CI short:
-- faults the job survives on its own: a rollout worker killed mid-generation, a reward worker killed
-  mid-scoring, the judge engine killed, a weight publish that hangs past learner.publish_timeout_s;
+- faults the job survives on its own: a reward worker killed after its push and before it reports, a rollout
+  worker killed mid-generation, a reward worker killed mid-scoring, the judge engine killed, a weight publish
+  that hangs past learner.publish_timeout_s;
 - faults that stop the job, which then resumes with the same command: a learner rank killed mid-step
   (the driver stops with a clear message and exit code 3), redis-server killed (same; restarted from its AOF
   on resume), the driver itself killed (the resumed job stops its orphaned Ray and Redis by PID).
@@ -51,11 +52,22 @@ def test_faults_the_job_survives(tmp_path):
         "reward.weights": {"format": 0.5, "judge": 1.0}})  # the demo's weights leave the judge out
     run_dir = tmp_path / "runs" / "survive"
     log = tmp_path / "survive.log"
-    job = start_job(config, log)
+    # 0. a reward worker dies right after its first push into Redis, before it reports (reward_workers/pool.py
+    # failpoint): the driver scores the group again once Ray restarted the worker, and the buffer refuses the
+    # second push as a duplicate
+    fired = tmp_path / "failpoint"
+    job = start_job(config, log, env={"AVATAR_FAILPOINT": "reward_worker_after_push",
+                                      "AVATAR_FAILPOINT_FILE": str(fired)})
     records: list[h.FaultRecord] = []
     try:
+        h.wait_for(lambda: fired.is_file() or job.poll() is not None, 400, "the failpoint after the first push")
+        rec = h.FaultRecord("reward worker killed after its push, before it reports", fired.stat().st_mtime,
+                            detail=f"pid {fired.read_text()}")
         h.wait_for(lambda: h.steps_done(run_dir) >= 1 or job.poll() is not None, 400, "the first step")
         assert job.poll() is None, log.read_text()[-4000:]
+        rec.recovered_at = time.time()
+        records.append(rec)
+        assert _log_has(log, "reward worker lost while scoring")
 
         # 1. a rollout worker, mid-generation: Ray restarts it, the driver hands its task out again
         n = h.steps_done(run_dir)
@@ -103,6 +115,7 @@ def test_faults_the_job_survives(tmp_path):
     led = h.build_ledger(run_dir, config)
     h.print_table(records, led, tmp_path / "faults_survived.txt")
     h.assert_ledger(led)
+    assert led.dropped_duplicates > 0  # the group pushed before its reward worker died, refused the second time
     rows = h.history(run_dir)
     assert [r["policy_version"] for r in rows] == list(range(1, steps + 1))  # every publish eventually landed
 

@@ -20,7 +20,7 @@ from policy.media import read_video
 from reward_workers.config import JudgeConfig, RewardConfig
 from reward_workers.judge import Judge, JudgeRequest, OpenAIJudgeBackend
 from reward_workers.scoring import score_group
-from reward_workers.stub_judge import VALID_JUDGE_REPLY, StubJudgeServer
+from tests.stub_judge import VALID_JUDGE_REPLY, StubJudgeServer
 
 pytestmark = pytest.mark.integration
 

@@ -18,7 +18,7 @@ from data.sample import PromptSample
 from data.synth import generate
 from reward_workers.config import JudgeConfig, RewardConfig
 from reward_workers.pool import PoolFull, RewardPool
-from reward_workers.stub_judge import VALID_JUDGE_REPLY, StubJudgeServer
+from tests.stub_judge import VALID_JUDGE_REPLY, StubJudgeServer
 
 pytestmark = pytest.mark.integration
 
@@ -162,8 +162,25 @@ def test_back_pressure_and_failed_groups_are_reported(ray_local):
     assert (
         len(failed) == 1 and "stage 9" in failed[0].error and failed[0].trajectories[0].trajectory_id == "4/0"
     )
+    assert not failed[0].worker_lost  # the group's own fault: the driver counts it and scores it again
     assert stats["groups_scored"] == 3 and stats["groups_failed"] == 1
     assert stats["submits_blocked"] == 3  # the refused, the blocking and the bad group's submit found it full
+
+
+def test_a_dead_reward_worker_is_reported_by_type(ray_local):
+    # The driver tells a worker's death (score again once Ray restarted it) from a group's failure (counted
+    # retries) by the exception's type, not its text.
+    cfg = RewardConfig(weights={"format": 1.0}, num_workers=1)
+    pool = RewardPool(cfg)
+    gen = Generator.remote(group_size=2, seconds=0)
+    try:
+        ray.kill(pool.workers[0], no_restart=True)
+        pool.submit(ray.get(gen.generate.remote(0))[0], SAMPLE)
+        [lost] = pool.drain(timeout=60)
+    finally:
+        pool.workers = []  # killed above; nothing left for shutdown to close
+        pool.shutdown()
+    assert lost.error and lost.worker_lost and [t.trajectory_id for t in lost.trajectories] == ["0/0", "0/1"]
 
 
 def test_the_reward_worker_shows_the_judge_the_frames_of_the_video(ray_local, tmp_path):

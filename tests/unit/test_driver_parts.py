@@ -1,25 +1,83 @@
-"""The driver's small parts: the staleness check at training time, the version a resumed job publishes under,
-and the mechanism summary of a run's history."""
+"""The driver's parts, each alone: the task ledger (staleness bound, cursor), the retry policy (by exception
+type), the learner's step summary, the version a resumed job publishes under, and the mechanism summary."""
 
 from __future__ import annotations
 
-from cluster.driver import split_stale
+import pytest
+import ray
+
+from buffer_service.records import ReplaySample
 from cluster.job import resume_version
+from cluster.ledger import TaskLedger
 from cluster.report import format_mechanisms, mechanism_summary
+from cluster.retry import DATA_LOST, WORKER_LOST, ScoringRetries, classify
+from cluster.state import RunState
+from learner.summary import step_summary
 from learner.transport import SafetensorsTransport
 from tests.conftest import make_traj
 
 
-def _group(key: str, version: int) -> list:
-    return [make_traj(f"{key}/{i}", key.split("#")[0], group_id=key, policy_version=version) for i in range(2)]
+def _group(key: str, version: int, rewards=(0.0, 1.0), hinted=False) -> list:
+    return [make_traj(f"{key}/{i}", key.split("#")[0], reward=r, group_id=key, policy_version=version, hinted=hinted)
+            for i, r in enumerate(rewards)]
 
 
-def test_split_stale_drops_groups_older_than_the_bound():
-    held = [("1-0", _group("a#0", 5)), ("2-0", _group("b#0", 3)), ("3-0", _group("c#0", 4)), ("4-0", _group("d#0", 6))]
-    fresh, stale = split_stale(held, version=6, max_staleness=1)
-    assert [e for e, _ in fresh] == ["1-0", "4-0"]  # 6 - 5 = 1 and 6 - 6 = 0 are within the bound
-    assert [e for e, _ in stale] == ["2-0", "3-0"]  # 3 and 2 versions old
-    assert split_stale(held, version=6, max_staleness=3) == (held, [])
+def test_ledger_bounds_tasks_by_staleness_and_lost_tasks():
+    state = RunState(step=2)
+    ledger = TaskLedger(state, per_step=4, max_staleness=1, max_in_flight=100, dedup_window=1000)
+    assert ledger.allowed() == (2 + 1 + 1) * 4 == 16
+    state.counters.update({"lost_before_cursor": 1, "stale_dropped": 2})
+    assert ledger.allowed() == 19  # each task that brings no group lets another one start
+    assert ledger.next_indices(in_flight=0) == range(0, 19)
+    small = TaskLedger(RunState(), per_step=4, max_staleness=1, max_in_flight=3, dedup_window=1000)
+    assert small.next_indices(in_flight=1) == range(0, 2)  # max_prompts_in_flight leaves room for 2
+
+
+def test_ledger_cursor_waits_for_the_first_group_not_in_the_buffer():
+    state = RunState(cursor=10)
+    ledger = TaskLedger(state, per_step=2, max_staleness=0, max_in_flight=100, dedup_window=1000)
+    for key in ("a", "b", "c", "d"):
+        ledger.handed_out(key)  # indices 10..13
+    ledger.in_buffer("b")
+    ledger.advance()
+    assert state.cursor == 10  # "a" holds it back
+    ledger.no_group("a")  # skipped media: the cursor may pass it, and it counts as lost once passed
+    ledger.advance()
+    assert state.cursor == 12 and state.counters["lost_before_cursor"] == 1 and ledger.lost_here == {}
+    ledger.given_up("c")  # scoring given up: another task takes its place, the cursor stays before it
+    ledger.in_buffer("d")
+    ledger.advance()
+    assert state.cursor == 12 and ledger.lost == 2 and ledger.submitted == 14
+
+
+def test_retry_policy_is_decided_by_exception_type():
+    assert classify(ray.exceptions.ActorDiedError()) == WORKER_LOST
+    assert classify(ray.exceptions.ActorUnavailableError("restarting", None)) == WORKER_LOST
+    assert classify(ray.exceptions.OwnerDiedError(ray.ObjectRef.nil().hex(), "", "")) == DATA_LOST
+    # a failure whose text names an actor error is still not one
+    assert classify(RuntimeError("ActorDiedError: the worker died")) is None
+    retries = ScoringRetries(max_retries=2)
+    assert [retries.again("k"), retries.again("k"), retries.again("k"), retries.again("j")] == [True, True, False, True]
+
+
+def test_step_summary_by_hand():
+    groups = [_group("a#0", 5, (0.0, 1.0), hinted=True), _group("b#0", 6, (0.5, 0.5))]
+    for t in groups[0]:
+        t.rewards = {"accuracy": t.reward, "format": 1.0}
+    for t in groups[1]:
+        t.rewards = {"accuracy": 0.0, "judge": None}
+    replay = [ReplaySample(make_traj("r/0", "r", 1.0), rbar=0.5, tier="hard")]
+    advantages = {"a#0/0": -1.0, "a#0/1": 1.0, "b#0/0": 0.0, "b#0/1": 0.0, "r/0": 0.5}
+    stats = {"loss": 0.1, "kl": 0.01, "clip_fraction": 0.0, "zero_adv_token_fraction": 0.25, "seconds": 0.3,
+             "advantages": advantages}
+    s = step_summary(groups, replay, stats, policy_version=6)
+    assert s["trained_groups"] == ["a#0", "b#0"] and s["completions"] == 4 and s["replayed"] == 1
+    assert s["reward_mean"] == pytest.approx(0.5)  # (0 + 1 + 0.5 + 0.5) / 4
+    assert s["reward_terms"] == {"accuracy": 0.25, "format": 1.0, "judge": 0.0}  # missing judge values are left out of its mean (all missing: 0.0)
+    assert s["hint_rate"] == 0.5 and s["replay_fraction"] == 0.2  # 1 replayed of 5 trained
+    assert s["zero_adv_group_fraction"] == 0.5  # group b: equal rewards
+    assert s["staleness_max"] == 1 and s["judge_missing"] == 2
+    assert s["advantages_fresh"] == [-1.0, 1.0, 0.0, 0.0] and s["advantages_replay"] == [0.5]
 
 
 def test_resume_version_stays_monotonic(tmp_path):

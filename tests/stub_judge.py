@@ -1,4 +1,5 @@
-"""A scripted OpenAI-compatible judge server on 127.0.0.1, for tests and the CPU demo.
+"""A scripted OpenAI-compatible judge server on 127.0.0.1: a test fixture (the judge HTTP client and the reward pool
+are tested against it).
 
 The handler gets the decoded request body and returns (status, content, delay_s): with status 200 a str
 content is wrapped as an OpenAI chat completion, bytes are sent as they are (a malformed response); any

@@ -1,0 +1,114 @@
+"""The step recorder: one history row and the Prometheus series per step, from the learner's step summary
+(counts, means, ids) and one round of stats calls (replay service, reward and rollout workers) fired together."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import ray
+
+from .components import Components
+from .config import JobConfig
+from .metrics import JobMetrics
+from .state import RunState
+
+BUFFER_EVENTS = ("pushed_groups", "duplicates", "dead_lettered", "rejected", "reclaimed", "inserted", "evicted",
+                 "sampled", "acked")
+FROM_SUMMARY = ("reward_mean", "accuracy", "reward_terms", "loss", "kl", "clip_fraction", "zero_adv_token_fraction",
+                "staleness_max", "hint_rate", "replay_fraction", "zero_adv_group_fraction", "trained_groups",
+                "trained_prompts", "advantages_fresh", "advantages_replay", "judge_missing")
+
+
+def _mean(values) -> float:
+    values = [v for v in values if v is not None]
+    return float(sum(values) / len(values)) if values else 0.0
+
+
+def _gather(refs: list) -> list:
+    """Each call's answer, {} for a worker being restarted or too slow to answer now."""
+    out = []
+    for ref in refs:
+        try:
+            out.append(ray.get(ref, timeout=30))
+        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+            out.append({})
+    return out
+
+
+class StepRecorder:
+    def __init__(self, cfg: JobConfig, comps: Components, metrics: JobMetrics, history: Path):
+        self.cfg, self.comps, self.metrics, self.history = cfg, comps, metrics, history
+
+    def stats(self) -> tuple[dict, dict, list[dict]]:
+        """(replay service, reward workers summed, each rollout worker): all calls in flight at once."""
+        buffer_ref = self.comps.buffer.stats.remote()
+        reward_refs = [w.stats.remote() for w in self.comps.rewards.workers]
+        worker_refs = [w.stats.remote() for w in self.comps.workers]
+        buffer_stats = ray.get(buffer_ref)
+        rewards: dict = {}
+        for s in _gather(reward_refs):
+            for k, v in s.items():
+                rewards[k] = max(rewards.get(k, 0.0), v) if k.endswith("_max") else rewards.get(k, 0) + v
+        return buffer_stats, rewards, _gather(worker_refs)
+
+    def record(self, state: RunState, summary: dict, extra: dict) -> dict:
+        buffer_stats, reward_stats, worker_stats = self.stats()
+        tiers = {k: int(buffer_stats.get(f"tier_{k}", 0)) for k in ("easy", "medium", "hard")}
+        row = {
+            "mode": "rl", "stage": self.cfg.stage, "step": state.step, "policy_version": state.policy_version,
+            "completions_generated": state.completions_generated,
+            **{k: summary[k] for k in FROM_SUMMARY}, "step_seconds": summary["seconds"],
+            "hints_active": int(buffer_stats.get("hints_active", 0)),
+            "stale_dropped_total": state.counters.get("stale_dropped", 0),
+            "judge_requests_total": int(reward_stats.get("judge_requests", 0)),
+            "judge_failures_total": reward_stats.get("judge_failures", 0),
+            "tier_sizes": tiers, "time": time.time(),
+            # cumulative busy seconds of the rollout workers (generation) and reward workers (scoring)
+            "rollout_generate_seconds": sum(s.get("generate_seconds", 0.0) for s in worker_stats),
+            "rollout_tokens": sum(s.get("tokens", 0) for s in worker_stats),  # cumulative completion tokens
+            "reward_scoring_seconds": float(reward_stats.get("scoring_s_sum", 0.0)),
+            **extra,
+        }
+        with self.history.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        self._export(row, buffer_stats, reward_stats)
+        return row
+
+    def _export(self, row: dict, buffer_stats: dict, reward_stats: dict) -> None:
+        m = self.metrics
+        m.set("avatar_policy_version", row["policy_version"])
+        m.count_to("avatar_learner_steps_total", row["step"])
+        m.set("avatar_learner_step_seconds", row["step_seconds"])
+        m.set("avatar_loss", row["loss"], term="total")
+        m.set("avatar_clip_fraction", row["clip_fraction"])
+        m.set("avatar_kl", row["kl"])
+        m.set("avatar_advantage_abs_mean", _mean([abs(a) for a in row["advantages_fresh"]]), source="fresh")
+        m.set("avatar_advantage_abs_mean", _mean([abs(a) for a in row["advantages_replay"]]), source="replay")
+        m.set("avatar_zero_advantage_fraction", row["zero_adv_token_fraction"])
+        for k, v in row["reward_terms"].items():
+            m.set("avatar_reward_mean", v, term=k)
+        m.set("avatar_reward_mean", row["reward_mean"], term="total")
+        m.set("avatar_accuracy", row["accuracy"])
+        gen_s = row["rollout_generate_seconds"]
+        m.set("avatar_rollout_tokens_per_second", row["rollout_tokens"] / gen_s if gen_s else 0.0)
+        m.count_to("avatar_completions_total", row["completions_generated"])
+        m.set("avatar_queue_depth", buffer_stats.get("fresh_length", 0), queue="fresh_stream")
+        m.set("avatar_queue_depth", row.get("groups_scoring", 0), queue="reward_pool")
+        m.set("avatar_staleness_versions", row["staleness_max"])
+        for tier, size in row["tier_sizes"].items():
+            m.set("avatar_buffer_tier_size", size, tier=tier)
+        for event in BUFFER_EVENTS:
+            m.count_to("avatar_buffer_events_total", buffer_stats.get(event, 0), event=event)
+        m.set("avatar_hint_rate", row["hint_rate"])
+        m.set("avatar_replay_fraction", row["replay_fraction"])
+        m.set("avatar_hints_active", row["hints_active"])
+        m.count_to("avatar_stale_dropped_total", row["stale_dropped_total"])
+        m.count_to("avatar_judge_requests_total", row["judge_requests_total"])
+        n = reward_stats.get("judge_requests", 0)
+        m.set("avatar_judge_latency_seconds", reward_stats.get("judge_latency_s_sum", 0.0) / n if n else 0.0)
+        m.count_to("avatar_judge_failures_total", row["judge_failures_total"])
+        if row.get("weight_sync_seconds") is not None:
+            m.set("avatar_weight_sync_seconds", row["weight_sync_seconds"])
+        m.set("avatar_prompts_in_flight", row.get("prompts_in_flight", 0))
