@@ -45,7 +45,8 @@ def train_rl(cfg: JobConfig, run_dir: Path, comps: Components, order: PromptOrde
     per_step, n_replay = pcfg.prompts_per_step, pcfg.replay_per_group * pcfg.prompts_per_step
     ledger = TaskLedger(state, per_step, pcfg.max_staleness, pcfg.max_prompts_in_flight, cfg.buffer.dedup_window_groups)
     flight = Flight(comps, order, ledger, state)
-    recorder, committer, phase = StepRecorder(cfg, comps, metrics, history), Committer(run_dir, comps, state), PhaseTimer()
+    committer = Committer(run_dir, state, comps.learner, lambda ids: ray.get(comps.buffer.ack.remote(ids)))
+    recorder, phase = StepRecorder(cfg, comps, metrics, history), PhaseTimer()
     committer.ack()  # the previous run may have stopped between its checkpoint and its acknowledgement
     bar = tqdm(total=pcfg.steps, initial=state.step, desc=f"stage {cfg.stage} RL", unit="step", dynamic_ncols=True)
     reclaim, stale_groups, load_s = True, [], 0.0  # the first read takes back what a previous run had read

@@ -37,6 +37,31 @@ def _gather(refs: list) -> list:
     return out
 
 
+def history_row(stage: int, state: RunState, summary: dict, buffer_stats: dict, reward_stats: dict,
+                worker_stats: list[dict], extra: dict) -> dict:
+    """One history row: the learner's step summary, the run's counters and the components' stats."""
+    tiers = {k: int(buffer_stats.get(f"tier_{k}", 0)) for k in ("easy", "medium", "hard")}
+    judge_n = reward_stats.get("judge_requests", 0)
+    return {
+        "mode": "rl", "stage": stage, "step": state.step, "policy_version": state.policy_version,
+        "completions_generated": state.completions_generated,
+        **{k: summary[k] for k in FROM_SUMMARY}, "step_seconds": summary["seconds"],
+        "hints_active": int(buffer_stats.get("hints_active", 0)),
+        "stale_dropped_total": state.counters.get("stale_dropped", 0),
+        "judge_requests_total": int(judge_n),
+        "judge_failures_total": reward_stats.get("judge_failures", 0),
+        "judge_latency_seconds": reward_stats.get("judge_latency_s_sum", 0.0) / judge_n if judge_n else 0.0,
+        "tier_sizes": tiers, "fresh_length": int(buffer_stats.get("fresh_length", 0)),
+        "buffer_events": {**{e: int(buffer_stats.get(e, 0)) for e in BUFFER_EVENTS},
+                          "skipped_prompt": state.counters.get("skipped_prompts", 0)}, "time": time.time(),
+        # cumulative busy seconds of the rollout workers (generation) and reward workers (scoring)
+        "rollout_generate_seconds": sum(s.get("generate_seconds", 0.0) for s in worker_stats),
+        "rollout_tokens": sum(s.get("tokens", 0) for s in worker_stats),  # cumulative completion tokens
+        "reward_scoring_seconds": float(reward_stats.get("scoring_s_sum", 0.0)),
+        **extra,
+    }
+
+
 class StepRecorder:
     def __init__(self, cfg: JobConfig, comps: Components, metrics: JobMetrics, history: Path):
         self.cfg, self.comps, self.metrics, self.history = cfg, comps, metrics, history
@@ -54,29 +79,13 @@ class StepRecorder:
         return buffer_stats, rewards, _gather(worker_refs)
 
     def record(self, state: RunState, summary: dict, extra: dict) -> dict:
-        buffer_stats, reward_stats, worker_stats = self.stats()
-        tiers = {k: int(buffer_stats.get(f"tier_{k}", 0)) for k in ("easy", "medium", "hard")}
-        row = {
-            "mode": "rl", "stage": self.cfg.stage, "step": state.step, "policy_version": state.policy_version,
-            "completions_generated": state.completions_generated,
-            **{k: summary[k] for k in FROM_SUMMARY}, "step_seconds": summary["seconds"],
-            "hints_active": int(buffer_stats.get("hints_active", 0)),
-            "stale_dropped_total": state.counters.get("stale_dropped", 0),
-            "judge_requests_total": int(reward_stats.get("judge_requests", 0)),
-            "judge_failures_total": reward_stats.get("judge_failures", 0),
-            "tier_sizes": tiers, "time": time.time(),
-            # cumulative busy seconds of the rollout workers (generation) and reward workers (scoring)
-            "rollout_generate_seconds": sum(s.get("generate_seconds", 0.0) for s in worker_stats),
-            "rollout_tokens": sum(s.get("tokens", 0) for s in worker_stats),  # cumulative completion tokens
-            "reward_scoring_seconds": float(reward_stats.get("scoring_s_sum", 0.0)),
-            **extra,
-        }
+        row = history_row(self.cfg.stage, state, summary, *self.stats(), extra)
         with self.history.open("a") as f:
             f.write(json.dumps(row) + "\n")
-        self._export(row, buffer_stats, reward_stats)
+        self._export(row)
         return row
 
-    def _export(self, row: dict, buffer_stats: dict, reward_stats: dict) -> None:
+    def _export(self, row: dict) -> None:
         m = self.metrics
         m.set("avatar_policy_version", row["policy_version"])
         m.count_to("avatar_learner_steps_total", row["step"])
@@ -94,20 +103,19 @@ class StepRecorder:
         gen_s = row["rollout_generate_seconds"]
         m.set("avatar_rollout_tokens_per_second", row["rollout_tokens"] / gen_s if gen_s else 0.0)
         m.count_to("avatar_completions_total", row["completions_generated"])
-        m.set("avatar_queue_depth", buffer_stats.get("fresh_length", 0), queue="fresh_stream")
+        m.set("avatar_queue_depth", row["fresh_length"], queue="fresh_stream")
         m.set("avatar_queue_depth", row.get("groups_scoring", 0), queue="reward_pool")
         m.set("avatar_staleness_versions", row["staleness_max"])
         for tier, size in row["tier_sizes"].items():
             m.set("avatar_buffer_tier_size", size, tier=tier)
-        for event in BUFFER_EVENTS:
-            m.count_to("avatar_buffer_events_total", buffer_stats.get(event, 0), event=event)
+        for event, count in row["buffer_events"].items():
+            m.count_to("avatar_buffer_events_total", count, event=event)
         m.set("avatar_hint_rate", row["hint_rate"])
         m.set("avatar_replay_fraction", row["replay_fraction"])
         m.set("avatar_hints_active", row["hints_active"])
         m.count_to("avatar_stale_dropped_total", row["stale_dropped_total"])
         m.count_to("avatar_judge_requests_total", row["judge_requests_total"])
-        n = reward_stats.get("judge_requests", 0)
-        m.set("avatar_judge_latency_seconds", reward_stats.get("judge_latency_s_sum", 0.0) / n if n else 0.0)
+        m.set("avatar_judge_latency_seconds", row["judge_latency_seconds"])
         m.count_to("avatar_judge_failures_total", row["judge_failures_total"])
         if row.get("weight_sync_seconds") is not None:
             m.set("avatar_weight_sync_seconds", row["weight_sync_seconds"])

@@ -150,6 +150,9 @@ class RewardWorker:
     def stats(self) -> dict[str, float]:
         return {**self.counts, **(self.judge.stats() if self.judge else {})}
 
+    def pid(self) -> int:
+        return os.getpid()
+
     def close(self) -> None:
         if self.judge is not None:
             self.judge.close()

@@ -81,13 +81,13 @@ def main() -> int:
                 i += 1
                 rec = h.FaultRecord(kind, time.time())
                 if kind == "rollout":
-                    rec.detail = str(h.kill_component(job.pid, "RolloutWorker", "generate"))
+                    rec.detail = str(h.kill_component(job.pid, "RolloutWorker", "rollout"))
                 elif kind == "reward":
-                    rec.detail = str(h.kill_component(job.pid, "RewardWorker", "score", 10))
+                    rec.detail = str(h.kill_component(job.pid, "RewardWorker", "score_and_push", 10))
                 elif kind == "judge":
                     rec.detail = str(h.kill_component(job.pid, "JudgeEngineActor"))
                 elif kind == "learner":
-                    rec.detail = str(h.kill_component(job.pid, "LearnerWorker", "train_step", 10))
+                    rec.detail = str(h.kill_component(job.pid, "LearnerWorker", "train_from_buffer", 10))
                 elif kind == "redis":
                     driver = job.pid
                     rec.detail = str(h.kill(h.wait_for(lambda d=driver: h.find_redis(d), 60, "redis")))

@@ -45,9 +45,10 @@ def _finish(job, log, timeout: float = 900) -> int:
 
 
 def test_faults_the_job_survives(tmp_path):
-    steps = 20  # the four faults land within the first ~6 steps; the rest shows the job going on
+    steps = 30  # the faults land within the first ~10 steps (steps take about a second); the rest shows the job going on
+    # buffer.capacity: no eviction, so that the ledger finds every trained group in the tiers
     config = write_config(tmp_path, "survive", stage=3, **{
-        "data.synth.stage": 3, "pipeline.steps": steps, "pipeline.max_staleness": 1,
+        "data.synth.stage": 3, "pipeline.steps": steps, "pipeline.max_staleness": 1, "buffer.capacity": 1000,
         "learner.publish_timeout_s": 3.0, "reward.judge.timeout_s": 10.0, "reward.judge.allow_tiny": True,
         "reward.weights": {"format": 0.5, "judge": 1.0}})  # the demo's weights leave the judge out
     run_dir = tmp_path / "runs" / "survive"
@@ -71,17 +72,17 @@ def test_faults_the_job_survives(tmp_path):
 
         # 1. a rollout worker, mid-generation: Ray restarts it, the driver hands its task out again
         n = h.steps_done(run_dir)
-        pid, busy = h.kill_component(job.pid, "RolloutWorker", "generate")
+        pid, busy = h.kill_component(job.pid, "RolloutWorker", "rollout")
         rec = h.FaultRecord("rollout worker killed mid-generation", time.time(), detail=f"pid {pid}, busy={busy}")
         h.wait_for(lambda: _log_has(log, "resubmitting"), 120, "the driver resubmitting the task")
         h.wait_for(lambda: [p for p in h.find(job.pid, "ray::RolloutWorker") if p.pid != pid], 120, "a new worker")
         rec.recovered_at = _await_step_after(run_dir, max(n, h.steps_done(run_dir)), job, log)
         records.append(rec)
-        assert busy, "the rollout worker was never caught inside generate()"
+        assert busy, "the rollout worker was never caught inside rollout()"
 
         # 2. a reward worker, mid-scoring: Ray restarts it, the driver submits the group again
         n = h.steps_done(run_dir)
-        pid, busy = h.kill_component(job.pid, "RewardWorker", "score", busy_wait_s=5.0)  # threaded: rarely seen busy
+        pid, busy = h.kill_component(job.pid, "RewardWorker", "score_and_push", busy_wait_s=5.0)  # threaded: rarely seen busy
         rec = h.FaultRecord("reward worker killed" + (" mid-scoring" if busy else ""), time.time(), detail=f"pid {pid}")
         h.wait_for(lambda: [p for p in h.find(job.pid, "ray::RewardWorker") if p.pid != pid], 120, "a new reward worker")
         rec.recovered_at = _await_step_after(run_dir, n, job, log)
@@ -142,7 +143,7 @@ def test_faults_that_need_a_resume(tmp_path):
         #    checkpoint: the driver stops with a clear message (exit 3); the resume retrains steps 4.. from the
         #    step-3 checkpoint, and the retrained entries are not inserted into the tiers again (ledger)
         n = h.steps_done(run_dir)
-        pid, busy = h.kill_component(job.pid, "LearnerWorker", "train_step")
+        pid, busy = h.kill_component(job.pid, "LearnerWorker", "train_from_buffer")
         ahead = h.steps_done(run_dir) - _checkpointed_step(run_dir)
         rec = h.FaultRecord("learner killed" + (" mid-step" if busy else "") + " -> resume", time.time(),
                             detail=f"pid {pid}, {ahead} steps in the tiers past the checkpoint")

@@ -222,3 +222,27 @@ def test_the_reward_worker_shows_the_judge_the_frames_of_the_video(ray_local, tm
     assert failed.error is None and failed.judge_failures == 2
     assert [t.rewards["judge"] for t in failed.trajectories] == [None, None]
     assert stats["judge_media_failures"] == 2 and stats["judge_ok"] == 2
+
+
+def test_score_and_push_puts_the_group_in_the_stream_once(ray_local, redis_server):
+    """The data plane's hand-off: the group reaches the reward worker as an object reference, is scored and
+    pushed into the fresh stream by the worker itself; the caller gets ids and counts. The same group again
+    (a rescoring after its first receipt was lost) is refused as a duplicate."""
+    from buffer_service.config import BufferConfig
+    from buffer_service.service import ReplayService
+
+    buffer_cfg = BufferConfig(redis=redis_server.config(), min_size=0)
+    pool = RewardPool(RewardConfig(weights={"format": 0.5, "accuracy": 0.5}, num_workers=1),
+                      buffer_cfg=buffer_cfg.model_dump())
+    gen = Generator.remote(group_size=2, seconds=0)
+    try:
+        group_ref = ray.put(ray.get(gen.generate.remote(7))[0])
+        first = ray.get(pool.workers[0].score_and_push.remote(group_ref, SAMPLE))
+        again = ray.get(pool.workers[0].score_and_push.remote(group_ref, SAMPLE))
+    finally:
+        pool.shutdown()
+    assert first.error is None and first.entry_id and (first.accepted, first.duplicates) == (2, 0)
+    assert again.entry_id is None and (again.accepted, again.duplicates) == (0, 2)
+    [(entry_id, group)] = ReplayService(buffer_cfg).read_fresh("inspector", 10)
+    assert entry_id == first.entry_id and [t.trajectory_id for t in group] == ["7/0", "7/1"]
+    assert [t.rewards["format"] for t in group] == [1.0, 0.0] and all(t.reward is not None for t in group)

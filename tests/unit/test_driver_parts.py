@@ -111,3 +111,54 @@ def test_mechanism_summary_of_a_history():
     text = format_mechanisms(m)
     assert "hint rate 0.12 (hinted prompts on 1 of 2 steps, 2 hints on at the end)" in text
     assert "replay fraction 0.25 (from step 2)" in text and "4/4/8" in text
+
+
+def test_history_row_from_summary_and_stats():
+    from cluster.recorder import history_row
+
+    state = RunState(step=3, policy_version=3, completions_generated=48, counters={"stale_dropped": 2,
+                                                                                   "skipped_prompts": 1})
+    groups = [_group("a#0", 3, (0.0, 1.0))]
+    stats = {"loss": 0.1, "kl": 0.01, "clip_fraction": 0.0, "zero_adv_token_fraction": 0.0, "seconds": 0.3,
+             "advantages": {"a#0/0": -1.0, "a#0/1": 1.0}}
+    buffer_stats = {"tier_easy": 4, "tier_hard": 8, "hints_active": 2, "fresh_length": 5, "pushed_groups": 12}
+    reward_stats = {"judge_requests": 4, "judge_latency_s_sum": 2.0, "judge_failures": 1, "scoring_s_sum": 0.5}
+    workers = [{"generate_seconds": 1.5, "tokens": 300}, {}, {"generate_seconds": 0.5, "tokens": 100}]
+    row = history_row(2, state, step_summary(groups, [], stats, 3), buffer_stats, reward_stats, workers,
+                      {"weight_sync_seconds": 0.02})
+    assert (row["step"], row["policy_version"], row["completions_generated"]) == (3, 3, 48)
+    assert row["tier_sizes"] == {"easy": 4, "medium": 0, "hard": 8} and row["hints_active"] == 2
+    assert row["judge_latency_seconds"] == 0.5 and row["judge_requests_total"] == 4  # 2.0 s over 4 requests
+    assert row["rollout_generate_seconds"] == 2.0 and row["rollout_tokens"] == 400  # a restarting worker: {}
+    assert row["buffer_events"]["pushed_groups"] == 12 and row["buffer_events"]["skipped_prompt"] == 1
+    assert row["stale_dropped_total"] == 2 and row["weight_sync_seconds"] == 0.02
+    assert row["advantages_fresh"] == [-1.0, 1.0] and row["trained_groups"] == ["a#0"]
+
+
+def test_committer_acknowledges_only_after_the_checkpoint_is_on_disk(tmp_path):
+    import json
+
+    from cluster.committer import Committer
+
+    events = []
+
+    class Learner:  # stands in for the learner's part of the checkpoint (the committer's order is under test)
+        fail = False
+
+        def save_checkpoint(self, directory):
+            if self.fail:
+                raise OSError("disk full")
+            events.append("saved")
+            (tmp_path / "learner-saved").write_text(str(directory))
+
+    state, learner = RunState(step=4), Learner()
+    committer = Committer(tmp_path, state, learner, lambda ids: events.append(("ack", list(ids))))
+    committer.owe(["1-0", "2-0"])
+    folder = committer.checkpoint()
+    assert events == ["saved", ("ack", ["1-0", "2-0"])] and state.pending_ack == []
+    assert json.loads((folder / "state.json").read_text())["pending_ack"] == ["1-0", "2-0"]  # saved with it
+    committer.owe(["3-0"])
+    learner.fail = True
+    with pytest.raises(OSError):
+        committer.checkpoint()
+    assert events[-1] == ("ack", ["1-0", "2-0"]) and state.pending_ack == ["3-0"]  # no checkpoint: no ack

@@ -1,0 +1,300 @@
+"""The control plane under a fleet: 8, 16, 32, 64 rollout workers feeding the real reward workers, the real Redis
+replay service and a learner, with the real driver loop (cluster/driver.py train_rl) in this process.
+
+    .venv/bin/python -m benchmarks.fleet [--workers 8,16,32,64] [--seconds-per-call 0.5] [--steps 30]
+
+LOAD GENERATORS, not the system's workers (labelled as such in the output):
+  - SimulatedRollouts: one Ray actor process stands in for up to 8 rollout workers (threads); each rollout call
+    sleeps --seconds-per-call (a generate call), then emits, for each task, a group of trajectories recorded
+    from the tiny model (generated once at start by the real vLLM engine from the demo's stage-0 checkpoint),
+    with the task's ids, and hands it to a real reward worker as an object reference, as RolloutWorker.rollout;
+  - LoadLearner: consumes the fresh stream, samples the tiers, commits the batch into the tiers and returns the
+    step summary, exactly as the learner's train_from_buffer, but takes no gradient step.
+Everything else is the system: the driver loop (ledger, receipts, checkpoint, acknowledgement), RewardWorker
+actors (format + accuracy, score and push), ReplayService on a private redis-server.
+
+Per fleet size it prints groups/s sustained (trained groups over the measured window, after 5 warm-up steps),
+the fresh stream's length at each step, the age of a group when trained, the driver's CPU per trained group
+(time.process_time of this process, which is the driver), and where the CPU went (driver, reward workers'
+scoring, redis-server) to show what bounds the throughput. Writes benchmarks/results/fleet.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import ray
+
+from benchmarks.sample_efficiency import RESULTS, ensure_stage0
+
+TEMPLATES_PROMPTS = 8
+
+
+@ray.remote(num_cpus=0)
+class SimulatedRollouts:
+    """LOAD GENERATOR: stands in for several rollout workers (threads of one process)."""
+
+    def __init__(self, templates: list[list[dict]], seconds_per_call: float):
+        self.templates, self.seconds_per_call = templates, seconds_per_call
+        self.policy_version, self.counts = 0, {"generate_seconds": 0.0, "tokens": 0}
+        self._lock = threading.Lock()
+        self._next = 0
+
+    def rollout(self, tasks, scorers, evaluate=False, seed=None, sampling=None):
+        from actors.worker import Receipt
+        from buffer_service.records import Trajectory
+
+        start = time.perf_counter()
+        time.sleep(self.seconds_per_call)  # the engine call
+        receipts = []
+        for task in tasks:
+            with self._lock:
+                template, self._next = self.templates[self._next % len(self.templates)], self._next + 1
+            group = [Trajectory(trajectory_id=f"{task.key}/{i}", group_id=task.key, prompt_id=task.sample.id,
+                                policy_version=self.policy_version, created_at=time.time(), **t)
+                     for i, t in enumerate(template)]
+            ref = ray.put(group)
+            scorer = scorers[hash(task.key) % len(scorers)]
+            call = scorer.evaluate if evaluate else scorer.score_and_push
+            tokens = sum(len(t.completion_token_ids) for t in group)
+            receipts.append(Receipt(task.key, task.sample.id, len(group), tokens, self.policy_version, group=ref,
+                                    scored=call.remote(ref, task.sample)))
+            with self._lock:
+                self.counts["tokens"] += tokens
+        with self._lock:
+            self.counts["generate_seconds"] += time.perf_counter() - start
+        return receipts
+
+    def load_weights(self, path, version, checksum) -> float:
+        self.policy_version = version
+        return 0.0
+
+    def version(self) -> int:
+        return self.policy_version
+
+    def stats(self) -> dict:
+        with self._lock:
+            return dict(self.counts)
+
+    def pid(self) -> int:
+        return os.getpid()
+
+
+@ray.remote(num_cpus=0)
+class LoadLearner:
+    """LOAD GENERATOR: the learner's data path (read, drop stale, sample, commit, summarise), no gradient step."""
+
+    def __init__(self, buffer_cfg: dict):
+        from learner.feed import FreshFeed
+
+        self.feed, self.policy_version = FreshFeed(buffer_cfg), 0
+
+    def train_from_buffer(self, per_step, n_replay, max_staleness, block_ms=None, reclaim=False):
+        from learner.feed import commit
+        from learner.summary import step_summary
+
+        t0 = time.perf_counter()
+        self.feed.read(per_step, self.policy_version, max_staleness, block_ms, reclaim)
+        batch, stale = self.feed.take(per_step), self.feed.take_stale()
+        if batch is None:
+            return {"trained": False, "stale": stale, "held": len(self.feed.held)}
+        replay = self.feed.service.sample(n_replay, None, None, self.policy_version) if n_replay else []
+        groups = [g for _, g in batch]
+        ids = [t.trajectory_id for g in groups for t in g] + [s.trajectory.trajectory_id for s in replay]
+        stats = {"advantages": dict.fromkeys(ids, 0.0), "mean_logratio_old_ref": {}, "ref_logprobs": {},
+                 "kl_per_trajectory": {}, "loss": 0.0, "kl": 0.0, "clip_fraction": 0.0,
+                 "zero_adv_token_fraction": 1.0}
+        commit(self.feed.service, batch, stats, replay_on=n_replay > 0)
+        stats["seconds"] = time.perf_counter() - t0
+        now = time.time()
+        return {"trained": True, **step_summary(groups, replay, stats, self.policy_version),
+                "entry_ids": [e for e, _ in batch], "stale": stale, "held": len(self.feed.held),
+                "age_seconds": statistics.mean(now - g[0].created_at for g in groups)}
+
+    def publish(self, bump=True, version=None) -> dict:
+        self.policy_version = version if version is not None else self.policy_version + bool(bump)
+        return {"location": "", "version": self.policy_version, "checksum": ""}
+
+    def save_checkpoint(self, directory: str) -> str:
+        Path(directory).mkdir(parents=True, exist_ok=True)
+        return directory
+
+
+class LoadLearnerGroup:
+    """The LearnerGroup methods the driver calls, on one LoadLearner."""
+
+    def __init__(self, buffer_cfg: dict):
+        self.actor = LoadLearner.remote(buffer_cfg)
+        self.ages: list[float] = []
+
+    def train_from_buffer(self, *args):
+        out = ray.get(self.actor.train_from_buffer.remote(*args))
+        if out.get("trained"):
+            self.ages.append(out["age_seconds"])
+        return out
+
+    def publish(self, bump=True, version=None):
+        return ray.get(self.actor.publish.remote(bump, version))
+
+    def save_checkpoint(self, directory):
+        return ray.get(self.actor.save_checkpoint.remote(str(directory)))
+
+
+def record_templates(init_from: str, samples: list, group_size: int) -> list[list[dict]]:
+    """Groups of the tiny model, generated once by the real vLLM engine (the recording the generators replay)."""
+    from actors.config import RolloutConfig
+    from actors.prompt_queue import PromptTask
+    from actors.worker import RolloutWorker
+    from policy.config import ProcessorConfig
+
+    worker = RolloutWorker("recorder", init_from, RolloutConfig(group_size=group_size, max_new_tokens=128),
+                           ProcessorConfig(max_frames=8, max_pixels=12544))
+    try:
+        results = worker.generate([PromptTask(f"rec:{s.id}", s) for s in samples])
+    finally:
+        worker.shutdown()
+    keep = ("prompt_token_ids", "completion_token_ids", "behaviour_logprobs", "completion_text", "stage",
+            "truncated")
+    return [[{k: getattr(t, k) for k in keep} for t in r.trajectories] for r in results if r.trajectories]
+
+
+def run_fleet(n_workers: int, templates, samples, args, work: Path) -> dict:
+    import psutil
+
+    from buffer_service.redis_server import start_redis
+    from cluster.components import Components
+    from cluster.config import load_config
+    from cluster.driver import train_rl
+    from cluster.metrics import JobMetrics
+    from cluster.prompts import PromptOrder
+    from cluster.state import RunState
+    from reward_workers.pool import RewardPool
+
+    processes = min(8, n_workers)
+    per_process = n_workers // processes
+    per_step = max(4, n_workers // 2)
+    run_dir = work / f"fleet{n_workers}"
+    cfg = load_config("configs/demo.yaml", [
+        f"run_dir={work}", f"name=fleet{n_workers}", f"pipeline.steps={args.steps}",
+        f"pipeline.prompts_per_step={per_step}", "pipeline.max_staleness=1", f"pipeline.max_prompts_in_flight={2 * n_workers}",
+        "pipeline.checkpoint_every=5", f"reward.num_workers={args.reward_workers}",
+        f"buffer.capacity={args.steps * per_step * 4 + 100}"])
+    run_dir.mkdir(parents=True, exist_ok=True)
+    redis = start_redis(run_dir / "redis", appendfsync="always")
+    from buffer_service.service import ReplayService
+
+    buffer_cfg = cfg.buffer.model_copy(update={"redis": redis.config()})
+    try:
+        sims = [SimulatedRollouts.options(max_concurrency=per_process + 1).remote(templates, args.seconds_per_call)
+                for _ in range(processes)]
+        comps = Components(buffer=ray.remote(num_cpus=0)(ReplayService).remote(buffer_cfg),
+                           learner=LoadLearnerGroup(buffer_cfg.model_dump()),
+                           workers=[s for s in sims for _ in range(per_process)])
+        comps.rewards = RewardPool(cfg.reward, stage=cfg.stage, buffer_cfg=buffer_cfg.model_dump())
+        history = run_dir / "history.jsonl"
+        samples_at: list[tuple[int, float, float, dict]] = []  # (rows, wall, driver CPU, other CPU) per new row
+        reward_pids = ray.get([w.pid.remote() for w in comps.rewards.workers])
+        others = {"redis-server": [psutil.Process(redis.pid)],
+                  "reward workers": [psutil.Process(p) for p in reward_pids],
+                  "generators": [psutil.Process(p) for p in ray.get([s.pid.remote() for s in sims])]}
+        done = threading.Event()
+
+        def sample():
+            seen = 0
+            while not done.is_set():
+                rows = len(history.read_text().splitlines()) if history.is_file() else 0
+                if rows > seen:
+                    seen = rows
+                    cpu = {k: sum(sum(p.cpu_times()[:2]) for p in ps) for k, ps in others.items()}
+                    samples_at.append((rows, time.time(), time.process_time(), cpu))
+                time.sleep(0.01)
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        train_rl(cfg, run_dir, comps, PromptOrder(samples, 0), RunState(), JobMetrics(), history)
+        done.set()
+        sampler.join()
+        rows = [json.loads(line) for line in history.read_text().splitlines()]
+        comps.rewards.shutdown()
+        for s in sims:
+            ray.kill(s)
+    finally:
+        redis.stop()
+    warm = 5
+    (r0, w0, c0, o0), (r1, w1, c1, o1) = samples_at[warm - 1], samples_at[-1]
+    groups = (r1 - r0) * per_step
+    wall = w1 - w0
+    return {
+        "workers": n_workers, "processes": processes, "prompts_per_step": per_step,
+        "groups_per_second": groups / wall,
+        "driver_cpu_ms_per_group": 1000 * (c1 - c0) / groups,
+        "driver_cpu_share": (c1 - c0) / wall,
+        **{f"{k} cpu share": (o1[k] - o0[k]) / wall for k in o0},
+        "fresh_length_mean": statistics.mean(r["fresh_length"] for r in rows[warm:]),
+        "age_at_training_s": statistics.mean(comps.learner.ages[warm:]),
+        "offered_groups_per_second": n_workers / args.seconds_per_call,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--workers", default="8,16,32,64")
+    ap.add_argument("--seconds-per-call", type=float, default=0.5, help="each simulated generate call's duration")
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--reward-workers", type=int, default=2)
+    ap.add_argument("--out", default=str(RESULTS / "sample_efficiency"), help="where the stage-0 checkpoint is cached")
+    args = ap.parse_args()
+    import logging
+
+    logging.basicConfig(level=logging.WARNING)
+    init_from = ensure_stage0(Path(args.out).resolve())
+    from cluster.config import load_config
+    from cluster.prompts import load_prompts
+
+    work = Path(tempfile.mkdtemp(prefix="avatar-fleet-"))
+    samples = load_prompts(load_config("configs/demo.yaml", [f"run_dir={work}"]), work)
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=False)
+    try:
+        templates = record_templates(init_from, samples[:TEMPLATES_PROMPTS], group_size=4)
+        print(f"[fleet] recorded {len(templates)} groups of the tiny model to replay (load generators)", flush=True)
+        results = []
+        for n in [int(x) for x in args.workers.split(",")]:
+            print(f"[fleet] {n} simulated rollout workers ...", flush=True)
+            results.append(run_fleet(n, templates, samples, args, work))
+    finally:
+        ray.shutdown()
+    keys = ["redis-server cpu share", "reward workers cpu share", "generators cpu share"]
+    lines = [f"LOAD GENERATORS: simulated rollout workers ({args.seconds_per_call} s per generate call, recorded "
+             "groups of the tiny model) and a learner without a gradient step; real driver loop, reward workers, "
+             "Redis", "",
+             "| workers | processes | groups/step | offered groups/s | groups/s trained | driver CPU ms/group | "
+             "driver CPU share | reward workers CPU share | redis-server CPU share | generators CPU share | "
+             "fresh stream length | age at training s |", "|" + "---|" * 12]
+    for r in results:
+        lines.append(f"| {r['workers']} | {r['processes']} | {r['prompts_per_step']} | "
+                     f"{r['offered_groups_per_second']:.0f} | {r['groups_per_second']:.1f} | "
+                     f"{r['driver_cpu_ms_per_group']:.2f} | {r['driver_cpu_share']:.2f} | "
+                     f"{r[keys[1]]:.2f} | {r[keys[0]]:.2f} | {r[keys[2]]:.2f} | {r['fresh_length_mean']:.1f} | "
+                     f"{r['age_at_training_s']:.2f} |")
+    machine = f"{platform.machine()}, {os.cpu_count()} CPUs visible"
+    lines += ["", f"machine: {machine}; {args.steps} steps per fleet size, the first 5 excluded; CPU shares are "
+                  "CPU seconds per wall second (1.0 = one core busy)"]
+    for line in lines:
+        print(line)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    out = RESULTS / "fleet.json"
+    out.write_text(json.dumps({"args": vars(args), "machine": machine, "results": results, "printed": lines}, indent=1))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
