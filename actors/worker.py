@@ -50,8 +50,8 @@ class GroupResult:
 @dataclass
 class Receipt:
     """What the driver gets back for a task: ids and counts. The group itself goes from this worker to a reward
-    worker as an object reference (`group`); `scored` is that reward worker's call (its PushReceipt, or the
-    evaluation's numbers), for the driver to wait on. Neither carries data to the driver until it asks."""
+    worker as an object reference; `scored` is that reward worker's call (its PushReceipt, or the evaluation's
+    numbers), for the driver to wait on."""
 
     key: str
     prompt_id: str
@@ -59,8 +59,19 @@ class Receipt:
     tokens: int = 0
     policy_version: int = -1
     skipped: str | None = None  # the reason a task's media could not be read (no group, nothing scored)
-    group: object | None = None  # ObjectRef of the list[Trajectory], for scoring it again if its scorer dies
     scored: object | None = None  # ObjectRef of the reward worker's answer
+
+
+@dataclass
+class RolloutReport:
+    """A rollout call's answer: a receipt per task, and the worker's counters (so the driver needs no stats
+    call per worker per step)."""
+
+    worker_id: str
+    receipts: list[Receipt]
+    stats: dict = field(default_factory=dict)
+    load_seconds: float = 0.0  # weights loaded before this call's generation
+    load_error: str | None = None  # the load failed: the worker kept its previous weights
 
 
 class RolloutWorker:
@@ -151,27 +162,38 @@ class RolloutWorker:
             results.append(GroupResult(task.key, task.sample.id, trajectories))
         return results
 
-    def rollout(self, tasks: list[PromptTask], scorers: list, evaluate: bool = False, seed: int | None = None,
-                sampling: dict | None = None) -> list[Receipt]:
+    def rollout(self, tasks: list[PromptTask], scorers: list, weights: dict | None = None, evaluate: bool = False,
+                seed: int | None = None, sampling: dict | None = None) -> RolloutReport:
         """Generate the tasks' groups (one engine call) and hand each group straight to a reward worker of
         `scorers` (round robin): `score_and_push` (into the replay service's fresh stream) or, with evaluate,
-        `evaluate` (greedy accuracy). Returns receipts, never the groups."""
+        `evaluate` (greedy accuracy). Returns receipts and this worker's counters, never the groups.
+
+        `weights` ({location, version, checksum}: the learner's last publish) are loaded first when this worker
+        holds another version: workers pull the policy with their next task, so a publish costs the driver no
+        call per worker. A load that fails keeps the weights it has (the groups say which version made them)
+        and is reported in `load_error`."""
+        report = RolloutReport(self.worker_id, [])
+        if weights and weights["version"] != self.engine.version:
+            try:
+                report.load_seconds = self.load_weights(weights["location"], weights["version"], weights["checksum"])
+            except Exception as exc:  # reported to the driver, which decides
+                report.load_error = f"{type(exc).__name__}: {exc}"
+                log.error("worker %s: %s", self.worker_id, report.load_error)
         by_key = {t.key: t for t in tasks}
-        receipts = []
         for result in self.generate(tasks, seed, sampling):
             if result.skipped is not None:
-                receipts.append(Receipt(result.key, result.prompt_id, skipped=result.skipped.reason))
+                report.receipts.append(Receipt(result.key, result.prompt_id, skipped=result.skipped.reason))
                 continue
             group = ray.put(result.trajectories)
             scorer = scorers[self._next_scorer % len(scorers)]
             self._next_scorer += 1
             call = scorer.evaluate if evaluate else scorer.score_and_push
-            receipts.append(Receipt(
+            report.receipts.append(Receipt(
                 result.key, result.prompt_id, len(result.trajectories),
                 sum(len(t.completion_token_ids) for t in result.trajectories),
-                result.trajectories[0].policy_version, group=group,
-                scored=call.remote(group, by_key[result.key].sample)))
-        return receipts
+                result.trajectories[0].policy_version, scored=call.remote(group, by_key[result.key].sample)))
+        report.stats = self._stats()
+        return report
 
     def run(self, queue, batch_size: int = 1, max_tasks: int | None = None, seed: int | None = None) -> int:
         """Lease tasks from a PromptQueue actor, generate, complete them there, until the queue is empty (or
@@ -203,6 +225,9 @@ class RolloutWorker:
 
     @ray.method(concurrency_group="control")
     def stats(self) -> dict:
+        return self._stats()
+
+    def _stats(self) -> dict:
         return {**self.counts, "version": self.engine.version, "given_back": self.given_back}
 
     @ray.method(concurrency_group="control")

@@ -48,11 +48,13 @@ class SimulatedRollouts:
         self._lock = threading.Lock()
         self._next = 0
 
-    def rollout(self, tasks, scorers, evaluate=False, seed=None, sampling=None):
-        from actors.worker import Receipt
+    def rollout(self, tasks, scorers, weights=None, evaluate=False, seed=None, sampling=None):
+        from actors.worker import Receipt, RolloutReport
         from buffer_service.records import Trajectory
 
         start = time.perf_counter()
+        if weights:
+            self.policy_version = weights["version"]  # nothing to load: the recorded groups stand for any version
         time.sleep(self.seconds_per_call)  # the engine call
         receipts = []
         for task in tasks:
@@ -65,13 +67,14 @@ class SimulatedRollouts:
             scorer = scorers[hash(task.key) % len(scorers)]
             call = scorer.evaluate if evaluate else scorer.score_and_push
             tokens = sum(len(t.completion_token_ids) for t in group)
-            receipts.append(Receipt(task.key, task.sample.id, len(group), tokens, self.policy_version, group=ref,
+            receipts.append(Receipt(task.key, task.sample.id, len(group), tokens, self.policy_version,
                                     scored=call.remote(ref, task.sample)))
             with self._lock:
                 self.counts["tokens"] += tokens
         with self._lock:
             self.counts["generate_seconds"] += time.perf_counter() - start
-        return receipts
+            stats = dict(self.counts)
+        return RolloutReport(f"simulated-{os.getpid()}", receipts, stats)
 
     def load_weights(self, path, version, checksum) -> float:
         self.policy_version = version
@@ -126,6 +129,9 @@ class LoadLearner:
     def save_checkpoint(self, directory: str) -> str:
         Path(directory).mkdir(parents=True, exist_ok=True)
         return directory
+
+    def pid(self) -> int:
+        return os.getpid()
 
 
 class LoadLearnerGroup:
@@ -204,18 +210,19 @@ def run_fleet(n_workers: int, templates, samples, args, work: Path) -> dict:
         reward_pids = ray.get([w.pid.remote() for w in comps.rewards.workers])
         others = {"redis-server": [psutil.Process(redis.pid)],
                   "reward workers": [psutil.Process(p) for p in reward_pids],
-                  "generators": [psutil.Process(p) for p in ray.get([s.pid.remote() for s in sims])]}
+                  "generators": [psutil.Process(p) for p in ray.get([s.pid.remote() for s in sims])],
+                  "learner": [psutil.Process(ray.get(comps.learner.actor.pid.remote()))]}
         done = threading.Event()
 
-        def sample():
+        def sample():  # the driver's CPU is this process's, less this measuring thread's own
             seen = 0
             while not done.is_set():
                 rows = len(history.read_text().splitlines()) if history.is_file() else 0
                 if rows > seen:
                     seen = rows
                     cpu = {k: sum(sum(p.cpu_times()[:2]) for p in ps) for k, ps in others.items()}
-                    samples_at.append((rows, time.time(), time.process_time(), cpu))
-                time.sleep(0.01)
+                    samples_at.append((rows, time.time(), time.process_time() - time.thread_time(), cpu))
+                time.sleep(0.05)
 
         sampler = threading.Thread(target=sample, daemon=True)
         sampler.start()
@@ -272,18 +279,19 @@ def main() -> None:
             results.append(run_fleet(n, templates, samples, args, work))
     finally:
         ray.shutdown()
-    keys = ["redis-server cpu share", "reward workers cpu share", "generators cpu share"]
+    keys = ["redis-server cpu share", "reward workers cpu share", "generators cpu share", "learner cpu share"]
     lines = [f"LOAD GENERATORS: simulated rollout workers ({args.seconds_per_call} s per generate call, recorded "
              "groups of the tiny model) and a learner without a gradient step; real driver loop, reward workers, "
              "Redis", "",
              "| workers | processes | groups/step | offered groups/s | groups/s trained | driver CPU ms/group | "
              "driver CPU share | reward workers CPU share | redis-server CPU share | generators CPU share | "
-             "fresh stream length | age at training s |", "|" + "---|" * 12]
+             "learner (load generator) CPU share | fresh stream length | age at training s |", "|" + "---|" * 13]
     for r in results:
         lines.append(f"| {r['workers']} | {r['processes']} | {r['prompts_per_step']} | "
                      f"{r['offered_groups_per_second']:.0f} | {r['groups_per_second']:.1f} | "
                      f"{r['driver_cpu_ms_per_group']:.2f} | {r['driver_cpu_share']:.2f} | "
-                     f"{r[keys[1]]:.2f} | {r[keys[0]]:.2f} | {r[keys[2]]:.2f} | {r['fresh_length_mean']:.1f} | "
+                     f"{r[keys[1]]:.2f} | {r[keys[0]]:.2f} | {r[keys[2]]:.2f} | {r[keys[3]]:.2f} | "
+                     f"{r['fresh_length_mean']:.1f} | "
                      f"{r['age_at_training_s']:.2f} |")
     machine = f"{platform.machine()}, {os.cpu_count()} CPUs visible"
     lines += ["", f"machine: {machine}; {args.steps} steps per fleet size, the first 5 excluded; CPU shares are "

@@ -24,7 +24,6 @@ from .placement import Placement, plan_bundles, reserve
 from .prompts import PromptMedia
 
 log = logging.getLogger(__name__)
-MAX_LOAD_RETRIES = 3
 
 
 @dataclass
@@ -35,51 +34,22 @@ class Components:
     rewards: RewardPool | None = None
     judge_engine: object | None = None  # started here (placed with the job); the pool only uses it
     weights: dict | None = None  # the last publish (location, version, checksum), for restarted workers
-    loads: dict = field(default_factory=dict)  # rollout worker -> weight loads not yet collected (ObjectRefs)
-    load_failures: dict = field(default_factory=dict)  # rollout worker -> failed loads in a row
     placement: Placement | None = None
 
     def publish_weights(self, bump: bool = True, version: int | None = None, wait: bool = True) -> int:
-        """The learner publishes (version + 1, the current version again with bump=False, or `version`); every
-        rollout worker loads and verifies it. Returns the version.
-
-        wait=False returns as soon as the learner has published: each worker's load is queued behind the
-        generate call it is running (actor calls run in order, so its next generation uses the new weights and
-        is tagged with their version) and `settle_loads` collects the results later."""
+        """The learner publishes (version + 1, the current version again with bump=False, or `version`).
+        Returns the version. With wait, every rollout worker loads and verifies it now (an evaluation, a resumed
+        job); without, the workers pull it with their next rollout call (the driver hands `weights` along), so
+        a publish costs the driver no call per worker."""
         self.weights = self.learner.publish(bump, version)
-        for worker in self.workers:
-            self.loads.setdefault(worker, []).append(self._load(worker))
         if wait:
-            self.settle_loads(wait=True)
-        return self.weights["version"]
-
-    def settle_loads(self, wait: bool = False) -> float:
-        """Collect finished weight loads (all of them with wait=True); returns the workers' load seconds.
-        A worker that died meanwhile is waited for and handed the current weights; a load that failed
-        (checksum or file) raises, as it did when loads were waited for at once."""
-        seconds = 0.0
-        for worker, refs in list(self.loads.items()):
-            done, rest = ray.wait(refs, num_returns=len(refs) if wait else 1, timeout=None if wait else 0)
-            if not done:
-                continue
-            self.loads[worker] = [r for r in refs if r not in done]
-            for ref in done:
+            loads = {w: self._load(w) for w in self.workers}
+            for worker, ref in loads.items():
                 try:
-                    seconds += ray.get(ref)
-                    self.load_failures.pop(worker, None)
-                except ray.exceptions.RayActorError:  # restarting: it gets the current weights once it is back
-                    self.loads[worker] = []
+                    ray.get(ref)
+                except ray.exceptions.RayActorError:  # restarting: it gets these weights once it is back
                     self.ready_worker(worker)
-                    break
-                except ray.exceptions.RayTaskError as exc:  # the worker kept its weights: load them again
-                    tries = self.load_failures[worker] = self.load_failures.get(worker, 0) + 1
-                    if tries > MAX_LOAD_RETRIES:
-                        raise
-                    cause = str(exc).strip().splitlines()[-1][:300]
-                    log.warning(f"weight load failed ({cause}); loading v{self.weights['version']} again "
-                          f"({tries}/{MAX_LOAD_RETRIES})")
-                    self.loads[worker].append(self._load(worker))
-        return seconds
+        return self.weights["version"]
 
     def _load(self, worker):
         w = self.weights

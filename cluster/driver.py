@@ -37,6 +37,7 @@ from .retry import DATA_LOST, WORKER_LOST, ScoringRetries, classify
 from .state import RunState
 
 log = logging.getLogger(__name__)
+MAX_LOAD_FAILURES = 3  # a rollout worker that cannot load the published weights this many times stops the job
 
 
 def train_rl(cfg: JobConfig, run_dir: Path, comps: Components, order: PromptOrder, state: RunState,
@@ -49,39 +50,37 @@ def train_rl(cfg: JobConfig, run_dir: Path, comps: Components, order: PromptOrde
     recorder, phase = StepRecorder(cfg, comps, metrics, history), PhaseTimer()
     committer.ack()  # the previous run may have stopped between its checkpoint and its acknowledgement
     bar = tqdm(total=pcfg.steps, initial=state.step, desc=f"stage {cfg.stage} RL", unit="step", dynamic_ncols=True)
-    reclaim, stale_groups, load_s = True, [], 0.0  # the first read takes back what a previous run had read
+    reclaim, stale_groups = True, []  # the first read takes back what a previous run had read
     while state.step < pcfg.steps:
         with phase("submit"):  # 1. tasks within the staleness bound, hints from the prompts' state
             flight.submit(ledger.next_indices(flight.tasks_in_flight), cfg.buffer.hint.enabled)
-        with phase("weight_sync"):
-            load_s += comps.settle_loads()
         with phase("rollout_wait"):  # 2. receipts: generated, scored, in the fresh stream
             flight.wait(timeout=0.0 if flight.batch_may_be_ready(per_step) or reclaim else 0.1)
             flight.collect()
         ledger.advance()
-        if not (flight.batch_may_be_ready(per_step) or reclaim or flight.idle(ledger)):
+        wait_ms = flight.learner_wait_ms(per_step, ledger)  # None: no batch can be there yet
+        if wait_ms is None and not reclaim:
             continue
-        with phase("train"):  # 3. the learner reads its batch from Redis, trains, fills the tiers
-            summary = comps.learner.train_from_buffer(per_step, n_replay, pcfg.max_staleness,
-                                                      100 if flight.idle(ledger) else None, reclaim)
+        with phase("train"):  # 3. the learner reads its batch from Redis (waiting for pushes under way), trains
+            summary = comps.learner.train_from_buffer(per_step, n_replay, pcfg.max_staleness, wait_ms, reclaim)
         reclaim = False
         stale_groups += flight.learner_read(summary, committer)
         if not summary["trained"]:
             continue
         state.step += 1
         committer.owe(summary["entry_ids"])
-        sync_s = None  # 4. publish; the workers load behind their running generate call, unwaited
+        sync_s = None  # 4. publish; each worker loads the new version at the start of its next rollout call
         if state.step % cfg.learner.publish_every == 0:
             with phase("weight_sync"):
                 t0 = time.perf_counter()
                 state.policy_version = publish_with_retries(comps, wait=False)
                 sync_s = time.perf_counter() - t0
         with phase("record"):  # 5. record; checkpoint, then acknowledge
-            row = recorder.record(state, summary, {
-                "weight_sync_seconds": sync_s, "weight_load_seconds": round(load_s, 4),
+            row = recorder.record(state, summary, flight.take_stats(), {
+                "weight_sync_seconds": sync_s,
                 "stale_dropped_groups": stale_groups, "prompts_in_flight": flight.tasks_in_flight,
                 "groups_scoring": len(flight.scoring), "phase_seconds": phase.take()})
-        stale_groups, load_s = [], 0.0
+        stale_groups = []
         if state.step % pcfg.checkpoint_every == 0 or state.step == pcfg.steps:
             with phase("checkpoint"):
                 committer.checkpoint()
@@ -91,7 +90,6 @@ def train_rl(cfg: JobConfig, run_dir: Path, comps: Components, order: PromptOrde
                         hint=f"{row['hint_rate']:.2f}", replay=f"{row['replay_fraction']:.2f}",
                         tiers=f"{tiers['easy']}/{tiers['medium']}/{tiers['hard']}", v=state.policy_version)
     bar.close()
-    comps.settle_loads(wait=True)
     flight.drain()
     return state
 
@@ -104,11 +102,15 @@ class Flight:
         self.comps, self.order, self.ledger, self.state = comps, order, ledger, state
         self.by_id = {s.id: s for s in order.samples}
         self.rollouts: dict = {}  # ObjectRef -> (tasks, worker)
-        self.scoring: dict = {}  # ObjectRef (the scorer's PushReceipt) -> (task, group ObjectRef)
+        self.scoring: dict = {}  # ObjectRef (the scorer's PushReceipt) -> the task
         self.retries = ScoringRetries()
         self.pushed = 0  # groups that entered the stream since the learner's last read
         self.learner_held = 0  # groups the learner has read and not trained yet
         self._next = 0
+        self.worker_stats: dict = {}  # rollout worker id -> its latest counters (they come with its reports)
+        self.scorer_stats: dict = {}  # reward worker index -> its latest counters (they come with its receipts)
+        self.load_seconds = 0.0  # weight loads the workers reported since the last step
+        self.load_errors: dict[str, int] = {}  # rollout worker id -> failed loads in a row
 
     @property
     def tasks_in_flight(self) -> int:
@@ -117,9 +119,16 @@ class Flight:
     def batch_may_be_ready(self, per_step: int) -> bool:
         return self.learner_held + self.pushed >= per_step
 
-    def idle(self, ledger: TaskLedger) -> bool:
-        """Nothing in flight and nothing may start: only the stream (a previous run's groups) can move on."""
-        return not self.rollouts and not self.scoring and not ledger.next_indices(0)
+    def learner_wait_ms(self, per_step: int, ledger: TaskLedger) -> int | None:
+        """How long the learner may wait in the stream for its batch: not at all when the receipts say it is
+        there; 100 ms when nothing is in flight and nothing may start (only a previous run's groups can move
+        on). None: no batch can be there yet. (Letting the learner wait for pushes still being scored, a receipt
+        round trip sooner, measured slower on 2 cores: 0.78 against 0.56 s per step in benchmarks/pipeline.py.)"""
+        if self.batch_may_be_ready(per_step):
+            return 0
+        if not self.rollouts and not self.scoring and not ledger.next_indices(0):
+            return 100
+        return None
 
     def submit(self, indices: range, hints_enabled: bool) -> None:
         wanted = [self.order.task(i) for i in indices]
@@ -139,7 +148,7 @@ class Flight:
             self._rollout(share, self.comps.workers[i])
 
     def _rollout(self, tasks: list[PromptTask], worker) -> None:
-        self.rollouts[worker.rollout.remote(tasks, self.comps.rewards.workers)] = (tasks, worker)
+        self.rollouts[worker.rollout.remote(tasks, self.comps.rewards.workers, self.comps.weights)] = (tasks, worker)
 
     def wait(self, timeout: float) -> None:
         """Sleep until a rollout or scoring call finishes, or `timeout` passes: the driver wakes on the first."""
@@ -150,13 +159,12 @@ class Flight:
             time.sleep(timeout)
 
     def collect(self) -> None:
-        for ref in _ready(self.rollouts):
+        for ref, report in _gather(self.rollouts):
             tasks, worker = self.rollouts.pop(ref)
-            try:
-                receipts = ray.get(ref)
-            except Exception as exc:
+            if isinstance(report, Exception):
+                exc = report
                 if classify(exc) != WORKER_LOST:
-                    raise
+                    raise exc
                 # the worker died mid-call and Ray restarts it: once it is back with the current weights, the
                 # tasks are handed out again (their ids are the tasks', so nothing can be counted twice)
                 log.warning(f"rollout worker died on {', '.join(t.key for t in tasks)} ({type(exc).__name__}); "
@@ -164,30 +172,54 @@ class Flight:
                 self.comps.ready_worker(worker)
                 self._rollout(tasks, worker)
                 continue
+            self._report(report)
             by_key = {t.key: t for t in tasks}
-            for r in receipts:
+            for r in report.receipts:
                 if r.skipped is not None:  # unreadable media: the reason goes to the dead-letter stream
                     skip_prompt(self.comps, self.state, r.key, r.prompt_id, r.skipped, self.ledger.submitted)
                     self.ledger.no_group(r.key)
                     continue
                 self.state.completions_generated += r.completions
-                self.scoring[r.scored] = (by_key[r.key], r.group)
-        for ref in _ready(self.scoring):
-            task, group = self.scoring.pop(ref)
-            try:
-                receipt = ray.get(ref)
-            except Exception as exc:
-                self._scoring_lost(task, group, exc)
-                continue
-            self._scored(task, group, receipt)
+                self.scoring[r.scored] = by_key[r.key]
+        for ref, receipt in _gather(self.scoring):
+            task = self.scoring.pop(ref)
+            if isinstance(receipt, Exception):
+                self._scoring_lost(task, receipt)
+            else:
+                self._scored(task, receipt)
 
-    def _scored(self, task: PromptTask, group, receipt) -> None:
+    def _report(self, report) -> None:
+        self.worker_stats[report.worker_id] = report.stats
+        self.load_seconds += report.load_seconds
+        if report.load_error is None:
+            self.load_errors.pop(report.worker_id, None)
+            return
+        failed = self.load_errors[report.worker_id] = self.load_errors.get(report.worker_id, 0) + 1
+        self.state.bump("weight_load_failures")
+        log.warning(f"{report.worker_id} could not load the weights ({report.load_error}); it generates with "
+                    f"v{report.stats.get('version')} meanwhile ({failed} in a row)")
+        if failed > MAX_LOAD_FAILURES:
+            raise RuntimeError(f"{report.worker_id} failed to load the published weights {failed} times in a row: "
+                               f"{report.load_error}")
+
+    def take_stats(self) -> tuple[dict, list[dict], float]:
+        """(reward workers' counters summed, each rollout worker's counters, load seconds since the last call)."""
+        rewards: dict = {}
+        for s in self.scorer_stats.values():
+            for k, v in s.items():
+                rewards[k] = max(rewards.get(k, 0.0), v) if k.endswith("_max") else rewards.get(k, 0) + v
+        load_s, self.load_seconds = self.load_seconds, 0.0
+        return rewards, list(self.worker_stats.values()), load_s
+
+    def _scored(self, task: PromptTask, receipt) -> None:
+        if receipt.worker >= 0:
+            self.scorer_stats[receipt.worker] = receipt.worker_stats
         if receipt.error:  # the group's own failure (counted by its scorer): scored again, then given up
             if self.retries.again(task.key):
                 log.warning(f"scoring failed for {task.key} ({receipt.error}); scoring again "
                             f"({self.retries.failures[task.key]})")
                 self.state.bump("scoring_retries")
-                self._score(task, group)
+                self._regenerate(task)
             else:  # the cursor stays before it: a resumed job generates and scores it again
                 log.warning(f"scoring failed {self.retries.failures[task.key]} times for {task.key} "
                             f"({receipt.error}); left for the next resume")
@@ -199,26 +231,26 @@ class Flight:
             self.pushed += receipt.entry_id is not None
             self.ledger.in_buffer(task.key)
 
-    def _scoring_lost(self, task: PromptTask, group, exc: Exception) -> None:
+    def _scoring_lost(self, task: PromptTask, exc: Exception) -> None:
         kind = classify(exc)
-        if kind == WORKER_LOST:  # its reward worker died (before or after its push): once back, score again;
-            # a push that had got through makes the second one a duplicate the buffer refuses
-            log.warning(f"reward worker lost while scoring {task.key}; scoring again once it is back")
+        if kind == WORKER_LOST:  # its reward worker died (before or after its push): once it is back, the task
+            # is generated and scored again; a push that had got through makes the second one a duplicate
+            log.warning(f"reward worker lost while scoring {task.key}; generating and scoring it again once it "
+                        "is back")
             self.comps.ready_reward_workers()
-            self._score(task, group)
-        elif kind == DATA_LOST:  # the group died with the rollout worker that owned it: generate it again
+        elif kind == DATA_LOST:  # the group died with the rollout worker that owned it
             log.warning(f"the group of {task.key} was lost with its rollout worker ({type(exc).__name__}); "
                         "generating it again")
-            worker = self.comps.workers[self._next % len(self.comps.workers)]
-            self.comps.ready_worker(worker)
-            self._rollout([task], worker)
         else:
             raise exc
+        self._regenerate(task)
 
-    def _score(self, task: PromptTask, group) -> None:
-        scorers = self.comps.rewards.workers
-        scorer = scorers[hash(task.key) % len(scorers)]
-        self.scoring[scorer.score_and_push.remote(group, task.sample)] = (task, group)
+    def _regenerate(self, task: PromptTask) -> None:
+        """The same task again (same key, so the same trajectory ids: the buffer keeps one copy)."""
+        worker = self.comps.workers[self._next % len(self.comps.workers)]
+        self._next += 1
+        self.comps.ready_worker(worker)
+        self._rollout([task], worker)
 
     def learner_read(self, summary: dict, committer: Committer) -> list[str]:
         """Account for what the learner read: its held groups, the stale groups it dropped (acknowledged with the
@@ -236,7 +268,7 @@ class Flight:
             for ref in _ready(self.rollouts):
                 self.rollouts.pop(ref)
                 with contextlib.suppress(Exception):  # a failed call has nothing left to wait for
-                    self.scoring.update({r.scored: (None, None) for r in ray.get(ref) if r.scored is not None})
+                    self.scoring.update({r.scored: None for r in ray.get(ref).receipts if r.scored is not None})
             for ref in _ready(self.scoring):
                 self.scoring.pop(ref)
 
@@ -246,6 +278,23 @@ def _ready(calls: dict) -> list:
         return []
     done, _ = ray.wait(list(calls), num_returns=len(calls), timeout=0)
     return done
+
+
+def _gather(calls: dict) -> list[tuple]:
+    """(ref, answer or the exception it raised) for the calls that have finished, fetched in one ray.get."""
+    done = _ready(calls)
+    if not done:
+        return []
+    try:
+        return list(zip(done, ray.get(done)))
+    except Exception:  # one of them failed: fetch one by one to tell which
+        out = []
+        for ref in done:
+            try:
+                out.append((ref, ray.get(ref)))
+            except Exception as exc:
+                out.append((ref, exc))
+        return out
 
 
 def skip_prompt(comps: Components, state: RunState, key: str, prompt_id: str, reason: str, handed_out: int) -> int:

@@ -38,9 +38,10 @@ def evaluate(comps: Components, samples, cfg: JobConfig) -> dict:
         return {"accuracy": None, "format": None, "n": 0}
     greedy = {"n": 1, "temperature": 0.0, "max_new_tokens": cfg.rollout.max_new_tokens}
     shards = [samples[i :: len(comps.workers)] for i in range(len(comps.workers))]
-    refs = [w.rollout.remote([PromptTask(f"eval:{s.id}", s) for s in shard], comps.rewards.workers, True, 0, greedy)
+    refs = [w.rollout.remote([PromptTask(f"eval:{s.id}", s) for s in shard], comps.rewards.workers, comps.weights,
+                             True, 0, greedy)
             for w, shard in zip(comps.workers, shards) if shard]
-    receipts = [r for rs in ray.get(refs) for r in rs]
+    receipts = [r for report in ray.get(refs) for r in report.receipts]
     scores = ray.get([r.scored for r in receipts if r.skipped is None])
     acc, fmt = [s["accuracy"] for s in scores], [s["format"] for s in scores]
     return {"accuracy": sum(acc) / max(len(acc), 1), "format": sum(fmt) / max(len(fmt), 1), "n": len(acc),

@@ -1,5 +1,5 @@
 """The step recorder: one history row and the Prometheus series per step, from the learner's step summary
-(counts, means, ids) and one round of stats calls (replay service, reward and rollout workers) fired together."""
+(counts, means, ids), the counters that came with the workers' answers, and one stats call to the replay service."""
 
 from __future__ import annotations
 
@@ -24,17 +24,6 @@ FROM_SUMMARY = ("reward_mean", "accuracy", "reward_terms", "loss", "kl", "clip_f
 def _mean(values) -> float:
     values = [v for v in values if v is not None]
     return float(sum(values) / len(values)) if values else 0.0
-
-
-def _gather(refs: list) -> list:
-    """Each call's answer, {} for a worker being restarted or too slow to answer now."""
-    out = []
-    for ref in refs:
-        try:
-            out.append(ray.get(ref, timeout=30))
-        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
-            out.append({})
-    return out
 
 
 def history_row(stage: int, state: RunState, summary: dict, buffer_stats: dict, reward_stats: dict,
@@ -66,20 +55,13 @@ class StepRecorder:
     def __init__(self, cfg: JobConfig, comps: Components, metrics: JobMetrics, history: Path):
         self.cfg, self.comps, self.metrics, self.history = cfg, comps, metrics, history
 
-    def stats(self) -> tuple[dict, dict, list[dict]]:
-        """(replay service, reward workers summed, each rollout worker): all calls in flight at once."""
-        buffer_ref = self.comps.buffer.stats.remote()
-        reward_refs = [w.stats.remote() for w in self.comps.rewards.workers]
-        worker_refs = [w.stats.remote() for w in self.comps.workers]
-        buffer_stats = ray.get(buffer_ref)
-        rewards: dict = {}
-        for s in _gather(reward_refs):
-            for k, v in s.items():
-                rewards[k] = max(rewards.get(k, 0.0), v) if k.endswith("_max") else rewards.get(k, 0) + v
-        return buffer_stats, rewards, _gather(worker_refs)
-
-    def record(self, state: RunState, summary: dict, extra: dict) -> dict:
-        row = history_row(self.cfg.stage, state, summary, *self.stats(), extra)
+    def record(self, state: RunState, summary: dict, worker_stats: tuple[dict, list[dict], float],
+               extra: dict) -> dict:
+        """`worker_stats`: (reward workers' counters summed, each rollout worker's counters, weight-load seconds),
+        as they came with the workers' answers; the replay service's counters take one call."""
+        rewards, rollouts, load_s = worker_stats
+        row = history_row(self.cfg.stage, state, summary, ray.get(self.comps.buffer.stats.remote()), rewards,
+                          rollouts, {"weight_load_seconds": round(load_s, 4), **extra})
         with self.history.open("a") as f:
             f.write(json.dumps(row) + "\n")
         self._export(row)

@@ -77,6 +77,8 @@ class PushReceipt:
     error: str | None = None  # scoring raised: nothing was pushed; the caller may score the group again
     judge_failures: int = 0
     seconds: float = 0.0
+    worker: int = -1  # the reward worker's index, and its counters after this group (no stats call needed)
+    worker_stats: dict = field(default_factory=dict)
 
 
 # Restartable: a worker that dies fails the groups it held (reported as ScoredGroup.error, for the caller to
@@ -101,12 +103,13 @@ class RewardWorker:
             receipt = PushReceipt(trajectories[0].group_id, sample.id, error=scored.error,
                                   judge_failures=scored.judge_failures,
                                   seconds=scored.finished_at - scored.started_at)
-            if scored.error:
-                return receipt
-            pushed = self._service().push_group(trajectories)
-            failpoint("reward_worker_after_push")
-            receipt.entry_id, receipt.accepted = pushed["entry_id"], pushed["accepted"]
-            receipt.duplicates, receipt.dead_lettered = pushed["duplicates"], pushed["dead_lettered"]
+            receipt.worker = self.index
+            if not scored.error:
+                pushed = self._service().push_group(trajectories)
+                failpoint("reward_worker_after_push")
+                receipt.entry_id, receipt.accepted = pushed["entry_id"], pushed["accepted"]
+                receipt.duplicates, receipt.dead_lettered = pushed["duplicates"], pushed["dead_lettered"]
+            receipt.worker_stats = self.stats()
             return receipt
 
     def evaluate(self, trajectories: list[Trajectory], sample: PromptSample) -> dict[str, float]:

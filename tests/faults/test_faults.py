@@ -142,9 +142,9 @@ def test_faults_that_need_a_resume(tmp_path):
         # 1. a learner rank, mid-step, after step 4's samples entered the tiers and before the step-6
         #    checkpoint: the driver stops with a clear message (exit 3); the resume retrains steps 4.. from the
         #    step-3 checkpoint, and the retrained entries are not inserted into the tiers again (ledger)
-        n = h.steps_done(run_dir)
         pid, busy = h.kill_component(job.pid, "LearnerWorker", "train_from_buffer")
-        ahead = h.steps_done(run_dir) - _checkpointed_step(run_dir)
+        n = h.steps_done(run_dir)  # after the kill: steps may have been recorded while it waited for a busy call
+        ahead = n - _checkpointed_step(run_dir)
         rec = h.FaultRecord("learner killed" + (" mid-step" if busy else "") + " -> resume", time.time(),
                             detail=f"pid {pid}, {ahead} steps in the tiers past the checkpoint")
         assert _finish(job, log, 180) == 3, log.read_text()[-4000:]
