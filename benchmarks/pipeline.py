@@ -131,6 +131,15 @@ def run_job(checkout: Path, overrides: list[str], log: Path, history: Path) -> d
     return {"driver_cpu_seconds": last[1] - first[1], "rows_between": last[0] - first[0]}
 
 
+def phase_table(title: str, runs: dict) -> list[str]:
+    """The printed table of per-step phase seconds, one row per staleness."""
+    lines = ["", title, "", "| staleness | " + " | ".join(PHASES + ["other"]) + " |", "|---" * (len(PHASES) + 2) + "|"]
+    for s, r in runs.items():
+        ph = r["phase_seconds_per_step"]
+        lines.append(f"| {s} | " + " | ".join(f"{ph[p]:.3f}" for p in PHASES + ["other"]) + " |")
+    return lines
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--steps", type=int, default=20)
@@ -169,11 +178,7 @@ def main() -> None:
         lines.append(f"| {s} | {r['seconds_per_step']:.2f} | {r['trajectories_per_second']:.2f} | "
                      f"{r['trained_samples_per_second']:.2f} | {r['learner_busy']:.2f} | {r['rollout_busy']:.2f} | "
                      f"{r['scoring_busy']:.3f} | {r['staleness_max']} |")
-    lines += ["", "driver wall seconds per step by phase (mean over the measured steps)", "",
-              "| staleness | " + " | ".join(PHASES + ["other"]) + " |", "|---" * (len(PHASES) + 2) + "|"]
-    for s, r in results.items():
-        ph = r["phase_seconds_per_step"]
-        lines.append(f"| {s} | " + " | ".join(f"{ph[p]:.3f}" for p in PHASES + ["other"]) + " |")
+    lines += phase_table("driver wall seconds per step by phase (mean over the measured steps)", results)
     if baseline:
         commit = subprocess.run(["git", "-C", args.baseline, "rev-parse", "--short", "HEAD"], capture_output=True,
                                 text=True).stdout.strip()
@@ -188,11 +193,7 @@ def main() -> None:
                          f"{b['seconds_per_step'] / r['seconds_per_step']:.2f}x | {r['weight_sync_share']:.3f} | "
                          f"{b['weight_sync_share']:.3f} | {r['worker_load_seconds_per_step']:.3f} | "
                          f"{r['driver_cpu_ms_per_group']:.2f} | {b['driver_cpu_ms_per_group']:.2f} |")
-        lines += ["", "baseline driver wall seconds per step by phase", "",
-                  "| staleness | " + " | ".join(PHASES + ["other"]) + " |", "|---" * (len(PHASES) + 2) + "|"]
-        for s, b in baseline.items():
-            ph = b["phase_seconds_per_step"]
-            lines.append(f"| {s} | " + " | ".join(f"{ph[p]:.3f}" for p in PHASES + ["other"]) + " |")
+        lines += phase_table("baseline driver wall seconds per step by phase", baseline)
     lines += ["", "generation tokens/s inside the pipeline (completion tokens / engine seconds)" +
               (f" against the engine alone on one batched call of 8 prompts x 4: {engine_tps:.0f}" if engine_tps
                else ""), ""]
