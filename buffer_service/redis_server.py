@@ -116,7 +116,9 @@ def start_redis(
         raise ValueError(f"appendfsync must be always, everysec or no, got {appendfsync!r}")
     folder = Path(folder).resolve()
     folder.mkdir(parents=True, exist_ok=True)
-    password = password or secrets.token_urlsafe(24)
+    # a letter first: a generated password that began with "-" (1 in 64) was read as an option by command lines
+    # such as `buffer inspect --password ...` (found as a flaky CI failure)
+    password = password or "p" + secrets.token_urlsafe(24)
     # A free port can be taken between probing and binding: retry a few times when no port was asked for.
     attempts = 1 if port is not None else 5
     last_error = ""

@@ -434,7 +434,8 @@ def test_inspect_prints_tiers_distributions_and_streaks(make_service, redis_serv
     assert "hard         4 / 4000" in text and "medium       2 / 3500" in text
     assert "advantage                    mean -0.500" in text
     assert "hard-prompt" in text and "streak   4" in text and "hint on" in text
-    code = main(["--url", redis_server.url, "--password", redis_server.password])
+    code = main(["--url", redis_server.url, "--password", redis_server.password])  # the generated one never starts with "-"
+    assert main(["--url", redis_server.url, "--password=-x"]) == 2  # a password that does is passed with "="
     assert code == 0 and "hard-prompt" in capsys.readouterr().out
     assert main(["--url", redis_server.url, "--password", "wrong"]) == 2
     assert "refused the password" in capsys.readouterr().err
