@@ -22,7 +22,7 @@ includes warm-up):
   generation tok/s     the pipeline's own generation speed: completion tokens over the rollout workers'
                        engine seconds (the history's rollout_tokens / rollout_generate_seconds)
 --baseline DIR runs the same job, with the same overrides and the same stage-0 checkpoint, in DIR (a checkout of
-an earlier commit, e.g. `git worktree add /tmp/old f620750`) right after each of this checkout's runs, and prints
+an earlier commit, e.g. `git worktree add ../avatar-f620750 f620750`) right after each of this checkout's runs, and prints
 the speed-up in seconds per step. --engine-batch also measures the engine alone (benchmarks/rollout.py's batched
 call: 8 prompts x G completions in one vLLM call) on the same stage-0 model and max_new_tokens, so the pipeline's
 generation tokens/s can be read against it.
@@ -69,8 +69,8 @@ def analyse(rows: list[dict], workers: int) -> dict:
         "weight_sync_share": statistics.mean(r.get("phase_seconds", {}).get("weight_sync", 0.0) for r in body)
         / step_wall,
         "generation_tokens_per_second": _generation_speed(first, last),
-        # the rollout workers' own load time per step (queued between their generate calls, not on the
-        # driver's path since loads stopped being waited for; absent from older histories)
+        # the rollout workers' own weight-load time per step (on their timeline, at the start of a rollout call;
+        # absent from older histories)
         "worker_load_seconds_per_step": statistics.mean(r.get("weight_load_seconds") or 0.0 for r in body),
         "staleness_max": max(r["staleness_max"] for r in body),
         "staleness_mean": statistics.mean(r["staleness_max"] for r in body),
@@ -150,7 +150,9 @@ def main() -> None:
     args = ap.parse_args()
     out = Path(args.out).resolve()
     init_from = ensure_stage0(out)
-    per_step = 4  # configs/demo.yaml's pipeline.prompts_per_step: groups trained per step
+    from cluster.config import load_config
+
+    per_step = load_config(str(ROOT / "configs" / "demo.yaml")).pipeline.prompts_per_step  # groups per step
     results, baseline = {}, {}
     for s in [int(x) for x in args.staleness.split(",")]:
         name = f"pipeline_staleness{s}"

@@ -25,6 +25,7 @@ import ray
 from tqdm import tqdm
 
 from actors.prompt_queue import PromptTask
+from reward_workers.pool import sum_worker_stats
 
 from .committer import Committer
 from .components import Components
@@ -58,10 +59,10 @@ def train_rl(cfg: JobConfig, run_dir: Path, comps: Components, order: PromptOrde
             flight.wait(timeout=0.0 if flight.batch_may_be_ready(per_step) or reclaim else 0.1)
             flight.collect()
         ledger.advance()
-        wait_ms = flight.learner_wait_ms(per_step, ledger)  # None: no batch can be there yet
+        wait_ms = flight.learner_wait_ms(per_step)  # None: no batch can be there yet
         if wait_ms is None and not reclaim:
             continue
-        with phase("train"):  # 3. the learner reads its batch from Redis (waiting for pushes under way), trains
+        with phase("train"):  # 3. the learner reads its batch from Redis, trains, fills the tiers
             summary = comps.learner.train_from_buffer(per_step, n_replay, pcfg.max_staleness, wait_ms, reclaim)
         reclaim = False
         stale_groups += flight.learner_read(summary, committer)
@@ -100,7 +101,6 @@ class Flight:
 
     def __init__(self, comps: Components, order: PromptOrder, ledger: TaskLedger, state: RunState):
         self.comps, self.order, self.ledger, self.state = comps, order, ledger, state
-        self.by_id = {s.id: s for s in order.samples}
         self.rollouts: dict = {}  # ObjectRef -> (tasks, worker)
         self.scoring: dict = {}  # ObjectRef (the scorer's PushReceipt) -> the task
         self.retries = ScoringRetries()
@@ -119,14 +119,14 @@ class Flight:
     def batch_may_be_ready(self, per_step: int) -> bool:
         return self.learner_held + self.pushed >= per_step
 
-    def learner_wait_ms(self, per_step: int, ledger: TaskLedger) -> int | None:
+    def learner_wait_ms(self, per_step: int) -> int | None:
         """How long the learner may wait in the stream for its batch: not at all when the receipts say it is
         there; 100 ms when nothing is in flight and nothing may start (only a previous run's groups can move
         on). None: no batch can be there yet. (Letting the learner wait for pushes still being scored, a receipt
         round trip sooner, measured slower on 2 cores: 0.78 against 0.56 s per step in benchmarks/pipeline.py.)"""
         if self.batch_may_be_ready(per_step):
             return 0
-        if not self.rollouts and not self.scoring and not ledger.next_indices(0):
+        if not self.rollouts and not self.scoring and not self.ledger.next_indices(0):
             return 100
         return None
 
@@ -204,16 +204,11 @@ class Flight:
 
     def take_stats(self) -> tuple[dict, list[dict], float]:
         """(reward workers' counters summed, each rollout worker's counters, load seconds since the last call)."""
-        rewards: dict = {}
-        for s in self.scorer_stats.values():
-            for k, v in s.items():
-                rewards[k] = max(rewards.get(k, 0.0), v) if k.endswith("_max") else rewards.get(k, 0) + v
         load_s, self.load_seconds = self.load_seconds, 0.0
-        return rewards, list(self.worker_stats.values()), load_s
+        return sum_worker_stats(self.scorer_stats.values()), list(self.worker_stats.values()), load_s
 
     def _scored(self, task: PromptTask, receipt) -> None:
-        if receipt.worker >= 0:
-            self.scorer_stats[receipt.worker] = receipt.worker_stats
+        self.scorer_stats[receipt.worker] = receipt.worker_stats
         if receipt.error:  # the group's own failure (counted by its scorer): scored again, then given up
             if self.retries.again(task.key):
                 log.warning(f"scoring failed for {task.key} ({receipt.error}); scoring again "

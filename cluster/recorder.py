@@ -9,6 +9,8 @@ from pathlib import Path
 
 import ray
 
+from learner.summary import mean_present
+
 from .components import Components
 from .config import JobConfig
 from .metrics import JobMetrics
@@ -19,11 +21,6 @@ BUFFER_EVENTS = ("pushed_groups", "duplicates", "dead_lettered", "rejected", "re
 FROM_SUMMARY = ("reward_mean", "accuracy", "reward_terms", "loss", "kl", "clip_fraction", "zero_adv_token_fraction",
                 "staleness_max", "hint_rate", "replay_fraction", "zero_adv_group_fraction", "trained_groups",
                 "trained_prompts", "advantages_fresh", "advantages_replay", "judge_missing")
-
-
-def _mean(values) -> float:
-    values = [v for v in values if v is not None]
-    return float(sum(values) / len(values)) if values else 0.0
 
 
 def history_row(stage: int, state: RunState, summary: dict, buffer_stats: dict, reward_stats: dict,
@@ -75,8 +72,8 @@ class StepRecorder:
         m.set("avatar_loss", row["loss"], term="total")
         m.set("avatar_clip_fraction", row["clip_fraction"])
         m.set("avatar_kl", row["kl"])
-        m.set("avatar_advantage_abs_mean", _mean([abs(a) for a in row["advantages_fresh"]]), source="fresh")
-        m.set("avatar_advantage_abs_mean", _mean([abs(a) for a in row["advantages_replay"]]), source="replay")
+        m.set("avatar_advantage_abs_mean", mean_present([abs(a) for a in row["advantages_fresh"]]), source="fresh")
+        m.set("avatar_advantage_abs_mean", mean_present([abs(a) for a in row["advantages_replay"]]), source="replay")
         m.set("avatar_zero_advantage_fraction", row["zero_adv_token_fraction"])
         for k, v in row["reward_terms"].items():
             m.set("avatar_reward_mean", v, term=k)

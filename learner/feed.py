@@ -16,15 +16,13 @@ from dataclasses import dataclass, field
 from buffer_service.config import BufferConfig
 from buffer_service.records import Trajectory
 
-from .summary import step_summary
-
 log = logging.getLogger(__name__)
 CONSUMER = "learner"
 
 
 @dataclass
 class FreshFeed:
-    """Rank 0's reader: `batch()` returns per_step trainable groups once enough are read, else None."""
+    """Rank 0's reader: `take()` returns per_step trainable groups once enough are read, else None."""
 
     buffer_cfg: dict
     held: list = field(default_factory=list)  # (entry_id, group) read and not yet trained
@@ -85,5 +83,3 @@ def commit(service, batch: list, stats: dict, replay_on: bool) -> list[Trajector
     service.insert([e for e, _ in batch], trained, stats["kl_per_trajectory"], replay_on)
     return trained
 
-
-__all__ = ["FreshFeed", "commit", "step_summary"]

@@ -12,7 +12,8 @@ from buffer_service.records import ReplaySample, Trajectory
 SCALARS = ("loss", "kl", "clip_fraction", "zero_adv_token_fraction", "seconds")
 
 
-def _mean(values) -> float:
+def mean_present(values) -> float:
+    """The mean of the values that are not None (0.0 when none are)."""
     values = [v for v in values if v is not None]
     return float(sum(values) / len(values)) if values else 0.0
 
@@ -22,19 +23,19 @@ def step_summary(groups: Sequence[Sequence[Trajectory]], replay: Sequence[Replay
     """`stats` is Learner.train_step's result (advantages by trajectory id among them)."""
     trajs = [t for g in groups for t in g]
     terms = sorted({k for t in trajs for k in t.rewards})
-    term_means = {k: _mean([t.rewards.get(k) for t in trajs]) for k in terms}
+    term_means = {k: mean_present([t.rewards.get(k) for t in trajs]) for k in terms}
     return {
         **{k: stats[k] for k in SCALARS},
         "trained_groups": [g[0].group_id for g in groups],
         "trained_prompts": [g[0].prompt_id for g in groups],
         "completions": len(trajs),
         "replayed": len(replay),
-        "reward_mean": _mean([t.reward for t in trajs]),
+        "reward_mean": mean_present([t.reward for t in trajs]),
         "reward_terms": term_means,
         "accuracy": term_means.get("accuracy", 0.0),
-        "hint_rate": _mean([float(g[0].hinted) for g in groups]),
+        "hint_rate": mean_present([float(g[0].hinted) for g in groups]),
         "replay_fraction": len(replay) / (len(trajs) + len(replay)),
-        "zero_adv_group_fraction": _mean([float(len({t.reward for t in g}) == 1) for g in groups]),
+        "zero_adv_group_fraction": mean_present([float(len({t.reward for t in g}) == 1) for g in groups]),
         "staleness_max": max(policy_version - t.policy_version for t in trajs),
         "advantages_fresh": [round(stats["advantages"][t.trajectory_id], 4) for t in trajs],
         "advantages_replay": [round(stats["advantages"][s.trajectory.trajectory_id], 4) for s in replay],

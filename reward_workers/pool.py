@@ -1,9 +1,11 @@
 """The RewardWorker pool: Ray actors that score groups while generation goes on.
 
-The driver submits a generated group and returns to generation at once; it collects scored groups with
-poll(). At most cfg.max_pending_groups groups are in flight: submit() then waits for one to finish (or, with a
-timeout, raises PoolFull), which is the back-pressure. A worker scores cfg.groups_per_worker groups at a time
-(threads: the judge is I/O bound), so a slow judge slows scoring, never the caller until the bound is hit."""
+In a training job the rollout workers hand each group to a worker's `score_and_push` (scored, then pushed into
+the replay service's fresh stream by the worker itself) and the driver gets a PushReceipt. A caller that holds
+groups itself can use the pool directly: submit() returns at once and poll() collects scored groups; at most
+cfg.max_pending_groups groups are in flight: submit() then waits for one to finish (or, with a timeout, raises
+PoolFull), which is the back-pressure. A worker scores cfg.groups_per_worker groups at a time (threads: the
+judge is I/O bound), so a slow judge slows scoring, never the caller until the bound is hit."""
 
 from __future__ import annotations
 
@@ -38,6 +40,15 @@ def failpoint(name: str) -> None:
         os.write(fd, str(os.getpid()).encode())
         os.close(fd)
         os._exit(1)
+
+
+def sum_worker_stats(answers) -> dict[str, float]:
+    """Reward workers' counters added up (a `*_max` counter takes the largest)."""
+    total: dict[str, float] = {}
+    for s in answers:
+        for k, v in s.items():
+            total[k] = max(total.get(k, 0.0), v) if k.endswith("_max") else total.get(k, 0) + v
+    return total
 
 
 class PoolFull(Exception):
@@ -102,8 +113,7 @@ class RewardWorker:
             scored = self._score(trajectories, sample, None)
             receipt = PushReceipt(trajectories[0].group_id, sample.id, error=scored.error,
                                   judge_failures=scored.judge_failures,
-                                  seconds=scored.finished_at - scored.started_at)
-            receipt.worker = self.index
+                                  seconds=scored.finished_at - scored.started_at, worker=self.index)
             if not scored.error:
                 pushed = self._service().push_group(trajectories)
                 failpoint("reward_worker_after_push")
@@ -199,11 +209,6 @@ class RewardPool:
         ]
 
     @property
-    def inflight_refs(self) -> list:
-        """The scoring calls in flight, for a caller that waits on them together with other work."""
-        return list(self._inflight)
-
-    @property
     def pending(self) -> int:
         """Groups submitted and not finished."""
         return len(self._inflight)
@@ -254,15 +259,13 @@ class RewardPool:
     def stats(self) -> dict[str, float]:
         """Counters summed over workers (groups_scored, judge_failures, judge_latency_s_sum, ...) plus the pool's
         own (groups_submitted, pending, submits_blocked, submit_blocked_s_sum)."""
-        total: dict[str, float] = {}
+        answers = []
         for ref in [w.stats.remote() for w in self.workers]:
             try:
-                s = ray.get(ref, timeout=30)
+                answers.append(ray.get(ref, timeout=30))
             except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
                 continue  # a worker Ray is restarting reports next time (its counters start again from 0)
-            for k, v in s.items():
-                total[k] = max(total.get(k, 0.0), v) if k.endswith("_max") else total.get(k, 0) + v
-        return {**total, **self._counts, "pending": len(self._inflight)}
+        return {**sum_worker_stats(answers), **self._counts, "pending": len(self._inflight)}
 
     def shutdown(self) -> None:
         """Close the workers and, when the pool started it, shut the judge engine down (before ray.shutdown)."""
