@@ -19,6 +19,7 @@ from pathlib import Path
 import ray
 
 from buffer_service.records import Trajectory
+from common.affinity import pin_process
 from policy.config import ProcessorConfig
 from policy.media import MediaError
 from policy.processor import PromptProcessor
@@ -87,6 +88,7 @@ class RolloutWorker:
     ):
         self.worker_id = worker_id
         self.cfg = rollout
+        pin_process(rollout.cpu_affinity, "rollout.cpu_affinity")  # before the engine starts its threads
         self.engine = create_engine(rollout, model_path, dtype=dtype, seed=seed)
         self.processor = PromptProcessor(
             processor or ProcessorConfig(), self.engine.tokenizer, self.engine.multimodal

@@ -257,7 +257,7 @@ def main() -> None:
     ap.add_argument("--seconds-per-call", type=float, default=0.5, help="each simulated generate call's duration")
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--reward-workers", type=int, default=2)
-    ap.add_argument("--out", default=str(RESULTS / "sample_efficiency"), help="where the stage-0 checkpoint is cached")
+    ap.add_argument("--out", default=str(RESULTS / "demo_stage0"), help="where the demo stage-0 checkpoint is cached")
     args = ap.parse_args()
     import logging
 

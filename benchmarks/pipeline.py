@@ -2,7 +2,7 @@
 
     .venv/bin/python -m benchmarks.pipeline [--steps 20] [--staleness 0,1] [--baseline DIR] [--engine-batch]
 
-Both runs start from the stage-0 checkpoint that benchmarks/sample_efficiency.py builds (built here if missing)
+Both runs start from the demo's stage-0 checkpoint (configs/demo_stage0.yaml, built once under --out)
 and are configs/demo.yaml (4 prompts x 4 fresh completions + 16 replayed per step, one rollout worker, one
 learner rank, one reward worker, weights published after every step, a checkpoint every 4 steps) on the same
 machine, differing only in pipeline.max_staleness. From each run's history (steps after the first, which
@@ -75,6 +75,13 @@ def analyse(rows: list[dict], workers: int) -> dict:
         "staleness_max": max(r["staleness_max"] for r in body),
         "staleness_mean": statistics.mean(r["staleness_max"] for r in body),
         "phase_seconds_per_step": per_step,
+        # the synchronous run's two halves, for the overlap's ceiling: the worker's engine seconds and the
+        # learner's train seconds per step
+        "generate_seconds_per_step": (last["rollout_generate_seconds"] - first["rollout_generate_seconds"])
+        / (len(body) * workers),
+        "train_seconds_per_step": statistics.mean(r["step_seconds"] for r in body),
+        "accuracy_mean": statistics.mean(r["accuracy"] for r in rows),
+        "completions_generated": last["completions_generated"],
     }
 
 
@@ -131,6 +138,43 @@ def run_job(checkout: Path, overrides: list[str], log: Path, history: Path) -> d
     return {"driver_cpu_seconds": last[1] - first[1], "rows_between": last[0] - first[0]}
 
 
+def affinity_overrides(spec: str) -> list[str]:
+    """"0:1" -> rollout on CPU 0, learner on CPU 1; "0-1:2-3" -> ranges."""
+    def cpus(part: str) -> list[int]:
+        out = []
+        for piece in part.split(","):
+            lo, _, hi = piece.partition("-")
+            out += list(range(int(lo), int(hi or lo) + 1))
+        return out
+
+    rollout, sep, learner = spec.partition(":")
+    if not sep:
+        raise SystemExit(f"--affinity {spec!r}: expected ROLLOUT:LEARNER core lists, e.g. 0:1")
+    r, l_ = cpus(rollout), cpus(learner)
+    if set(r) & set(l_):
+        raise SystemExit(f"--affinity {spec!r}: the rollout and learner cores overlap")
+    return [f"rollout.cpu_affinity={r}", f"learner.cpu_affinity={l_}"]
+
+
+def overlap_table(results: dict, pinned: list[str]) -> list[str]:
+    """Each staleness against the synchronous run and against the ceiling of overlapping its two halves:
+    (generate + train) / max(generate, train), from the synchronous run's own per-step times."""
+    sync = results[0]
+    gen, train = sync["generate_seconds_per_step"], sync["train_seconds_per_step"]
+    ceiling = (gen + train) / max(gen, train)
+    lines = ["", f"on disjoint cores ({' '.join(pinned)}): the synchronous run generates {gen:.3f} s and trains "
+                 f"{train:.3f} s per step, so overlapping them can at most give {ceiling:.2f}x", "",
+             "| staleness | trajectories/s | speed-up over staleness 0 | share of the ceiling | mean training accuracy "
+             "(same number of generated completions) |", "|---|---|---|---|---|"]
+    for s, r in results.items():
+        up = r["trajectories_per_second"] / sync["trajectories_per_second"]
+        lines.append(f"| {s} | {r['trajectories_per_second']:.2f} | {up:.2f}x | {up / ceiling:.2f} | "
+                     f"{r['accuracy_mean']:.3f} ({r['completions_generated']}) |")
+        r["speedup_over_sync"], r["share_of_ceiling"] = up, up / ceiling
+    sync["overlap_ceiling"] = ceiling
+    return lines
+
+
 def phase_table(title: str, runs: dict) -> list[str]:
     """The printed table of per-step phase seconds, one row per staleness."""
     lines = ["", title, "", "| staleness | " + " | ".join(PHASES + ["other"]) + " |", "|---" * (len(PHASES) + 2) + "|"]
@@ -144,10 +188,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--staleness", default="0,1")
-    ap.add_argument("--out", default=str(RESULTS / "sample_efficiency"), help="where the stage-0 checkpoint is cached")
+    ap.add_argument("--out", default=str(RESULTS / "demo_stage0"), help="where the demo stage-0 checkpoint is cached")
     ap.add_argument("--baseline", default=None, metavar="DIR", help="a checkout of an earlier commit to compare with")
     ap.add_argument("--engine-batch", action="store_true", help="also time the engine alone on a batched call")
+    ap.add_argument("--affinity", default=None, metavar="ROLLOUT:LEARNER",
+                    help="pin the rollout worker and the learner to disjoint cores, e.g. 0:1 or 0-1:2-3 "
+                         "(rollout.cpu_affinity, learner.cpu_affinity), as if on separate devices")
     args = ap.parse_args()
+    pinned = affinity_overrides(args.affinity) if args.affinity else []
     out = Path(args.out).resolve()
     init_from = ensure_stage0(out)
     from cluster.config import load_config
@@ -157,7 +205,7 @@ def main() -> None:
     for s in [int(x) for x in args.staleness.split(",")]:
         name = f"pipeline_staleness{s}"
         ov = [f"run_dir={out / 'runs'}", f"name={name}", f"init_from={init_from}", f"pipeline.steps={args.steps}",
-              f"pipeline.max_staleness={s}", "pipeline.eval_items=0"]
+              f"pipeline.max_staleness={s}", "pipeline.eval_items=0", *pinned]
         # timings are never taken from a cache, and each run starts from an empty folder (an earlier commit's
         # --fresh kept the previous run's replay buffer, whose seen ids refused every group)
         for folder in (name, f"baseline_staleness{s}"):
@@ -204,6 +252,8 @@ def main() -> None:
         ratio = f" (engine alone / pipeline: {engine_tps / tps:.2f})" if engine_tps and tps else ""
         lines.append(f"staleness {s}: {tps:.0f} tokens/s{ratio}" if tps else f"staleness {s}: not recorded")
     keys = list(results)
+    if pinned and 0 in results:
+        lines += overlap_table(results, pinned)
     if len(keys) >= 2:
         a, b = results[keys[0]], results[keys[-1]]
         lines += ["", f"speed-up of staleness {keys[-1]} over {keys[0]} in trajectories/s: "

@@ -1,29 +1,35 @@
-"""AVATAR against GRPO in miniature: generated completions until a target training accuracy.
+"""Does AVATAR beat GRPO? Generated completions until a training accuracy, where the mechanisms can act.
 
-    .venv/bin/python -m benchmarks.sample_efficiency [--seeds 3] [--steps 20] [--target 0.5] [--dry-run]
+    .venv/bin/python -m benchmarks.sample_efficiency [--seeds 5] [--ablation-seeds 3] [--steps 200] [--quick]
 
-One stage-0 SFT checkpoint of the tiny Qwen2.5-Omni thinker on the synthetic audio-visual data
-(configs/demo_stage0.yaml, built once and cached under the output folder), then the arms from it, each over
-the same seeds (seed s sets the learner/rollout seeds and the prompt order), run one after another as
-`python -m cluster.cli train configs/<arm's file> ...` subprocesses. The arms are the config files of
-benchmarks/arms.py, each differing from configs/avatar_base.yaml in the mechanism it names only:
+The task (built once under the output folder, `prepare_task`): 48 synthetic stage-2 audio-visual prompts to train
+on (each comes back about 17 times in 200 steps of 4 prompts), 200 unseen prompts of the same family held out for
+greedy evaluation, and a stage-0 SFT policy (configs/demo_stage0.yaml) trained on the chain-of-thought of half of
+the training prompts only. So the RL stage starts with prompts the policy knows and prompts it does not: a
+spread of difficulty in which GRPO meets whole groups answered all right or all wrong (zero advantage), which is
+the waste AVATAR's replay and VCRS baseline exist to recover. The reward is the accuracy term alone (binary): the
+format is learned in stage 0, and a format term would only break ties among wrong answers.
+
+The arms are the config files of benchmarks/arms.py, each differing from configs/avatar_base.yaml in the
+mechanism it names only (checked before anything runs; --dry-run prints the differences):
 
     grpo         configs/grpo_baseline.yaml         replay off (G = 8 fresh), uniform token weights, no hints
     avatar       configs/avatar_base.yaml           G_on = 4 fresh + G_off = 4 replayed, TAS parabola, hints
     tas_only     configs/ablation_tas_only.yaml     replay off (G = 8 fresh)
     replay_only  configs/ablation_replay_only.yaml  uniform token weights
-    no_hints     configs/ablation_no_hints.yaml     hints off (not in the default --arms)
+    no_hints     configs/ablation_no_hints.yaml     hints off
 
-Every arm gets the same benchmark-scale overrides (SCALE below: stage 2 on the synthetic stage-2 data, fp32
-without LoRA on CPU, 128 new tokens, 4 prompts per step, lr 1e-4, reward 0.1 format + 0.9 accuracy, staleness
-0 (synchronous: the comparison is about samples, not overlap), a checkpoint (and so a commit into the replay
-tiers) after every step) and the same number of learner steps (20); before anything runs, each arm's resolved
-config is checked to differ from the avatar arm's in its own keys only (`--dry-run` prints those differences
-and stops). Training accuracy = the accuracy reward of the freshly generated completions,
-over a sliding window of the last `--window` generated completions (the same sample count for every arm, so
-the same noise); "completions to target" = the cumulative generated completions at the first step where that
-window reaches `--target`. Held-out accuracy: greedy decoding on 48 unseen prompts before and after.
-Prints a table, writes benchmarks/results/sample_efficiency.json and .png.
+The core comparison (grpo, avatar) runs --seeds seeds, the ablations --ablation-seeds, seed-major (a partial run
+has every arm); seed s is the same learner/rollout seed and prompt order in every arm. Every arm gets SCALE's
+overrides and the same number of learner steps. Completions are counted as generated (replayed samples are not
+generations). Training accuracy = the accuracy of the freshly generated completions over a sliding window of the
+last --window generated completions; held-out accuracy = greedy decoding on the held-out prompts every
+--eval-every steps, so that arms generating 32 and 16 completions per step meet at equal generated completions.
+The statistics (benchmarks/stats.py): completions to each target (median, and the GRPO/AVATAR ratio of medians
+with a paired bootstrap 95% interval over seeds), the mean training accuracy over the generated-completion range
+all arms cover (the area under the curve divided by its width) with intervals, held-out accuracy at equal
+generated completions with intervals, and the zero-advantage share, hint rate, replay fraction and tier sizes.
+Prints the tables, writes benchmarks/results/sample_efficiency.json (every run's curves) and .png.
 """
 
 from __future__ import annotations
@@ -31,34 +37,89 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import statistics
 import subprocess
 import sys
 import time
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+from benchmarks import stats
 from benchmarks.arms import ARMS, REFERENCE, differences, unexpected
 from cluster.config import load_config, parse_override
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
-DEFAULT_ARMS = "grpo,avatar,tas_only,replay_only"
+CORE_ARMS = "grpo,avatar"
+ABLATION_ARMS = "tas_only,replay_only,no_hints"
 
-# Benchmark scale, the same for every arm (none of them may touch an arm's keys; checked): the stage the paper's
-# ablations run (2) on the synthetic data stage 0 was trained on (configs/demo_stage0.yaml: 64 stage-2 items),
-# the CPU learner (fp32, ZeRO-1, no LoRA) and media sizes of the demo, short completions, a small buffer, the
-# demo's reward weights, and a synchronous pipeline with a checkpoint (a commit into the tiers) every step.
+# The same for every arm (none of them may touch an arm's keys; checked): the stage the paper's ablations run
+# (2), the CPU learner (fp32, ZeRO-1, no LoRA) and media sizes of the demo, short completions, a buffer larger
+# than the run's samples, the accuracy reward alone, and a synchronous pipeline with a checkpoint (a commit
+# into the tiers) every step.
 SCALE = [
-    "stage=2", "data.synth.stage=2", "data.synth.num_items=64",
+    "stage=2",
     "model.dtype=float32", "processor.max_frames=8", "processor.max_pixels=12544",
     "rollout.max_new_tokens=128",
     "learner.precision=fp32", "learner.zero_stage=1", "learner.lora.enabled=false",
-    "buffer.capacity=400", "buffer.min_size=8",
-    "reward.weights={format: 0.1, accuracy: 0.9}",
+    "buffer.capacity=4000", "buffer.min_size=8",
+    "reward.weights={accuracy: 1.0}",
     "pipeline.prompts_per_step=4", "pipeline.max_staleness=0", "pipeline.checkpoint_every=1",
-    "pipeline.eval_items=48",
 ]
+MANIFEST_KEYS = ("data.manifest", "data.eval_manifest")
 
+
+@dataclass(frozen=True)
+class Plan:
+    """The size of one benchmark: the task's prompts, stage 0 and the RL arms."""
+
+    steps: int = 200  # learner steps per arm
+    lr: float = 1e-3
+    eval_every: int = 50  # learner steps between held-out evaluations
+    train_items: int = 48
+    sft_items: int = 24  # the first ones of the training prompts (every question kind and level alike)
+    heldout_items: int = 200
+    sft_steps: int = 200
+    window: int = 128  # generated completions in the training-accuracy window (4 GRPO steps, 8 AVATAR steps)
+    targets: tuple[float, ...] = (0.5, 0.55, 0.6)
+
+
+QUICK = Plan(steps=8, eval_every=4, train_items=12, sft_items=6, heldout_items=12, sft_steps=16, window=16,
+             targets=(0.3, 0.5))
+
+
+@dataclass(frozen=True)
+class Task:
+    train: Path  # manifest of the RL training prompts
+    sft: Path  # manifest of the stage-0 prompts (a subset of train)
+    heldout: Path  # manifest of the held-out prompts
+
+
+def task_paths(out: Path) -> Task:
+    return Task(out / "task" / "train" / "manifest.jsonl", out / "task" / "train" / "sft.jsonl",
+                out / "task" / "heldout" / "manifest.jsonl")
+
+
+def prepare_task(out: Path, plan: Plan) -> Task:
+    """The synthetic stage-2 prompts (training seed 0, held-out seed 1000: disjoint by construction), and the
+    stage-0 subset. Generated once; a folder made for another plan is made again."""
+    from data.config import SynthConfig
+    from data.synth import generate
+
+    task = task_paths(out)
+    stamp = out / "task" / "plan.json"
+    want = json.dumps([plan.train_items, plan.sft_items, plan.heldout_items])
+    if stamp.is_file() and stamp.read_text() == want and all(p.is_file() for p in (task.train, task.sft, task.heldout)):
+        return task
+    print(f"[bench] generating the task: {plan.train_items} training prompts, {plan.heldout_items} held out",
+          flush=True)
+    generate(SynthConfig(num_items=plan.train_items, stage=2, seed=0), task.train.parent)
+    generate(SynthConfig(num_items=plan.heldout_items, stage=2, seed=1000), task.heldout.parent)
+    lines = task.train.read_text().splitlines()
+    task.sft.write_text("".join(line + "\n" for line in lines[: plan.sft_items]))
+    stamp.write_text(want)
+    return task
 
 def _python() -> str:
     venv = ROOT / ".venv" / "bin" / "python"
@@ -95,22 +156,36 @@ def _train(config: str, overrides: list[str], log: Path) -> dict:
 
 
 def ensure_stage0(out: Path) -> str:
-    """The stage-0 SFT export all arms start from (configs/demo_stage0.yaml), built once."""
-    runs = out / "runs"
-    summary = _train("configs/demo_stage0.yaml", [f"run_dir={runs}", "name=stage0"], out / "logs" / "stage0.log")
-    return str(Path(summary["export"]).resolve() if Path(summary["export"]).is_absolute()
-               else (ROOT / summary["export"]).resolve())
+    """The demo's stage-0 SFT export (configs/demo_stage0.yaml: 64 synthetic items), built once; the pipeline and
+    fleet benchmarks start from it."""
+    summary = _train("configs/demo_stage0.yaml", [f"run_dir={out / 'runs'}", "name=stage0"], out / "logs" / "stage0.log")
+    return _export_path(summary)
 
 
-def shared_overrides(seed: int, steps: int, runs: Path, lr: float) -> list[str]:
+def ensure_task_stage0(out: Path, task: Task, plan: Plan) -> str:
+    """This benchmark's stage 0: configs/demo_stage0.yaml on the chain-of-thought of the SFT half of the
+    training prompts, evaluated on (up to 48 of) the held-out prompts. Built once."""
+    ov = [f"run_dir={out / 'runs'}", "name=stage0", f"data.manifest={task.sft}", f"data.eval_manifest={task.heldout}",
+          f"pipeline.steps={plan.sft_steps}", f"pipeline.eval_items={min(48, plan.heldout_items)}",
+          f"pipeline.checkpoint_every={plan.sft_steps}"]
+    return _export_path(_train("configs/demo_stage0.yaml", ov, out / "logs" / "stage0.log"))
+
+
+def _export_path(summary: dict) -> str:
+    export = Path(summary["export"])
+    return str(export.resolve() if export.is_absolute() else (ROOT / export).resolve())
+
+
+def shared_overrides(seed: int, plan: Plan, task: Task, runs: Path) -> list[str]:
     """What every arm of one seed gets, besides its name and init_from (the stage-0 export, the same for all)."""
-    return [f"run_dir={runs}", f"seed={seed}", f"data.seed={seed}", *SCALE, f"pipeline.steps={steps}",
-            f"learner.lr={lr}"]
+    return [f"run_dir={runs}", f"seed={seed}", f"data.seed={seed}", *SCALE, f"data.manifest={task.train}",
+            f"data.eval_manifest={task.heldout}", f"pipeline.eval_items={plan.heldout_items}",
+            f"pipeline.eval_every={plan.eval_every}", f"pipeline.steps={plan.steps}", f"learner.lr={plan.lr}"]
 
 
-def arm_overrides(arm: str, seed: int, steps: int, init_from: str | None, runs: Path, lr: float) -> list[str]:
+def arm_overrides(arm: str, seed: int, plan: Plan, task: Task, init_from: str | None, runs: Path) -> list[str]:
     init = [f"init_from={init_from}"] if init_from else []
-    return [f"name={arm}_s{seed}", *init, *shared_overrides(seed, steps, runs, lr)]
+    return [f"name={arm}_s{seed}", *init, *shared_overrides(seed, plan, task, runs)]
 
 
 def arm_config(arm: str) -> str:
@@ -118,20 +193,26 @@ def arm_config(arm: str) -> str:
     return str(ARMS[arm].path.relative_to(ROOT))
 
 
-def check_arms(arms: list[str], steps: int, runs: Path, lr: float, seed: int = 0) -> dict[str, dict]:
+def check_arms(arms: list[str], plan: Plan, task: Task, runs: Path, seed: int = 0) -> dict[str, dict]:
     """Each arm's resolved config against the avatar arm's, both with the same overrides (init_from left out:
-    it is the same for every arm, and does not exist before stage 0 is built). Raises SystemExit when an arm
-    differs in a key that is not its own or leaves one of its keys unchanged; returns the differences."""
-    touched = sorted({".".join(parse_override(o)[0]) for o in shared_overrides(seed, steps, runs, lr)}
+    it is the same for every arm, and does not exist before stage 0 is built; the manifests need not exist yet).
+    Raises SystemExit when an arm differs in a key that is not its own or leaves one of its keys unchanged;
+    returns the differences."""
+    touched = sorted({".".join(parse_override(o)[0]) for o in shared_overrides(seed, plan, task, runs)}
                      & {k for a in ARMS.values() for k in a.keys})
     if touched:
         raise SystemExit(f"[bench] the shared overrides set an arm's own keys: {', '.join(touched)}")
-    reference = load_config(ARMS["avatar"].path, arm_overrides("avatar", seed, steps, None, runs, lr))
+
+    def resolved(arm: str):
+        return load_config(ARMS[arm].path, arm_overrides(arm, seed, plan, task, None, runs),
+                           unchecked_paths=MANIFEST_KEYS)
+
+    reference = resolved("avatar")
     out = {}
     for arm in arms:
         if arm not in ARMS:
             raise SystemExit(f"[bench] unknown arm {arm!r}; arms: {', '.join(ARMS)}")
-        diff = differences(load_config(ARMS[arm].path, arm_overrides(arm, seed, steps, None, runs, lr)), reference)
+        diff = differences(resolved(arm), reference)
         extra, missing = unexpected(arm, diff)
         if extra or missing:
             raise SystemExit(f"[bench] {arm_config(arm)} differs from {REFERENCE} in {extra or 'nothing else'} "
@@ -140,9 +221,9 @@ def check_arms(arms: list[str], steps: int, runs: Path, lr: float, seed: int = 0
     return out
 
 
-def print_dry_run(arms: list[str], diffs: dict[str, dict], steps: int, runs: Path, lr: float) -> None:
-    print("shared overrides (every arm, seed 0; init_from = the stage-0 export of configs/demo_stage0.yaml):")
-    print("  " + " ".join(shared_overrides(0, steps, runs, lr)))
+def print_dry_run(arms: list[str], diffs: dict[str, dict], plan: Plan, task: Task, runs: Path) -> None:
+    print("shared overrides (every arm, seed 0; init_from = this benchmark's stage-0 export):")
+    print("  " + " ".join(shared_overrides(0, plan, task, runs)))
     for arm in arms:
         print(f"\n{arm}: python -m cluster.cli train {arm_config(arm)} name={arm}_s<seed> init_from=<stage 0> ...")
         print(f"  {ARMS[arm].what}; resolved differences from the avatar arm ({REFERENCE}):")
@@ -156,225 +237,260 @@ def read_history(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "history.jsonl").read_text().splitlines() if line.strip()]
 
 
-def _split(values: list, parts: int) -> list[list]:
-    """A step's fresh advantages, group after group (equal group sizes)."""
-    k = len(values) // max(parts, 1)
-    return [values[i * k:(i + 1) * k] for i in range(parts)] if k else []
+def run_record(seed: int, summary: dict, rows: list[dict], window: int) -> dict:
+    """What the analysis needs of one run, from its summary.json and history."""
+    steps = [(r["completions_generated"], r["accuracy"], len(r["advantages_fresh"])) for r in rows]
+    heldout = [(0, summary["before"]["accuracy"])]
+    heldout += [(r["completions_generated"], r["heldout_accuracy"]) for r in rows if r.get("heldout_accuracy") is not None]
+    heldout.append((rows[-1]["completions_generated"] if rows else 0, summary["after"]["accuracy"]))
+    return {
+        "seed": seed,
+        "completions": rows[-1]["completions_generated"] if rows else 0,
+        "steps": steps,
+        "curve": stats.window_curve(steps, window),
+        "heldout": heldout,
+        "zero_adv_groups": [r["zero_adv_group_fraction"] for r in rows],
+        "group_accuracy": [r["group_accuracy"] for r in rows],
+        "hint_rate": [r["hint_rate"] for r in rows],
+        "replay_fraction": [r["replay_fraction"] for r in rows],
+        "tiers": [r["tier_sizes"] for r in rows],
+        "advantages_fresh": [a for r in rows for a in r["advantages_fresh"]],
+        "advantages_replay": [a for r in rows for a in r["advantages_replay"]],
+        "wall_seconds": summary.get("wall_seconds", 0.0),
+    }
 
 
-def curve(rows: list[dict], window: int) -> list[tuple[int, float | None]]:
-    """(cumulative completions, accuracy over the last `window` fresh completions) after every step; None until
-    the window is full. Each step contributes its fresh completions (groups x group size) at its mean accuracy."""
-    out, recent = [], []  # recent: (n, acc) per step, newest last
-    for r in rows:
-        n = len(r["advantages_fresh"])
-        recent.append((n, r["accuracy"]))
-        # keep the newest steps that cover the window (a step is taken whole or partly, newest first)
-        need, num, den = window, 0.0, 0
-        for k, a in reversed(recent):
-            take = min(k, need)
-            num, den, need = num + take * a, den + take, need - take
-            if need == 0:
-                break
-        out.append((r["completions_generated"], num / den if need == 0 else None))
-    return out
+def _quarters(per_step: list[list[float]]) -> tuple[float, float, float]:
+    """Mean over all steps and seeds, over the first quarter of the steps, over the last quarter."""
+    n = min(len(s) for s in per_step)
+    q = max(n // 4, 1)
+    flat = [v for s in per_step for v in s]
+    first = [v for s in per_step for v in s[:q]]
+    last = [v for s in per_step for v in s[n - q:n]]
+    return statistics.fmean(flat), statistics.fmean(first), statistics.fmean(last)
 
 
-def to_target(points: list[tuple[int, float | None]], target: float) -> int | None:
-    for c, acc in points:
-        if acc is not None and acc >= target - 1e-9:
-            return c
-    return None
-
-
-def _fmt_reach(values: list[int | None], budget: int) -> str:
-    reached = sorted(v for v in values if v is not None)
-    if not reached:
-        return f"not reached (> {budget})"
-    # median over all seeds, a seed that never reached counting as above the budget
-    full = sorted(v if v is not None else float("inf") for v in values)
-    med = statistics.median(full)
-    med_s = f"> {budget}" if med == float("inf") else f"{med:.0f}"
-    return f"{med_s} [{reached[0]}-{reached[-1]}]"
-
-
-def _median_or_none(values: list[int | None]) -> float | None:
-    """Median with a seed that never reached the target counted as above every budget; None if that is the median."""
-    med = statistics.median([v if v is not None else float("inf") for v in values])
-    return None if med == float("inf") else med
-
-
-def summarise(results: dict, target: float, window: int, extra_targets: list[float]) -> dict:
-    table = {}
+def analyse(results: dict[str, list[dict]], plan: Plan, reference: str = "avatar") -> dict:
+    """Per-arm statistics and each arm against the reference arm (paired over the seeds both ran)."""
+    end = min(r["completions"] for runs in results.values() for r in runs)  # the range every run covers
+    points = sorted(set.intersection(*[{c for c, _ in r["heldout"]} for runs in results.values() for r in runs]))
+    arms = {}
     for arm, runs in results.items():
-        budget = max(r["completions"] for r in runs)
-        tt = {str(t): [to_target(r["curve"], t) for r in runs] for t in [target, *extra_targets]}
-        finals = [r["curve"][-1][1] for r in runs]
-        table[arm] = {
+        tiers = {k: statistics.median(r["tiers"][-1].get(k, 0) for r in runs) for k in ("easy", "medium", "hard")}
+        arms[arm] = {
             "seeds": [r["seed"] for r in runs],
-            "completions_budget": budget,
-            "to_target": tt,
-            "reached": sum(v is not None for v in tt[str(target)]),
-            "median_to_target": _median_or_none(tt[str(target)]),
-            "final_train_acc_window": finals,
-            "heldout_before": [r["heldout_before"] for r in runs],
-            "heldout_after": [r["heldout_after"] for r in runs],
-            "zero_adv_token_fraction": statistics.mean(r["zero_adv_token_fraction"] for r in runs),
-            "fresh_zero_adv_fraction": statistics.mean(r["fresh_zero_adv_fraction"] for r in runs),
-            "hint_rate": statistics.mean(r["hint_rate"] for r in runs),
-            "wall_seconds": [round(r["wall_seconds"], 1) for r in runs],
-            "diagnostics": diagnostics(runs),
+            "completions_per_run": statistics.median(r["completions"] for r in runs),
+            "to_target": {str(t): [stats.to_target(r["curve"], t) for r in runs] for t in plan.targets},
+            "mean_train_acc": [stats.mean_over(r["curve"], plan.window, end) for r in runs],
+            "heldout_at": {str(c): [dict(r["heldout"])[c] for r in runs] for c in points},
+            "heldout_final": [r["heldout"][-1][1] for r in runs],
+            "zero_adv_groups": _quarters([r["zero_adv_groups"] for r in runs]),
+            "hint_rate": _quarters([r["hint_rate"] for r in runs]),
+            "replay_fraction": _quarters([r["replay_fraction"] for r in runs]),
+            "tiers_final_median": tiers,
+            "wall_seconds": statistics.fmean(r["wall_seconds"] for r in runs),
         }
-    return table
+    vs = {}
+    ref_runs = {r["seed"]: r for r in results.get(reference, [])}
+    for arm, runs in results.items():
+        if arm == reference or not ref_runs:
+            continue
+        pairs = [(r, ref_runs[r["seed"]]) for r in runs if r["seed"] in ref_runs]
+        if not pairs:
+            continue
+        mine, ref = [p[0] for p in pairs], [p[1] for p in pairs]
+        out = {"seeds": [r["seed"] for r in mine], "to_target": {}, "heldout_at": {}}
+        for t in plan.targets:
+            a = [stats.to_target(r["curve"], t) for r in mine]
+            b = [stats.to_target(r["curve"], t) for r in ref]
+            out["to_target"][str(t)] = {"ratio": stats.ratio_of_medians(a, b),
+                                        "ci": stats.paired_bootstrap(a, b, stats.ratio_of_medians)}
+        a = [stats.mean_over(r["curve"], plan.window, end) for r in mine]
+        b = [stats.mean_over(r["curve"], plan.window, end) for r in ref]
+        out["mean_train_acc"] = {"diff": stats.difference_of_means(b, a),
+                                 "ci": stats.paired_bootstrap(b, a, stats.difference_of_means)}
+        for c in points:
+            a, b = [dict(r["heldout"])[c] for r in mine], [dict(r["heldout"])[c] for r in ref]
+            out["heldout_at"][str(c)] = {"diff": stats.difference_of_means(b, a),
+                                         "ci": stats.paired_bootstrap(b, a, stats.difference_of_means)}
+        vs[arm] = out
+    return {"common_completions": end, "heldout_points": points, "arms": arms, "vs_reference": vs,
+            "reference": reference}
 
 
-def print_table(table: dict, target: float, window: int, extra: list[float]) -> list[str]:
-    lines = [f"completions generated until the training accuracy over the last {window} completions reaches "
-             f"{target:.2f} (median [min-max of the seeds that reached it]); held-out = greedy, 48 prompts",
-             "",
-             "| arm | seeds reaching | completions to target | final train acc (window) | held-out before -> after "
-             "(mean, per seed) | zero-adv token frac | hint rate | wall s/run |",
-             "|---|---|---|---|---|---|---|---|"]
-    for arm, t in table.items():
-        tt = t["to_target"][str(target)]
-        finals = ", ".join(f"{v:.2f}" for v in t["final_train_acc_window"])
-        after = t["heldout_after"]
-        lines.append(
-            f"| {arm} | {t['reached']}/{len(tt)} | {_fmt_reach(tt, t['completions_budget'])} | {finals} | "
-            f"{statistics.mean(t['heldout_before']):.3f} -> {statistics.mean(after):.3f} "
-            f"({', '.join(f'{a:.3f}' for a in after)}) | {t['zero_adv_token_fraction']:.2f} | {t['hint_rate']:.2f} | "
-            f"{statistics.mean(t['wall_seconds']):.0f} |")
-    lines.append("")
-    for x in extra:
-        cells = [f"{arm} {_fmt_reach(t['to_target'][str(x)], t['completions_budget'])}" for arm, t in table.items()]
-        lines.append(f"other target {x:.2f}: " + "; ".join(cells))
-    if "grpo" in table and "avatar" in table:
-        for x in [target, *extra]:
-            g = statistics.median([v if v is not None else float("inf") for v in table["grpo"]["to_target"][str(x)]])
-            a = statistics.median([v if v is not None else float("inf") for v in table["avatar"]["to_target"][str(x)]])
-            if a == float("inf") and g == float("inf"):
-                ratio = "undefined (neither median reached)"
-            elif a == float("inf"):
-                ratio = f"< 1 (AVATAR's median did not reach it; GRPO {g:.0f})"
-            elif g == float("inf"):
-                ratio = f"> {table['grpo']['completions_budget'] / a:.2f} (GRPO's median did not reach it in " \
-                        f"{table['grpo']['completions_budget']})"
-            else:
-                ratio = f"{g / a:.2f}"
-            lines.append(f"ratio GRPO/AVATAR of median completions to {x:.2f}: {ratio}")
-    lines += ["", "diagnostics (all steps, all seeds): fresh groups whose advantages are all zero, mean |advantage| of "
-              "fresh and replayed samples, share of replayed samples with a positive advantage, replay tiers at the end",
-              "", "| arm | zero-adv fresh groups | mean abs adv fresh | mean abs adv replayed | replayed adv > 0 | "
-              "tiers easy/medium/hard (seed 0) |", "|---|---|---|---|---|---|"]
-    for arm, t in table.items():
-        d = t["diagnostics"]
-        rep = "-" if d["replay_abs_adv"] is None else f"{d['replay_abs_adv']:.2f}"
-        pos = "-" if d["replay_positive"] is None else f"{d['replay_positive']:.2f}"
-        tiers = "/".join(str(d["tiers_seed0"].get(k, 0)) for k in ("easy", "medium", "hard"))
-        lines.append(f"| {arm} | {d['zero_adv_groups']:.2f} | {d['fresh_abs_adv']:.2f} | {rep} | {pos} | {tiers} |")
+def _ci(values: list[float], stat=stats.median, digits: int = 0) -> str:
+    lo, hi = stats.bootstrap(values, stat)
+    return f"{stats.fmt(stat(values), digits)} [{stats.fmt(lo, digits)}, {stats.fmt(hi, digits)}]"
+
+
+def print_tables(a: dict, plan: Plan) -> list[str]:
+    ref, arms = a["reference"], a["arms"]
+    lines = ["### The runs", "",
+             "| arm | seeds | completions per run | zero-adv groups: all (first, last quarter) | hint rate | replay "
+             "fraction | tiers easy/medium/hard at the end | held-out before -> after (mean [95% CI]) | wall s/run |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for arm, t in arms.items():
+        z, h, r = t["zero_adv_groups"], t["hint_rate"], t["replay_fraction"]
+        before = statistics.fmean(t["heldout_at"]["0"]) if "0" in t["heldout_at"] else math.nan
+        tiers = "/".join(f"{t['tiers_final_median'][k]:.0f}" for k in ("easy", "medium", "hard"))
+        lines.append(f"| {arm} | {len(t['seeds'])} | {t['completions_per_run']:.0f} | {z[0]:.2f} ({z[1]:.2f}, {z[2]:.2f}) "
+                     f"| {h[0]:.2f} | {r[0]:.2f} | {tiers} | {before:.3f} -> "
+                     f"{_ci(t['heldout_final'], statistics.fmean, 3)} | {t['wall_seconds']:.0f} |")
+    lines += ["", f"### Completions generated until the training accuracy (last {plan.window} generated completions) "
+              "reaches a target", "", "median [95% bootstrap CI over seeds]; inf = not reached within the run; "
+              f"ratio = the arm's median / {ref}'s median (> 1: {ref} needed fewer), paired over the seeds both ran", "",
+              "| arm | " + " | ".join(f"to {t:.2f} | ratio to {ref}" for t in plan.targets) + " |",
+              "|---|" + "---|---|" * len(plan.targets)]
+    for arm, t in arms.items():
+        cells = []
+        for target in plan.targets:
+            vals = t["to_target"][str(target)]
+            reached = sum(v != stats.INF for v in vals)
+            cells.append(f"{_ci(vals)} ({reached}/{len(vals)} reached)")
+            v = a["vs_reference"].get(arm, {}).get("to_target", {}).get(str(target))
+            cells.append("-" if v is None else f"{stats.fmt(v['ratio'])} [{stats.fmt(v['ci'][0])}, {stats.fmt(v['ci'][1])}]")
+        lines.append(f"| {arm} | " + " | ".join(cells) + " |")
+    end = a["common_completions"]
+    lines += ["", f"### Mean training accuracy over generated completions {plan.window}-{end} (the area under the "
+              f"curve / its width) and held-out accuracy at equal generated completions", "",
+              f"mean [95% CI]; diff = {ref} - arm, paired over seeds [95% CI]", "",
+              "| arm | mean train acc | diff | " + " | ".join(f"held-out at {c} | diff" for c in a["heldout_points"]) + " |",
+              "|---|---|---|" + "---|---|" * len(a["heldout_points"])]
+    for arm, t in arms.items():
+        v = a["vs_reference"].get(arm)
+        cells = [_ci(t["mean_train_acc"], statistics.fmean, 3),
+                 "-" if v is None else _diff(v["mean_train_acc"])]
+        for c in a["heldout_points"]:
+            cells.append(_ci(t["heldout_at"][str(c)], statistics.fmean, 3))
+            cells.append("-" if v is None else _diff(v["heldout_at"][str(c)]))
+        lines.append(f"| {arm} | " + " | ".join(cells) + " |")
     for line in lines:
         print(line)
     return lines
 
 
-def diagnostics(runs: list[dict]) -> dict:
-    groups = [g for r in runs for g in r["fresh_groups"]]
-    fresh = [a for r in runs for a in r["adv_fresh"]]
-    rep = [a for r in runs for a in r["adv_replay"]]
-    return {
-        "zero_adv_groups": sum(all(a == 0 for a in g) for g in groups) / max(len(groups), 1),
-        "fresh_abs_adv": statistics.mean(abs(a) for a in fresh) if fresh else 0.0,
-        "replay_abs_adv": statistics.mean(abs(a) for a in rep) if rep else None,
-        "replay_positive": sum(a > 0 for a in rep) / len(rep) if rep else None,
-        "tiers_seed0": runs[0]["tier_sizes_final"],
-    }
+def _diff(d: dict) -> str:
+    return f"{d['diff']:+.3f} [{d['ci'][0]:+.3f}, {d['ci'][1]:+.3f}]"
 
 
-def plot(results: dict, target: float, path: Path) -> None:
+COLOURS = {"grpo": "tab:gray", "avatar": "tab:red", "tas_only": "tab:blue", "replay_only": "tab:green",
+           "no_hints": "tab:purple"}
+
+
+def plot(results: dict[str, list[dict]], plan: Plan, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    colours = {"grpo": "tab:gray", "avatar": "tab:red", "tas_only": "tab:blue", "replay_only": "tab:green",
-               "no_hints": "tab:purple"}
-    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(13, 4.5))
+    fig, axes = plt.subplots(2, 2, figsize=(13, 9))
+    ax_train, ax_held, ax_zero, ax_mech = axes.flat
     for arm, runs in results.items():
-        for i, r in enumerate(runs):
-            pts = [(c, a) for c, a in r["curve"] if a is not None]
-            ax.plot([c for c, _ in pts], [a for _, a in pts], color=colours.get(arm), alpha=0.8,
-                    label=arm if i == 0 else None, lw=1.2)
-    ax.axhline(target, ls="--", color="k", lw=0.8, label=f"target {target:.2f}")
-    ax.set_xlabel("completions generated")
-    ax.set_ylabel("training accuracy (sliding window)")
-    ax.legend()
-    ax.set_title("accuracy against generated completions (one line per seed)")
-    for arm in ("grpo", "avatar"):
-        if arm not in results:
-            continue
-        fresh = [a for r in results[arm] for a in r["adv_fresh"]]
-        ax2.hist(fresh, bins=40, range=(-3, 3), alpha=0.5, label=f"{arm} fresh", color=colours[arm])
-        rep = [a for r in results[arm] for a in r["adv_replay"]]
-        if rep:
-            ax2.hist(rep, bins=40, range=(-3, 3), alpha=0.5, label=f"{arm} replayed", color="tab:orange")
-    ax2.set_xlabel("advantage")
-    ax2.set_title("advantages of trained samples (all steps, all seeds)")
-    ax2.legend()
+        colour = COLOURS.get(arm)
+        top = max(r["completions"] for r in runs)
+        grid = [plan.window + (top - plan.window) * i / 99 for i in range(100)]
+        ys = [[stats.value_at(r["curve"], x) for r in runs] for x in grid]
+        ok = [(x, y) for x, y in zip(grid, ys) if all(v is not None for v in y)]
+        ax_train.plot([x for x, _ in ok], [statistics.median(y) for _, y in ok], color=colour, label=f"{arm} ({len(runs)} seeds)")
+        ax_train.fill_between([x for x, _ in ok], [min(y) for _, y in ok], [max(y) for _, y in ok], color=colour, alpha=0.15)
+        points = sorted({c for r in runs for c, _ in r["heldout"]})
+        held = [[dict(r["heldout"]).get(c) for r in runs] for c in points]
+        held = [(c, [v for v in h if v is not None]) for c, h in zip(points, held)]
+        ax_held.plot([c for c, _ in held], [statistics.fmean(h) for _, h in held], "o-", color=colour, label=arm)
+        ax_held.fill_between([c for c, _ in held], [min(h) for _, h in held], [max(h) for _, h in held], color=colour, alpha=0.15)
+        n = min(len(r["zero_adv_groups"]) for r in runs)
+        done = [runs[0]["steps"][i][0] for i in range(n)]
+        ax_zero.plot(done, _smooth([statistics.fmean(r["zero_adv_groups"][i] for r in runs) for i in range(n)]),
+                     color=colour, label=arm)
+    if "avatar" in results:
+        runs = results["avatar"]
+        n = min(len(r["hint_rate"]) for r in runs)
+        steps = list(range(1, n + 1))
+        ax_mech.plot(steps, _smooth([statistics.fmean(r["hint_rate"][i] for r in runs) for i in range(n)]), color="tab:red", label="hint rate")
+        ax_mech.plot(steps, [statistics.fmean(r["replay_fraction"][i] for r in runs) for i in range(n)], color="tab:orange", label="replay fraction")
+        ax_mech.set_ylabel("share of the step's groups / samples")
+        twin = ax_mech.twinx()
+        for tier, style in (("easy", ":"), ("medium", "--"), ("hard", "-")):
+            twin.plot(steps, [statistics.fmean(r["tiers"][i].get(tier, 0) for r in runs) for i in range(n)], style,
+                      color="k", lw=0.9, label=f"tier {tier}")
+        twin.set_ylabel("samples in the tier")
+        twin.legend(loc="center right", fontsize=8)
+        ax_mech.legend(loc="upper left", fontsize=8)
+        ax_mech.set_xlabel("learner step")
+        ax_mech.set_title("AVATAR's mechanisms in the avatar arm (mean of seeds)")
+    for t in plan.targets:
+        ax_train.axhline(t, ls="--", color="k", lw=0.5)
+    ax_train.set(xlabel="completions generated", ylabel=f"training accuracy (last {plan.window} completions)",
+                 title="training accuracy: median of seeds, band min-max")
+    ax_held.set(xlabel="completions generated", ylabel=f"held-out accuracy (greedy, {plan.heldout_items} prompts)",
+                title="held-out accuracy: mean of seeds, band min-max")
+    ax_zero.set(xlabel="completions generated", ylabel="fresh groups with equal rewards (GRPO advantage 0)",
+                title="zero-advantage share (10-step moving mean)")
+    for ax in (ax_train, ax_held, ax_zero):
+        ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def _smooth(values: list[float], k: int = 10) -> list[float]:
+    return [statistics.fmean(values[max(0, i - k + 1):i + 1]) for i in range(len(values))]
+
+
+def _finite(tree):
+    """JSON without Infinity/NaN: inf -> "inf", nan -> null."""
+    if isinstance(tree, float):
+        return "inf" if tree == math.inf else None if math.isnan(tree) else tree
+    if isinstance(tree, dict):
+        return {k: _finite(v) for k, v in tree.items()}
+    if isinstance(tree, list | tuple):
+        return [_finite(v) for v in tree]
+    return tree
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--seeds", type=int, default=3)
-    ap.add_argument("--steps", type=int, default=20, help="learner steps per arm (every arm the same)")
-    ap.add_argument("--target", type=float, default=0.5)
-    ap.add_argument("--extra-targets", default="0.4,0.6")
-    ap.add_argument("--window", type=int, default=64, help="completions in the training-accuracy window")
-    ap.add_argument("--lr", type=float, default=1e-4)
-    ap.add_argument("--arms", default=DEFAULT_ARMS, help=f"comma-separated, of: {', '.join(ARMS)}")
-    ap.add_argument("--out", default=str(RESULTS / "sample_efficiency"), help="runs, logs, cached stage 0")
+    ap.add_argument("--seeds", type=int, default=5, help="seeds of the core arms")
+    ap.add_argument("--ablation-seeds", type=int, default=3, help="seeds of the ablation arms (0: none)")
+    ap.add_argument("--arms", default=CORE_ARMS, help=f"core arms, comma-separated, of: {', '.join(ARMS)}")
+    ap.add_argument("--ablations", default=ABLATION_ARMS)
+    ap.add_argument("--steps", type=int, default=Plan.steps, help="learner steps per arm (every arm the same)")
+    ap.add_argument("--lr", type=float, default=Plan.lr)
+    ap.add_argument("--quick", action="store_true", help="a smoke run: a small task, 8 steps, 2 seeds, no ablations")
+    ap.add_argument("--out", default=None, help="runs, logs, the task and stage 0 (default results/sample_efficiency[_quick])")
     ap.add_argument("--dry-run", action="store_true",
                     help="check and print each arm's resolved differences from the avatar arm, run nothing")
     args = ap.parse_args()
-    out = Path(args.out).resolve()
-    arms = args.arms.split(",")
-    extra = [float(x) for x in args.extra_targets.split(",") if x]
-    diffs = check_arms(arms, args.steps, out / "runs", args.lr)
+    plan = replace(QUICK if args.quick else Plan(), **({} if args.quick else {"steps": args.steps, "lr": args.lr}))
+    seeds = 2 if args.quick else args.seeds
+    ablation_seeds = 0 if args.quick else args.ablation_seeds
+    name = "sample_efficiency_quick" if args.quick else "sample_efficiency"
+    out = Path(args.out or RESULTS / name).resolve()
+    core = [a for a in args.arms.split(",") if a]
+    ablations = [a for a in args.ablations.split(",") if a and a not in core] if ablation_seeds else []
+    task = task_paths(out)
+    diffs = check_arms(core + ablations, plan, task, out / "runs")
     if args.dry_run:
-        print_dry_run(arms, diffs, args.steps, out / "runs", args.lr)
+        print_dry_run(core + ablations, diffs, plan, task, out / "runs")
         return
     t_start = time.time()
-    init_from = ensure_stage0(out)
-    results: dict[str, list[dict]] = {a: [] for a in arms}
-    for seed in range(args.seeds):  # seed-major: a partial run still has every arm
-        for arm in arms:
-            ov = arm_overrides(arm, seed, args.steps, init_from, out / "runs", args.lr)
-            summary = _train(arm_config(arm), ov, out / "logs" / f"{arm}_s{seed}.log")
-            rows = read_history(out / "runs" / f"{arm}_s{seed}")
-            fresh = [a for r in rows for a in r["advantages_fresh"]]
-            results[arm].append({
-                "seed": seed,
-                "completions": rows[-1]["completions_generated"] if rows else 0,
-                "curve": curve(rows, args.window),
-                "train_acc_per_step": [r["accuracy"] for r in rows],
-                "heldout_before": summary["before"]["accuracy"], "heldout_after": summary["after"]["accuracy"],
-                "zero_adv_token_fraction": statistics.mean(r["zero_adv_token_fraction"] for r in rows),
-                "fresh_zero_adv_fraction": sum(a == 0 for a in fresh) / max(len(fresh), 1),
-                "hint_rate": statistics.mean(r["hint_rate"] for r in rows),
-                "adv_fresh": fresh, "adv_replay": [a for r in rows for a in r["advantages_replay"]],
-                "fresh_groups": [g for r in rows for g in _split(r["advantages_fresh"], len(r["trained_groups"]))],
-                "tier_sizes_final": rows[-1]["tier_sizes"] if rows else {},
-                "wall_seconds": summary.get("wall_seconds", 0.0),
-            })
-    table = summarise(results, args.target, args.window, extra)
-    lines = print_table(table, args.target, args.window, extra)
+    task = prepare_task(out, plan)
+    init_from = ensure_task_stage0(out, task, plan)
+    results: dict[str, list[dict]] = {a: [] for a in core + ablations}
+    schedule = [(s, a) for s in range(seeds) for a in core] + [(s, a) for s in range(ablation_seeds) for a in ablations]
+    for i, (seed, arm) in enumerate(schedule):  # seed-major: a partial run still has every arm
+        print(f"[bench] run {i + 1}/{len(schedule)}: {arm}, seed {seed} ({time.time() - t_start:.0f} s so far)", flush=True)
+        ov = arm_overrides(arm, seed, plan, task, init_from, out / "runs")
+        summary = _train(arm_config(arm), ov, out / "logs" / f"{arm}_s{seed}.log")
+        results[arm].append(run_record(seed, summary, read_history(out / "runs" / f"{arm}_s{seed}"), plan.window))
+    analysis = analyse(results, plan)
+    lines = print_tables(analysis, plan)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    js, png = RESULTS / "sample_efficiency.json", RESULTS / "sample_efficiency.png"
-    js.write_text(json.dumps({"args": vars(args), "init_from": init_from, "table": table, "printed": lines,
-                              "runs": results, "total_seconds": time.time() - t_start}, indent=1))
-    plot(results, args.target, png)
+    js, png = RESULTS / f"{name}.json", RESULTS / f"{name}.png"
+    js.write_text(json.dumps(_finite({"args": vars(args), "plan": asdict(plan), "init_from": init_from,
+                                      "analysis": analysis, "printed": lines, "runs": results,
+                                      "total_seconds": time.time() - t_start}), indent=1))
+    plot(results, plan, png)
     print(f"total {time.time() - t_start:.0f} s")
     print(f"wrote {js}\nwrote {png}")
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import ray
@@ -42,7 +43,8 @@ MAX_LOAD_FAILURES = 3  # a rollout worker that cannot load the published weights
 
 
 def train_rl(cfg: JobConfig, run_dir: Path, comps: Components, order: PromptOrder, state: RunState,
-             metrics: JobMetrics, history: Path) -> RunState:
+             metrics: JobMetrics, history: Path, evaluate: Callable[[], dict] | None = None) -> RunState:
+    """`evaluate`: the held-out evaluation, run every pipeline.eval_every steps (before the stage's last)."""
     pcfg = cfg.pipeline
     per_step, n_replay = pcfg.prompts_per_step, pcfg.replay_per_group * pcfg.prompts_per_step
     ledger = TaskLedger(state, per_step, pcfg.max_staleness, pcfg.max_prompts_in_flight, cfg.buffer.dedup_window_groups)
@@ -76,9 +78,15 @@ def train_rl(cfg: JobConfig, run_dir: Path, comps: Components, order: PromptOrde
                 t0 = time.perf_counter()
                 state.policy_version = publish_with_retries(comps, wait=False)
                 sync_s = time.perf_counter() - t0
+        heldout = None
+        if evaluate and pcfg.eval_every and state.step % pcfg.eval_every == 0 and state.step < pcfg.steps:
+            with phase("eval"):  # the workers load the new weights with the evaluation's rollout call
+                heldout = evaluate()["accuracy"]
+            if heldout is not None:
+                log.info(f"step {state.step}: held-out accuracy {heldout:.3f}")
         with phase("record"):  # 5. record; checkpoint, then acknowledge
             row = recorder.record(state, summary, flight.take_stats(), {
-                "weight_sync_seconds": sync_s,
+                "weight_sync_seconds": sync_s, "heldout_accuracy": heldout,
                 "stale_dropped_groups": stale_groups, "prompts_in_flight": flight.tasks_in_flight,
                 "groups_scoring": len(flight.scoring), "phase_seconds": phase.take()})
         stale_groups = []

@@ -159,7 +159,8 @@ def run_stage(cfg: JobConfig, resume: bool = True) -> dict:
             log.info(f"accuracy before: {summary['before']}")
             summary_path.write_text(json.dumps(summary, indent=2))
         if rl:
-            state = train_rl(cfg, run_dir, comps, order, state, metrics, history)
+            state = train_rl(cfg, run_dir, comps, order, state, metrics, history,
+                             evaluate=lambda: evaluate(comps, eval_samples, cfg))
         else:
             state = train_sft(cfg, run_dir, comps, order, state, model_path, history)
         if not rl:  # SFT changed the weights without publishing: hand them to the workers for the evaluation

@@ -11,6 +11,8 @@ import socket
 from dataclasses import asdict
 from pathlib import Path
 
+from common.affinity import pin_process
+
 from .config import LearnerConfig
 from .distributed import broadcast_from_rank0, free_port
 from .feed import FreshFeed, commit
@@ -25,6 +27,7 @@ class LearnerWorker:
                  media_provider: MediaProvider | None = None, publish_dir: str | None = None,
                  buffer_cfg: dict | None = None):
         self.cfg = cfg if isinstance(cfg, LearnerConfig) else LearnerConfig.model_validate(cfg)
+        pin_process(self.cfg.cpu_affinity, "learner.cpu_affinity")
         self.model_path, self.rank, self.world_size = model_path, rank, world_size
         self.total_steps = total_steps
         self.media_provider, self.publish_dir = media_provider, publish_dir

@@ -35,6 +35,7 @@ def step_summary(groups: Sequence[Sequence[Trajectory]], replay: Sequence[Replay
         "accuracy": term_means.get("accuracy", 0.0),
         "hint_rate": mean_present([float(g[0].hinted) for g in groups]),
         "replay_fraction": len(replay) / (len(trajs) + len(replay)),
+        "group_accuracy": [mean_present([t.rewards.get("accuracy") for t in g]) for g in groups],
         "zero_adv_group_fraction": mean_present([float(len({t.reward for t in g}) == 1) for g in groups]),
         "staleness_max": max(policy_version - t.policy_version for t in trajs),
         "advantages_fresh": [round(stats["advantages"][t.trajectory_id], 4) for t in trajs],

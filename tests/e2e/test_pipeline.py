@@ -49,6 +49,7 @@ def test_synchronous_stage_with_judge_scraped_by_prometheus(tmp_path):
     """Staleness 0 (synchronous GRPO timing), stage 3 so the LLM judge scores every completion; a real
     Prometheus scrapes the job and every query of the Grafana dashboard returns data."""
     config = write_config(tmp_path, "sync", stage=3, **{"pipeline.max_staleness": 0, "pipeline.steps": 6,
+                                                         "pipeline.eval_items": 3, "pipeline.eval_every": 2,
                                                          "data.synth.stage": 3, "reward.judge.allow_tiny": True,
                                                          "reward.weights": {"format": 0.5, "judge": 1.0}})
     run_dir = tmp_path / "runs" / "sync"
@@ -87,6 +88,10 @@ def test_synchronous_stage_with_judge_scraped_by_prometheus(tmp_path):
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
     assert all(r["staleness_max"] == 0 for r in rows)  # every group trained on the version that made it
     assert [r["policy_version"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    # held out every 2 steps (the last step's evaluation is the stage's "after"), each group's accuracy recorded
+    assert [r["heldout_accuracy"] is not None for r in rows] == [False, True, False, True, False, False]
+    assert all(0 <= r["heldout_accuracy"] <= 1 for r in rows if r["heldout_accuracy"] is not None)
+    assert all(len(r["group_accuracy"]) == 2 and all(0 <= a <= 1 for a in r["group_accuracy"]) for r in rows)
     # the judge scored (the tiny random judge answers garbage: counted failures, the term marked missing)
     assert "judging with the tiny random omni model" in log.read_text()
     # its garbage is never a silent 0: every judge term is marked missing and counted as a failure

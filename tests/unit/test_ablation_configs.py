@@ -72,12 +72,17 @@ def test_the_check_catches_a_second_difference():
 
 def test_benchmark_runs_the_config_files_with_shared_overrides(tmp_path: Path):
     arms = list(ARMS)
-    diffs = sample_efficiency.check_arms(arms, steps=3, runs=tmp_path, lr=1e-4, seed=1)
+    plan = sample_efficiency.Plan(steps=3, lr=1e-4)
+    task = sample_efficiency.task_paths(tmp_path)  # the manifests need not exist to check the arms
+    diffs = sample_efficiency.check_arms(arms, plan, task, runs=tmp_path, seed=1)
     assert {a: set(d) for a, d in diffs.items()} == {a: set(ARMS[a].keys) for a in arms}
     assert diffs["tas_only"] == {"pipeline.replay_per_group": (4, 0), "rollout.group_size": (4, 8)}
     assert sample_efficiency.arm_config("grpo") == "configs/grpo_baseline.yaml"
     # the benchmark scale reaches every arm alike
     for arm in arms:
-        cfg = load_config(ARMS[arm].path, sample_efficiency.arm_overrides(arm, 1, 3, None, tmp_path, 1e-4))
+        cfg = load_config(ARMS[arm].path, sample_efficiency.arm_overrides(arm, 1, plan, task, None, tmp_path),
+                          unchecked_paths=sample_efficiency.MANIFEST_KEYS)
         assert (cfg.stage, cfg.pipeline.steps, cfg.pipeline.max_staleness, cfg.learner.lora.enabled) == (2, 3, 0, False)
-        assert cfg.reward.weights == {"format": 0.1, "accuracy": 0.9} and cfg.name == f"{arm}_s1"
+        assert cfg.reward.weights == {"accuracy": 1.0} and cfg.name == f"{arm}_s1" and cfg.learner.lr == 1e-4
+        assert cfg.data.manifest == str(task.train) and cfg.data.eval_manifest == str(task.heldout)
+        assert cfg.pipeline.eval_every == plan.eval_every and cfg.pipeline.eval_items == plan.heldout_items

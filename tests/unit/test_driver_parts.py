@@ -76,6 +76,7 @@ def test_step_summary_by_hand():
     assert s["reward_terms"] == {"accuracy": 0.25, "format": 1.0, "judge": 0.0}  # missing judge values are left out of its mean (all missing: 0.0)
     assert s["hint_rate"] == 0.5 and s["replay_fraction"] == 0.2  # 1 replayed of 5 trained
     assert s["zero_adv_group_fraction"] == 0.5  # group b: equal rewards
+    assert s["group_accuracy"] == [0.5, 0.0]  # each group's mean accuracy term
     assert s["staleness_max"] == 1 and s["judge_missing"] == 2
     assert s["advantages_fresh"] == [-1.0, 1.0, 0.0, 0.0] and s["advantages_replay"] == [0.5]
 
