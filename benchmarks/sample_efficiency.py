@@ -7,8 +7,11 @@ on (each comes back about 17 times in 200 steps of 4 prompts), 200 unseen prompt
 greedy evaluation, and a stage-0 SFT policy (configs/demo_stage0.yaml) trained on the chain-of-thought of half of
 the training prompts only. So the RL stage starts with prompts the policy knows and prompts it does not: a
 spread of difficulty in which GRPO meets whole groups answered all right or all wrong (zero advantage), which is
-the waste AVATAR's replay and VCRS baseline exist to recover. The reward is the accuracy term alone (binary): the
-format is learned in stage 0, and a format term would only break ties among wrong answers.
+the waste AVATAR's replay and VCRS baseline exist to recover. Stage 0 teaches a short reasoning ("<think>I watch and
+listen.</think><answer>...</answer>"): with the synthetic data's 60-128-token chains of thought the 0.3M-parameter
+policy's RL signal on the one answer token drowned in the other tokens' (200 GRPO steps: training accuracy flat
+at 0.4, KL rising to 0.3, held-out falling); with short answers it learns. The reward is the accuracy term alone
+(binary): the format is learned in stage 0, and a format term would only break ties among wrong answers.
 
 The arms are the config files of benchmarks/arms.py, each differing from configs/avatar_base.yaml in the
 mechanism it names only (checked before anything runs; --dry-run prints the differences):
@@ -68,6 +71,7 @@ SCALE = [
     "pipeline.prompts_per_step=4", "pipeline.max_staleness=0", "pipeline.checkpoint_every=1",
 ]
 MANIFEST_KEYS = ("data.manifest", "data.eval_manifest")
+SHORT_REASONING = "<think>I watch and listen.</think>"
 
 
 @dataclass(frozen=True)
@@ -82,7 +86,7 @@ class Plan:
     heldout_items: int = 200
     sft_steps: int = 200
     window: int = 128  # generated completions in the training-accuracy window (4 GRPO steps, 8 AVATAR steps)
-    targets: tuple[float, ...] = (0.5, 0.55, 0.6)
+    targets: tuple[float, ...] = (0.7, 0.75, 0.8)
 
 
 QUICK = Plan(steps=8, eval_every=4, train_items=12, sft_items=6, heldout_items=12, sft_steps=16, window=16,
@@ -109,15 +113,17 @@ def prepare_task(out: Path, plan: Plan) -> Task:
 
     task = task_paths(out)
     stamp = out / "task" / "plan.json"
-    want = json.dumps([plan.train_items, plan.sft_items, plan.heldout_items])
+    want = json.dumps([plan.train_items, plan.sft_items, plan.heldout_items, SHORT_REASONING])
     if stamp.is_file() and stamp.read_text() == want and all(p.is_file() for p in (task.train, task.sft, task.heldout)):
         return task
     print(f"[bench] generating the task: {plan.train_items} training prompts, {plan.heldout_items} held out",
           flush=True)
     generate(SynthConfig(num_items=plan.train_items, stage=2, seed=0), task.train.parent)
     generate(SynthConfig(num_items=plan.heldout_items, stage=2, seed=1000), task.heldout.parent)
-    lines = task.train.read_text().splitlines()
-    task.sft.write_text("".join(line + "\n" for line in lines[: plan.sft_items]))
+    rows = [json.loads(line) for line in task.train.read_text().splitlines()[: plan.sft_items]]
+    for row in rows:  # the RL stage never reads `cot`; stage 0 learns this short form from it
+        row["cot"] = f"{SHORT_REASONING}<answer>{row['answer']}</answer>"
+    task.sft.write_text("".join(json.dumps(row) + "\n" for row in rows))
     stamp.write_text(want)
     return task
 
@@ -272,7 +278,10 @@ def _quarters(per_step: list[list[float]]) -> tuple[float, float, float]:
 
 def analyse(results: dict[str, list[dict]], plan: Plan, reference: str = "avatar") -> dict:
     """Per-arm statistics and each arm against the reference arm (paired over the seeds both ran)."""
-    end = min(r["completions"] for runs in results.values() for r in runs)  # the range every run covers
+    every = [r for runs in results.values() for r in runs]
+    # the range of generated completions every run's training-accuracy window covers
+    start = max(next(c for c, acc in r["curve"] if acc is not None) for r in every)
+    end = min(r["completions"] for r in every)
     points = sorted(set.intersection(*[{c for c, _ in r["heldout"]} for runs in results.values() for r in runs]))
     arms = {}
     for arm, runs in results.items():
@@ -281,7 +290,7 @@ def analyse(results: dict[str, list[dict]], plan: Plan, reference: str = "avatar
             "seeds": [r["seed"] for r in runs],
             "completions_per_run": statistics.median(r["completions"] for r in runs),
             "to_target": {str(t): [stats.to_target(r["curve"], t) for r in runs] for t in plan.targets},
-            "mean_train_acc": [stats.mean_over(r["curve"], plan.window, end) for r in runs],
+            "mean_train_acc": [stats.mean_over(r["curve"], start, end) for r in runs],
             "heldout_at": {str(c): [dict(r["heldout"])[c] for r in runs] for c in points},
             "heldout_final": [r["heldout"][-1][1] for r in runs],
             "zero_adv_groups": _quarters([r["zero_adv_groups"] for r in runs]),
@@ -305,8 +314,8 @@ def analyse(results: dict[str, list[dict]], plan: Plan, reference: str = "avatar
             b = [stats.to_target(r["curve"], t) for r in ref]
             out["to_target"][str(t)] = {"ratio": stats.ratio_of_medians(a, b),
                                         "ci": stats.paired_bootstrap(a, b, stats.ratio_of_medians)}
-        a = [stats.mean_over(r["curve"], plan.window, end) for r in mine]
-        b = [stats.mean_over(r["curve"], plan.window, end) for r in ref]
+        a = [stats.mean_over(r["curve"], start, end) for r in mine]
+        b = [stats.mean_over(r["curve"], start, end) for r in ref]
         out["mean_train_acc"] = {"diff": stats.difference_of_means(b, a),
                                  "ci": stats.paired_bootstrap(b, a, stats.difference_of_means)}
         for c in points:
@@ -314,7 +323,7 @@ def analyse(results: dict[str, list[dict]], plan: Plan, reference: str = "avatar
             out["heldout_at"][str(c)] = {"diff": stats.difference_of_means(b, a),
                                          "ci": stats.paired_bootstrap(b, a, stats.difference_of_means)}
         vs[arm] = out
-    return {"common_completions": end, "heldout_points": points, "arms": arms, "vs_reference": vs,
+    return {"common_completions": end, "window_start": start, "heldout_points": points, "arms": arms, "vs_reference": vs,
             "reference": reference}
 
 
@@ -351,7 +360,7 @@ def print_tables(a: dict, plan: Plan) -> list[str]:
             cells.append("-" if v is None else f"{stats.fmt(v['ratio'])} [{stats.fmt(v['ci'][0])}, {stats.fmt(v['ci'][1])}]")
         lines.append(f"| {arm} | " + " | ".join(cells) + " |")
     end = a["common_completions"]
-    lines += ["", f"### Mean training accuracy over generated completions {plan.window}-{end} (the area under the "
+    lines += ["", f"### Mean training accuracy over generated completions {a['window_start']}-{end} (the area under the "
               f"curve / its width) and held-out accuracy at equal generated completions", "",
               f"mean [95% CI]; diff = {ref} - arm, paired over seeds [95% CI]", "",
               "| arm | mean train acc | diff | " + " | ".join(f"held-out at {c} | diff" for c in a["heldout_points"]) + " |",
@@ -456,13 +465,14 @@ def main() -> None:
     ap.add_argument("--ablations", default=ABLATION_ARMS)
     ap.add_argument("--steps", type=int, default=Plan.steps, help="learner steps per arm (every arm the same)")
     ap.add_argument("--lr", type=float, default=Plan.lr)
-    ap.add_argument("--quick", action="store_true", help="a smoke run: a small task, 8 steps, 2 seeds, no ablations")
+    ap.add_argument("--quick", action="store_true", help="a smoke run: a small task, 8 steps, 1 seed, no ablations")
     ap.add_argument("--out", default=None, help="runs, logs, the task and stage 0 (default results/sample_efficiency[_quick])")
+    ap.add_argument("--results", default=str(RESULTS), help="where the JSON and the PNG are written")
     ap.add_argument("--dry-run", action="store_true",
                     help="check and print each arm's resolved differences from the avatar arm, run nothing")
     args = ap.parse_args()
     plan = replace(QUICK if args.quick else Plan(), **({} if args.quick else {"steps": args.steps, "lr": args.lr}))
-    seeds = 2 if args.quick else args.seeds
+    seeds = 1 if args.quick else args.seeds
     ablation_seeds = 0 if args.quick else args.ablation_seeds
     name = "sample_efficiency_quick" if args.quick else "sample_efficiency"
     out = Path(args.out or RESULTS / name).resolve()
@@ -485,8 +495,9 @@ def main() -> None:
         results[arm].append(run_record(seed, summary, read_history(out / "runs" / f"{arm}_s{seed}"), plan.window))
     analysis = analyse(results, plan)
     lines = print_tables(analysis, plan)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    js, png = RESULTS / f"{name}.json", RESULTS / f"{name}.png"
+    results_dir = Path(args.results)
+    results_dir.mkdir(parents=True, exist_ok=True)
+    js, png = results_dir / f"{name}.json", results_dir / f"{name}.png"
     js.write_text(json.dumps(_finite({"args": vars(args), "plan": asdict(plan), "init_from": init_from,
                                       "analysis": analysis, "printed": lines, "runs": results,
                                       "total_seconds": time.time() - t_start}), indent=1))

@@ -10,12 +10,14 @@ import pytest
 from cluster.config import ConfigError, load_config
 
 PROBE = """
-import json, os, threading, time
-started = threading.Thread(target=time.sleep, args=(2,)); started.start()  # a thread from before the pin
+import json, os, threading
+done = threading.Event()
+started = threading.Thread(target=done.wait); started.start()  # a thread from before the pin, alive until the end
 from common.affinity import pin_process
 pin_process([0], "learner.cpu_affinity")
 import torch
 tasks = {int(t): sorted(os.sched_getaffinity(int(t))) for t in os.listdir("/proc/self/task")}
+done.set()
 print(json.dumps({"tasks": tasks, "torch_threads": torch.get_num_threads(),
                   "bind": os.environ["VLLM_CPU_OMP_THREADS_BIND"]}))
 """

@@ -17,6 +17,8 @@ def test_task_trains_stage0_on_half_and_holds_out_unseen_prompts(tmp_path):
     assert not set(ids["heldout"]) & set(ids["train"])
     kinds = {json.loads(line)["problem_type"] for line in task.sft.read_text().splitlines()}
     assert kinds == {"numerical", "multiple_choice"}  # the known half has both question kinds
+    sft = [json.loads(line) for line in task.sft.read_text().splitlines()]
+    assert all(r["cot"] == f"{se.SHORT_REASONING}<answer>{r['answer']}</answer>" for r in sft)
     assert se.prepare_task(tmp_path, plan) == task and task.train.stat().st_mtime  # made once
 
 
