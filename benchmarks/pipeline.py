@@ -119,6 +119,7 @@ def run_job(checkout: Path, overrides: list[str], log: Path, history: Path) -> d
     print(f"[bench] {checkout}: {' '.join(cmd[1:])}", flush=True)
     env = {**os.environ, "PYTHONPATH": str(checkout)}
     first = last = None  # (rows, driver CPU seconds) when the first and the latest row appeared
+    pinned = {}
     with log.open("w") as f:
         proc = subprocess.Popen(cmd, cwd=checkout, env=env, stdout=f, stderr=subprocess.STDOUT)
         driver = psutil.Process(proc.pid)
@@ -130,12 +131,30 @@ def run_job(checkout: Path, overrides: list[str], log: Path, history: Path) -> d
             rows = len(history.read_text().splitlines()) if history.is_file() else 0
             if rows and first is None:
                 first = (rows, cpu)
+                pinned = actor_affinity()
             if rows and (last is None or rows > last[0]):
                 last = (rows, cpu)
             time.sleep(0.05)
     if proc.wait() != 0:
         raise SystemExit(f"[bench] run failed (exit {proc.returncode}); see {log}")
-    return {"driver_cpu_seconds": last[1] - first[1], "rows_between": last[0] - first[0]}
+    return {"driver_cpu_seconds": last[1] - first[1], "rows_between": last[0] - first[0], "actor_cpus": pinned}
+
+
+def actor_affinity() -> dict[str, list[int]]:
+    """The CPUs each rollout worker and learner process may run on, read from the running job (Ray names an
+    actor's process ray::<Class>...): what --affinity did, seen from outside."""
+    import psutil
+
+    out = {}
+    for proc in psutil.process_iter(["cmdline"]):
+        try:
+            title = " ".join(proc.info["cmdline"] or [])
+            for actor in ("RolloutWorker", "LearnerWorker"):
+                if title.startswith(f"ray::{actor}"):
+                    out[actor] = sorted(proc.cpu_affinity())
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
+    return out
 
 
 def affinity_overrides(spec: str) -> list[str]:
@@ -162,7 +181,9 @@ def overlap_table(results: dict, pinned: list[str]) -> list[str]:
     sync = results[0]
     gen, train = sync["generate_seconds_per_step"], sync["train_seconds_per_step"]
     ceiling = (gen + train) / max(gen, train)
-    lines = ["", f"on disjoint cores ({' '.join(pinned)}): the synchronous run generates {gen:.3f} s and trains "
+    seen = "; ".join(f"staleness {s}: {r.get('actor_cpus')}" for s, r in results.items())
+    lines = ["", f"on disjoint cores ({' '.join(pinned)}; the CPUs the actors' processes were allowed, read during the "
+                 f"runs: {seen}): the synchronous run generates {gen:.3f} s and trains "
                  f"{train:.3f} s per step, so overlapping them can at most give {ceiling:.2f}x", "",
              "| staleness | trajectories/s | speed-up over staleness 0 | share of the ceiling | mean training accuracy "
              "(same number of generated completions) |", "|---|---|---|---|---|"]
@@ -218,6 +239,7 @@ def main() -> None:
             cpu = run_job(checkout, [o.replace(f"name={name}", f"name={run}") for o in ov], out / "logs" / f"{run}.log",
                           out / "runs" / run / "history.jsonl")
             into[s] = {**analyse(read_history(out / "runs" / run), workers=1), "job_wall_seconds": time.time() - t0,
+                       "actor_cpus": cpu["actor_cpus"],
                        "driver_cpu_ms_per_group": 1000 * cpu["driver_cpu_seconds"] / (cpu["rows_between"] * per_step)
                        if cpu["rows_between"] else None}
     engine_tps = engine_batch_speed(init_from, 4, 128, out / "logs" / "engine_batch.log") if args.engine_batch else None
