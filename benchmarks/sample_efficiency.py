@@ -291,6 +291,8 @@ def analyse(results: dict[str, list[dict]], plan: Plan, reference: str = "avatar
             "completions_per_run": statistics.median(r["completions"] for r in runs),
             "to_target": {str(t): [stats.to_target(r["curve"], t) for r in runs] for t in plan.targets},
             "mean_train_acc": [stats.mean_over(r["curve"], start, end) for r in runs],
+            # per learner step instead of per generated completion: every arm runs the same number of steps
+            "mean_step_acc": [statistics.fmean(acc for _, acc, _ in r["steps"]) for r in runs],
             "heldout_at": {str(c): [dict(r["heldout"])[c] for r in runs] for c in points},
             "heldout_final": [r["heldout"][-1][1] for r in runs],
             "zero_adv_groups": _quarters([r["zero_adv_groups"] for r in runs]),
@@ -318,6 +320,10 @@ def analyse(results: dict[str, list[dict]], plan: Plan, reference: str = "avatar
         b = [stats.mean_over(r["curve"], start, end) for r in ref]
         out["mean_train_acc"] = {"diff": stats.difference_of_means(b, a),
                                  "ci": stats.paired_bootstrap(b, a, stats.difference_of_means)}
+        a = [statistics.fmean(acc for _, acc, _ in r["steps"]) for r in mine]
+        b = [statistics.fmean(acc for _, acc, _ in r["steps"]) for r in ref]
+        out["mean_step_acc"] = {"diff": stats.difference_of_means(b, a),
+                                "ci": stats.paired_bootstrap(b, a, stats.difference_of_means)}
         for c in points:
             a, b = [dict(r["heldout"])[c] for r in mine], [dict(r["heldout"])[c] for r in ref]
             out["heldout_at"][str(c)] = {"diff": stats.difference_of_means(b, a),
@@ -361,10 +367,12 @@ def print_tables(a: dict, plan: Plan) -> list[str]:
         lines.append(f"| {arm} | " + " | ".join(cells) + " |")
     end = a["common_completions"]
     lines += ["", f"### Mean training accuracy over generated completions {a['window_start']}-{end} (the area under the "
-              f"curve / its width) and held-out accuracy at equal generated completions", "",
+              f"curve / its width), held-out accuracy at equal generated completions, and the mean training accuracy "
+              f"of all steps (equal learner steps)", "",
               f"mean [95% CI]; diff = {ref} - arm, paired over seeds [95% CI]", "",
-              "| arm | mean train acc | diff | " + " | ".join(f"held-out at {c} | diff" for c in a["heldout_points"]) + " |",
-              "|---|---|---|" + "---|---|" * len(a["heldout_points"])]
+              "| arm | mean train acc | diff | " + " | ".join(f"held-out at {c} | diff" for c in a["heldout_points"])
+              + " | per step, equal learner steps | diff |",
+              "|---|---|---|" + "---|---|" * len(a["heldout_points"]) + "---|---|"]
     for arm, t in arms.items():
         v = a["vs_reference"].get(arm)
         cells = [_ci(t["mean_train_acc"], statistics.fmean, 3),
@@ -372,6 +380,7 @@ def print_tables(a: dict, plan: Plan) -> list[str]:
         for c in a["heldout_points"]:
             cells.append(_ci(t["heldout_at"][str(c)], statistics.fmean, 3))
             cells.append("-" if v is None else _diff(v["heldout_at"][str(c)]))
+        cells += [_ci(t["mean_step_acc"], statistics.fmean, 3), "-" if v is None else _diff(v["mean_step_acc"])]
         lines.append(f"| {arm} | " + " | ".join(cells) + " |")
     for line in lines:
         print(line)
