@@ -2,8 +2,9 @@
 
 Trained fresh entries enter the tiers right after the learner's step (insert.lua: once per stream entry, the
 tier by the prompt's R(q) quantile, the oldest entry evicted past the tier's capacity) and are acknowledged with
-the durable checkpoint that contains their training (ack.lua). The sampler reads the tiers' metadata in one
-snapshot, cached until an insert changes the tiers, and fetches the drawn records' bytes."""
+the durable checkpoint that contains their training (ack.lua). The sampler draws from a snapshot of the tiers'
+metadata (one consistent read, cached while the tiers do not change, then brought up to date from what the
+inserts changed) and fetches the drawn records' bytes."""
 
 from __future__ import annotations
 
@@ -50,7 +51,8 @@ def _check_entry_ids(entry_ids: list[str]) -> None:
 class Tiers:
     def __init__(self, store: Store):
         self.store = store
-        self._snapshot: tuple[bytes | None, dict] | None = None  # (tiers_version, the tiers' metadata)
+        # (tiers_version, the tiers' metadata, the seq counter) as of one consistent read
+        self._snapshot: tuple[bytes | None, dict, int] | None = None
 
     def forget_snapshot(self) -> None:
         self._snapshot = None
@@ -101,33 +103,81 @@ class Tiers:
         return dict(zip(TIERS, pipe.execute(), strict=True))
 
     def _load_snapshot(self) -> dict:
-        """The metadata of every tier entry, read atomically; cached until the tiers change."""
-        r, k = self.store.r, self.store.k
+        """The metadata of every tier entry as it was at one tiers_version; cached until the tiers change, then
+        brought up to date from what changed (_refresh), or read whole (one MULTI) when that is not enough."""
+        r, k, cached = self.store.r, self.store.k, self._snapshot
         version = r.get(k["tiers_version"])
-        if self._snapshot is not None and self._snapshot[0] == version and version is not None:
-            return self._snapshot[1]
+        if cached is not None and cached[0] == version and version is not None:
+            return cached[1]
+        if cached is not None and version is not None:
+            refreshed = self._refresh(cached[1], cached[2])
+            if refreshed is not None:
+                self._snapshot = refreshed
+                return refreshed[1]
         pipe = r.pipeline(transaction=True)
         pipe.get(k["tiers_version"])
+        pipe.get(k["seq"])
         for t in TIERS:
             pipe.hgetall(f"{self.store.prefix}:meta:{t}")
-        version, *metas = pipe.execute()
-        snap = {}
-        for tier, meta in zip(TIERS, metas, strict=True):
-            rows = sorted((_parse_meta(tid, value) for tid, value in meta.items()), key=lambda m: m["seq"])
-            snap[tier] = {
-                "tid": [m["trajectory_id"] for m in rows],
-                "seq": np.array([m["seq"] for m in rows], dtype=np.int64),
-                "score": np.array([m["score"] for m in rows], dtype=np.float64),
-                "version": np.array([m["policy_version"] for m in rows], dtype=np.int64),
-                "rows": rows,
-            }
-        self._snapshot = (version, snap)
+        version, seq, *metas = pipe.execute()
+        snap = {tier: _tier_snapshot(meta) for tier, meta in zip(TIERS, metas, strict=True)}
+        self._snapshot = (version, snap, int(seq or 0))
         return snap
+
+    def _refresh(self, snap: dict, last_seq: int) -> tuple[bytes, dict, int] | None:
+        """`snap` (read when the seq counter was last_seq) brought up to the tiers' current version by reading
+        only what changed, or None when that cannot be done safely (the caller reads everything). The tiers
+        change only by insert.lua: entries enter with a seq above every earlier one (the seq counter) and leave
+        oldest first (ZPOPMIN), so a tier now holds its snapshot's entries from its lowest seq on, plus its
+        members above last_seq. Checked: the counter went forward (not cleared), the lowest member is the
+        snapshot's entry of that seq, no member re-entered its own tier, the counts add up, and each new
+        member's metadata carries its seq (not evicted or inserted again between the two reads)."""
+        r, prefix = self.store.r, self.store.prefix
+        pipe = r.pipeline(transaction=True)
+        pipe.get(self.store.k["tiers_version"])
+        pipe.get(self.store.k["seq"])
+        for t in TIERS:
+            pipe.zcard(f"{prefix}:tier:{t}")
+            pipe.zrange(f"{prefix}:tier:{t}", 0, 0, withscores=True, score_cast_func=int)
+            pipe.zrangebyscore(f"{prefix}:tier:{t}", f"({last_seq}", "+inf", withscores=True, score_cast_func=int)
+        now, seq, *replies = pipe.execute()
+        if now is None or seq is None or int(seq) <= last_seq:
+            return None
+        plan = {}  # tier -> (index of the first kept entry, [(new member, its seq)])
+        for i, tier in enumerate(TIERS):
+            count, lowest, new = replies[3 * i : 3 * i + 3]
+            old = snap[tier]
+            start = len(old["tid"])  # keep nothing unless the lowest member is one of the snapshot's
+            if lowest and lowest[0][1] <= last_seq:
+                start = int(np.searchsorted(old["seq"], lowest[0][1]))
+                if start == len(old["tid"]) or old["seq"][start] != lowest[0][1] or \
+                        old["tid"][start] != lowest[0][0].decode():
+                    return None
+            if new and not {m.decode() for m, _ in new}.isdisjoint(old["tid"][start:]):
+                return None  # an entry re-entered its own tier (only past the dedup window): read everything
+            if len(old["tid"]) - start + len(new) != count:
+                return None
+            plan[tier] = (start, new)
+        grown = [t for t in TIERS if plan[t][1]]
+        pipe = r.pipeline(transaction=False)
+        for tier in grown:
+            pipe.hmget(f"{prefix}:meta:{tier}", [m for m, _ in plan[tier][1]])
+        values = dict(zip(grown, pipe.execute(), strict=True)) if grown else {}
+        out = {}
+        for tier in TIERS:
+            start, new = plan[tier]
+            meta = {}
+            for (member, member_seq), value in zip(new, values.get(tier, []), strict=True):
+                if value is None or int(value.split(b" ", 1)[0]) != member_seq:
+                    return None  # evicted or inserted again since the first read: read everything
+                meta[member] = value
+            out[tier] = _join(snap[tier], start, _tier_snapshot(meta))
+        return now, out, int(seq)
 
     def entries(self) -> list[dict]:
         """Metadata of every entry in the tiers (oldest first per tier), with its tier."""
         snap = self._load_snapshot()
-        return [dict(row, tier=tier) for tier in TIERS for row in snap[tier]["rows"]]
+        return [dict(_parse_meta(tid, value), tier=tier) for tier in TIERS for tid, value in snap[tier]["raw"]]
 
     # ---- sampling ------------------------------------------------------------------------------------------
     def sample(
@@ -209,6 +259,40 @@ class Tiers:
             ReplaySample(trajectory=trajs[tid], rbar=float(rbars[trajs[tid].prompt_id]), tier=tier)
             for tid, tier in chosen
         ]
+
+
+def _tier_snapshot(meta: dict[bytes, bytes]) -> dict:
+    """One tier's metadata (trajectory id -> "seq score version inserted_at reward advantage prompt_id") as the
+    sampler's arrays, oldest (lowest seq) first. Whole columns at a time: the learner re-reads the snapshot after
+    every commit and a per-entry parse was most of a sample's cost at 10,000 entries. The full rows (entries())
+    are parsed on demand from "raw"."""
+    tids, values = list(meta), list(meta.values())
+    fields = [value.split(b" ", 6) for value in values]
+    if set(map(len, fields)) - {7}:
+        bad = next(value for value, f in zip(values, fields, strict=True) if len(f) != 7)
+        raise ValueError(f"tier metadata {bad!r} has not 7 fields")
+    seqs, scores, versions = list(zip(*fields, strict=True))[:3] if fields else ((), (), ())
+    seq = np.array(list(map(int, seqs)), dtype=np.int64)
+    order = np.argsort(seq, kind="stable")
+    index = order.tolist()
+    return {
+        "tid": [tids[i].decode() for i in index],
+        "seq": seq[order],
+        "score": np.array(list(map(float, scores)), dtype=np.float64)[order],
+        "version": np.array(list(map(int, versions)), dtype=np.int64)[order],
+        "raw": [(tids[i], values[i]) for i in index],
+    }
+
+
+def _join(old: dict, start: int, new: dict) -> dict:
+    """A tier's snapshot: `old`'s entries from index `start` on, then `new`'s (all of a higher seq)."""
+    return {
+        "tid": old["tid"][start:] + new["tid"],
+        "seq": np.concatenate([old["seq"][start:], new["seq"]]),
+        "score": np.concatenate([old["score"][start:], new["score"]]),
+        "version": np.concatenate([old["version"][start:], new["version"]]),
+        "raw": old["raw"][start:] + new["raw"],
+    }
 
 
 def _parse_meta(tid: bytes, value: bytes) -> dict:
