@@ -1,5 +1,5 @@
-"""Rollout workers: generation engines (vLLM, transformers fallback) behind one interface, the shared prompt
-queue with leases, and the RolloutWorker Ray actor.
+"""Rollout workers: generation engines (vLLM, transformers fallback) behind one interface, the PromptTask the
+driver hands out, and the RolloutWorker Ray actor.
 
 Config and record names load eagerly; the rest (torch, Ray, vLLM behind them) on first use, so
 that reading a config stays cheap."""
@@ -13,8 +13,7 @@ _LAZY = {
     "GenerationResult": "engines",
     "GroupResult": "worker",
     "HFEngine": "engines",
-    "PromptQueue": "prompt_queue",
-    "PromptTask": "prompt_queue",
+    "PromptTask": "tasks",
     "RolloutEngine": "engines",
     "RolloutWorker": "worker",
     "Sampling": "engines",
@@ -32,7 +31,6 @@ __all__ = [
     "GenerationResult",
     "GroupResult",
     "HFEngine",
-    "PromptQueue",
     "PromptTask",
     "RolloutConfig",
     "RolloutEngine",

@@ -2,9 +2,9 @@
 generates G_on completions with behaviour log-probs on its engine, and returns them as a group of
 Trajectory records tagged with the engine's policy version (reward fields are left to the reward workers).
 
-Run it as a Ray actor (`RolloutWorkerActor`, restartable), either fed directly (`generate(tasks)`) or pulling
-from a shared PromptQueue (`run(queue)`). A prompt whose media cannot be read is skipped, counted and logged;
-the worker lives on.
+Run it as a Ray actor (`rollout_worker_actor()`, restartable). The driver calls `rollout(tasks, scorers)`: the
+worker generates the tasks' groups and hands each one to a reward worker itself. A prompt whose media cannot be
+read is skipped, counted and logged; the worker lives on.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from policy.processor import PromptProcessor
 
 from .config import RolloutConfig
 from .engines import EngineInput, Sampling, create_engine
-from .prompt_queue import PromptTask
+from .tasks import PromptTask
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +82,6 @@ class RolloutWorker:
         model_path: str | Path,
         rollout: RolloutConfig,
         processor: ProcessorConfig | None = None,
-        queue=None,
         dtype: str = "float32",
         seed: int = 0,
     ):
@@ -100,12 +99,7 @@ class RolloutWorker:
             "skipped_media": 0,
             "generate_seconds": 0.0,
         }
-        self.given_back = 0
         self._next_scorer = zlib.crc32(worker_id.encode())  # workers start their round robin at different scorers
-        if queue is not None:  # a restarted worker gives back what its previous life had leased
-            self.given_back = ray.get(queue.release_worker.remote(worker_id))
-            if self.given_back:
-                log.warning("worker %s restarted: gave back %d leased prompts", worker_id, self.given_back)
 
     # generation -------------------------------------------------------------------------------------------
     def generate(self, tasks: list[PromptTask], seed: int | None = None,
@@ -197,20 +191,6 @@ class RolloutWorker:
         report.stats = self._stats()
         return report
 
-    def run(self, queue, batch_size: int = 1, max_tasks: int | None = None, seed: int | None = None) -> int:
-        """Lease tasks from a PromptQueue actor, generate, complete them there, until the queue is empty (or
-        max_tasks are done). Returns the number of tasks this call completed."""
-        done = 0
-        while max_tasks is None or done < max_tasks:
-            want = batch_size if max_tasks is None else min(batch_size, max_tasks - done)
-            tasks = ray.get(queue.lease.remote(self.worker_id, want))
-            if not tasks:
-                break
-            for result in self.generate(tasks, seed=seed):
-                ray.get(queue.complete.remote(self.worker_id, result.key, result))
-                done += 1
-        return done
-
     # weights and lifecycle ------------------------------------------------------------------------------
     def load_weights(self, path: str, version: int, checksum: str) -> float:
         """Load a published version (learner.transport); raises WeightLoadError and keeps the old version
@@ -230,7 +210,7 @@ class RolloutWorker:
         return self._stats()
 
     def _stats(self) -> dict:
-        return {**self.counts, "version": self.engine.version, "given_back": self.given_back}
+        return {**self.counts, "version": self.engine.version}
 
     @ray.method(concurrency_group="control")
     def pid(self) -> int:
@@ -244,6 +224,7 @@ class RolloutWorker:
 
 
 def rollout_worker_actor(num_cpus: float = 1, max_restarts: int = 3):
-    """The Ray actor class of RolloutWorker, restartable by Ray (its leases go back to the queue)."""
+    """The Ray actor class of RolloutWorker, restartable by Ray (the driver hands a restarted worker the current
+    weights and the tasks of the call that died with it)."""
     return ray.remote(num_cpus=num_cpus, max_restarts=max_restarts, max_task_retries=0,
                       concurrency_groups={"control": 1})(RolloutWorker)

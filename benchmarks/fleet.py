@@ -157,7 +157,7 @@ class LoadLearnerGroup:
 def record_templates(init_from: str, samples: list, group_size: int) -> list[list[dict]]:
     """Groups of the tiny model, generated once by the real vLLM engine (the recording the generators replay)."""
     from actors.config import RolloutConfig
-    from actors.prompt_queue import PromptTask
+    from actors.tasks import PromptTask
     from actors.worker import RolloutWorker
     from policy.config import ProcessorConfig
 

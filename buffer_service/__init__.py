@@ -1,7 +1,9 @@
 """buffer_service: the Redis-backed stratified replay service (AVATAR.md section 3).
 
 The record schema (the contract with rollout workers, reward workers and the learner), the private/external
-Redis helpers, and ReplayService (fresh stream, stratified tiers, VCRS statistics, sampling).
+Redis helpers, and ReplayService (service.py), the facade over one module per job: the fresh stream
+(stream.py), the stratified tiers and sampling (tiers.py), the per-prompt VCRS statistics (prompt_state.py) and
+the dead-letter stream (dead_letters.py).
 
 Config and record names load eagerly; the rest (torch, Ray, vLLM behind them) on first use, so
 that reading a config stays cheap."""
@@ -16,15 +18,15 @@ _LAZY = {
     "ReplayService": "service",
     "SCHEMA_VERSION": "schema",
     "SchemaError": "schema",
-    "TIERS": "service",
+    "TIERS": "tiers",
     "TRAJECTORY_SCHEMA": "schema",
-    "allocate": "service",
+    "allocate": "tiers",
     "connect": "redis_server",
     "decode_group": "schema",
     "decode_trajectory": "schema",
     "encode_group": "schema",
     "encode_trajectory": "schema",
-    "priority_score": "service",
+    "priority_score": "tiers",
     "start_redis": "redis_server",
     "validate_group": "schema",
     "validate_trajectory": "schema",

@@ -17,7 +17,8 @@ import numpy as np
 
 from buffer_service.config import BufferConfig, RedisConfig
 from buffer_service.redis_server import PASSWORD_ENV
-from buffer_service.service import TIERS, ReplayService
+from buffer_service.service import ReplayService
+from buffer_service.tiers import TIERS
 
 
 def _dist(values: list[float]) -> str:

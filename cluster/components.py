@@ -142,7 +142,7 @@ def start_components(cfg: JobConfig, run_dir: Path, model_path: Path, samples, r
     actor = rollout_worker_actor(num_cpus=0, max_restarts=3)
     comps.workers = [
         actor.options(num_gpus=cfg.rollout.tensor_parallel_size if gpu else 0, **placement.options("rollout", i))
-        .remote(f"rollout-{i}", str(model_path), cfg.rollout, cfg.processor, None, cfg.model.dtype, cfg.seed + i)
+        .remote(f"rollout-{i}", str(model_path), cfg.rollout, cfg.processor, cfg.model.dtype, cfg.seed + i)
         for i in range(cfg.rollout.num_workers)
     ]
     # Reward workers for SFT too: they score the evaluations (the groups go to them, not to the driver).

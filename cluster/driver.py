@@ -25,7 +25,7 @@ from pathlib import Path
 import ray
 from tqdm import tqdm
 
-from actors.prompt_queue import PromptTask
+from actors.tasks import PromptTask
 from reward_workers.pool import sum_worker_stats
 
 from .committer import Committer

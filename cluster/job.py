@@ -12,7 +12,7 @@ from pathlib import Path
 import ray
 from tqdm import tqdm
 
-from actors.prompt_queue import PromptTask
+from actors.tasks import PromptTask
 from learner.learner import SFTExample
 from policy.media import MediaError
 from policy.model import resolve_model_path
@@ -241,7 +241,7 @@ def run_eval(cfg: JobConfig) -> dict:
         model_path = Path(cfg.init_from) if cfg.init_from else resolve_model_path(cfg.model, Path(cfg.run_dir) / "_models")
         samples = load_prompts(cfg, run_dir, split="eval")
         actor = rollout_worker_actor(num_cpus=0, max_restarts=0)
-        workers = [actor.remote(f"eval-{i}", str(model_path), cfg.rollout, cfg.processor, None, cfg.model.dtype, cfg.seed)
+        workers = [actor.remote(f"eval-{i}", str(model_path), cfg.rollout, cfg.processor, cfg.model.dtype, cfg.seed)
                    for i in range(cfg.rollout.num_workers)]
         return evaluate(Components(buffer=None, learner=None, workers=workers), samples, cfg)
     finally:

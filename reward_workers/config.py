@@ -63,6 +63,3 @@ class RewardConfig(StrictConfig):
     judge: JudgeConfig = Field(default_factory=JudgeConfig)
     num_workers: int = Field(1, ge=1)
     groups_per_worker: int = Field(4, ge=1, description="groups one RewardWorker scores at a time (threads)")
-    max_pending_groups: int = Field(64, ge=1, description=(
-        "back-pressure of RewardPool.submit (a caller that hands groups to the pool itself); in a training job "
-        "the rollout workers hand groups to the reward workers and pipeline.max_prompts_in_flight bounds them"))

@@ -1,11 +1,11 @@
 """The RewardWorker pool: Ray actors that score groups while generation goes on.
 
-In a training job the rollout workers hand each group to a worker's `score_and_push` (scored, then pushed into
-the replay service's fresh stream by the worker itself) and the driver gets a PushReceipt. A caller that holds
-groups itself can use the pool directly: submit() returns at once and poll() collects scored groups; at most
-cfg.max_pending_groups groups are in flight: submit() then waits for one to finish (or, with a timeout, raises
-PoolFull), which is the back-pressure. A worker scores cfg.groups_per_worker groups at a time (threads: the
-judge is I/O bound), so a slow judge slows scoring, never the caller until the bound is hit."""
+The rollout workers hand each group to a worker's `score_and_push` (scored, then pushed into the replay
+service's fresh stream by the worker itself) and the driver gets a PushReceipt; an evaluation's groups go to
+`evaluate`. A worker scores cfg.groups_per_worker groups at a time (threads: the judge is I/O bound), so a slow
+judge slows scoring, not generation; the driver bounds the groups in flight (pipeline.max_prompts_in_flight).
+RewardPool starts the workers (and the local judge engine when the stage's weights use the judge) and stops
+them."""
 
 from __future__ import annotations
 
@@ -51,22 +51,6 @@ def sum_worker_stats(answers) -> dict[str, float]:
     return total
 
 
-class PoolFull(Exception):
-    """submit() found max_pending_groups groups in flight and none finished within its timeout."""
-
-
-@dataclass
-class ScoredGroup:
-    trajectories: list[Trajectory]
-    sample_id: str
-    started_at: float  # unix seconds, on the worker
-    finished_at: float
-    worker: int
-    error: str | None = None  # set when scoring raised: the trajectories are then unscored
-    judge_failures: int = 0
-    worker_lost: bool = False  # the error is the worker's death (Ray's RayActorError family), not the group's
-
-
 def build_judge(cfg: RewardConfig, engine=None) -> Judge | None:
     """The Judge the config describes: the OpenAI-compatible client, or the local engine actor `engine`.
     None when there is no judge to reach (no endpoint, no engine)."""
@@ -92,8 +76,8 @@ class PushReceipt:
     worker_stats: dict = field(default_factory=dict)
 
 
-# Restartable: a worker that dies fails the groups it held (reported as ScoredGroup.error, for the caller to
-# submit again) and Ray starts it again with the same arguments.
+# Restartable: a worker that dies fails the calls it held (a RayActorError for the driver, which has the tasks
+# generated and scored again: cluster/retry.py) and Ray starts it again with the same arguments.
 @ray.remote(num_cpus=0, max_restarts=3, max_task_retries=0)
 class RewardWorker:
     def __init__(self, cfg: dict, index: int, judge_engine=None, buffer_cfg: dict | None = None):
@@ -110,11 +94,9 @@ class RewardWorker:
         """Score one group (handed over by a rollout worker as an object reference) and push it into the fresh
         stream through the replay service's atomic push (dedup by trajectory id, R(q), streaks, hints)."""
         with self._slots:
-            scored = self._score(trajectories, sample, None)
-            receipt = PushReceipt(trajectories[0].group_id, sample.id, error=scored.error,
-                                  judge_failures=scored.judge_failures,
-                                  seconds=scored.finished_at - scored.started_at, worker=self.index)
-            if not scored.error:
+            receipt = PushReceipt(trajectories[0].group_id, sample.id, worker=self.index)
+            self._score(trajectories, sample, receipt)
+            if not receipt.error:
                 pushed = self._service().push_group(trajectories)
                 failpoint("reward_worker_after_push")
                 receipt.entry_id, receipt.accepted = pushed["entry_id"], pushed["accepted"]
@@ -140,25 +122,19 @@ class RewardWorker:
                 self._buffer = ReplayService(BufferConfig.model_validate(self.buffer_cfg))
             return self._buffer
 
-    def score(self, trajectories: list[Trajectory], sample: PromptSample, frames: list[bytes] | None = None):
-        """Score one group. The judge is shown `frames` when given, else reward.judge.num_frames frames that
-        score_group reads from sample.video (once for the group)."""
-        with self._slots:
-            return self._score(trajectories, sample, frames)
-
-    def _score(self, trajectories, sample, frames) -> ScoredGroup:
+    def _score(self, trajectories: list[Trajectory], sample: PromptSample, receipt: PushReceipt) -> None:
+        """Score the group in place (the judge sees reward.judge.num_frames frames that score_group reads from
+        sample.video, once for the group); the outcome goes into the receipt and the worker's counters."""
         started = time.time()
-        error = None
         try:
-            score_group(trajectories, sample, self.cfg, self.judge, frames)
+            score_group(trajectories, sample, self.cfg, self.judge)
         except Exception as e:  # a bad group is reported with its reason, never dropped silently
-            error = f"{type(e).__name__}: {e}"
-        finished = time.time()
-        self.counts["groups_failed" if error else "groups_scored"] += 1
-        self.counts["trajectories_scored"] += 0 if error else len(trajectories)
-        self.counts["scoring_s_sum"] += finished - started
-        failures = sum(1 for t in trajectories if "judge" in t.rewards and t.rewards["judge"] is None)
-        return ScoredGroup(trajectories, sample.id, started, finished, self.index, error, failures)
+            receipt.error = f"{type(e).__name__}: {e}"
+        receipt.seconds = time.time() - started
+        self.counts["groups_failed" if receipt.error else "groups_scored"] += 1
+        self.counts["trajectories_scored"] += 0 if receipt.error else len(trajectories)
+        self.counts["scoring_s_sum"] += receipt.seconds
+        receipt.judge_failures = sum(1 for t in trajectories if "judge" in t.rewards and t.rewards["judge"] is None)
 
     def stats(self) -> dict[str, float]:
         return {**self.counts, **(self.judge.stats() if self.judge else {})}
@@ -172,28 +148,15 @@ class RewardWorker:
 
 
 @dataclass
-class _Inflight:
-    worker: int
-    submitted_at: float
-    trajectories: list[Trajectory]
-    sample_id: str
-
-
-@dataclass
 class RewardPool:
-    """Driver-side handle of the worker pool (not thread-safe: one driver loop submits and polls)."""
+    """Driver-side handle of the worker pool: starts the workers (and the judge engine they need), stops them."""
 
     cfg: RewardConfig
     judge_engine: object | None = None  # a JudgeEngineActor handle; created here when None and needed
     stage: int | None = None  # the job's stage: a judge engine is started only if its weights use the judge
     buffer_cfg: dict | None = None  # the replay service the workers push scored groups into (score_and_push)
     workers: list = field(default_factory=list)
-    _inflight: dict = field(default_factory=dict)  # ObjectRef -> _Inflight
-    _ready: list = field(default_factory=list)
     _owns_engine: bool = False
-    _counts: dict = field(
-        default_factory=lambda: {"groups_submitted": 0, "submits_blocked": 0, "submit_blocked_s_sum": 0.0}
-    )
 
     def __post_init__(self):
         jc = self.cfg.judge
@@ -207,65 +170,6 @@ class RewardPool:
             RewardWorker.options(**options).remote(cfg, i, self.judge_engine, self.buffer_cfg)
             for i in range(self.cfg.num_workers)
         ]
-
-    @property
-    def pending(self) -> int:
-        """Groups submitted and not finished."""
-        return len(self._inflight)
-
-    def submit(
-        self,
-        trajectories: list[Trajectory],
-        sample: PromptSample,
-        frames: list[bytes] | None = None,
-        timeout: float | None = None,
-    ) -> None:
-        """Queue one group for scoring. Waits while max_pending_groups are in flight (up to `timeout` seconds;
-        None = as long as it takes, 0 = not at all) and raises PoolFull when the wait runs out."""
-        t0 = time.monotonic()
-        if len(self._inflight) >= self.cfg.max_pending_groups:
-            self._counts["submits_blocked"] += 1
-        while len(self._inflight) >= self.cfg.max_pending_groups:
-            left = None if timeout is None else timeout - (time.monotonic() - t0)
-            if left is not None and left <= 0:
-                raise PoolFull(f"{len(self._inflight)} groups in flight (reward.max_pending_groups)")
-            self._collect(timeout=left, wait_one=True)
-        self._counts["submit_blocked_s_sum"] += time.monotonic() - t0
-        loads = [0] * len(self.workers)
-        for item in self._inflight.values():
-            loads[item.worker] += 1
-        w = loads.index(min(loads))
-        ref = self.workers[w].score.remote(trajectories, sample, frames)
-        self._inflight[ref] = _Inflight(w, time.time(), trajectories, sample.id)
-        self._counts["groups_submitted"] += 1
-
-    def poll(self, timeout: float = 0.0, max_groups: int | None = None) -> list[ScoredGroup]:
-        """Scored groups finished so far, in order of completion; waits up to `timeout` for the first one."""
-        self._collect(timeout=0.0)
-        if not self._ready and timeout and self._inflight:
-            self._collect(timeout=timeout, wait_one=True)
-        n = len(self._ready) if max_groups is None else max_groups
-        out, self._ready = self._ready[:n], self._ready[n:]
-        return out
-
-    def drain(self, timeout: float | None = None) -> list[ScoredGroup]:
-        """Wait for every group in flight; return all unpolled scored groups."""
-        if self._inflight:
-            refs = list(self._inflight)
-            done, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout)
-            self._take(done)
-        return self.poll()
-
-    def stats(self) -> dict[str, float]:
-        """Counters summed over workers (groups_scored, judge_failures, judge_latency_s_sum, ...) plus the pool's
-        own (groups_submitted, pending, submits_blocked, submit_blocked_s_sum)."""
-        answers = []
-        for ref in [w.stats.remote() for w in self.workers]:
-            try:
-                answers.append(ray.get(ref, timeout=30))
-            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
-                continue  # a worker Ray is restarting reports next time (its counters start again from 0)
-        return {**sum_worker_stats(answers), **self._counts, "pending": len(self._inflight)}
 
     def shutdown(self) -> None:
         """Close the workers and, when the pool started it, shut the judge engine down (before ray.shutdown)."""
@@ -286,24 +190,3 @@ class RewardPool:
         else:  # stage unknown: any stage's defaults that weight the judge
             weights = list(STAGE_WEIGHTS.values())
         return any(w.get("judge") for w in weights)
-
-    def _collect(self, timeout: float | None, wait_one: bool = False) -> None:
-        if not self._inflight:
-            return
-        refs = list(self._inflight)
-        done, _ = ray.wait(refs, num_returns=1 if wait_one else len(refs), timeout=timeout if wait_one else 0)
-        self._take(done)
-
-    def _take(self, done: list) -> None:
-        for ref in done:
-            item = self._inflight.pop(ref)
-            try:
-                self._ready.append(ray.get(ref))
-            except Exception as e:  # the worker died: report the group, do not lose it silently
-                failed = ScoredGroup(
-                    item.trajectories, item.sample_id, item.submitted_at, time.time(), item.worker
-                )
-                failed.error = f"worker failed: {type(e).__name__}: {e}"
-                # ActorDiedError and ActorUnavailableError are RayActorErrors: the worker died or is restarting
-                failed.worker_lost = isinstance(e, ray.exceptions.RayActorError)
-                self._ready.append(failed)

@@ -26,7 +26,6 @@ def score_group(
     sample: PromptSample,
     cfg: RewardConfig,
     judge: Judge | None = None,
-    frames: list[bytes] | None = None,
 ) -> list[Trajectory]:
     """Fill .rewards, .reward and .scored_at of every trajectory of one group (in place; also returned).
 
@@ -34,9 +33,9 @@ def score_group(
     self and judge only when weighted. A judge failure stores rewards["judge"] = None (missing) and adds
     weight * cfg.judge.fallback to the total.
 
-    The judge sees the prompt's video: `frames` when given, else cfg.judge.num_frames frames read here from
-    sample.video, once for the whole group. A video that cannot be read fails every judge request of the
-    group (fallback, marked missing, counted as judge_media_failures; the reason is logged)."""
+    The judge sees the prompt's video: cfg.judge.num_frames frames read here from sample.video, once for the
+    whole group. A video that cannot be read fails every judge request of the group (fallback, marked
+    missing, counted as judge_media_failures; the reason is logged)."""
     if not trajectories:
         return trajectories
     stage = trajectories[0].stage
@@ -54,9 +53,7 @@ def score_group(
     if weights.get("judge"):
         if judge is None:
             raise ValueError(f"stage {stage} weights the judge term but no judge was given")
-        media_error = None
-        if frames is None:
-            frames, media_error = judge_frames(sample, cfg.judge)
+        frames, media_error = judge_frames(sample, cfg.judge)
         results = judge.score([JudgeRequest.of(c, sample, frames, media_error) for c in texts])
         for t, v, r in zip(terms, values, results):
             t["judge"], v["judge"] = r.score, r.value

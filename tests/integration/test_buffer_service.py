@@ -19,6 +19,7 @@ from buffer_service.records import Trajectory
 from buffer_service.redis_server import RedisAuthError, connect, start_redis
 from buffer_service.schema import VERSION_KEY, encode_group
 from buffer_service.service import ReplayService
+from buffer_service.tiers import TIERS, Tiers
 from tests.conftest import make_traj
 
 pytestmark = pytest.mark.integration
@@ -568,3 +569,33 @@ def test_insert_with_replay_off_feeds_statistics_not_tiers(make_service):
     assert out == {"inserted": 0, "evicted": 0, "ignored": 0}
     assert svc.tier_sizes() == {"easy": 0, "medium": 0, "hard": 0}
     assert svc.prompt_states(["P"])["P"]["kl"] == pytest.approx(0.02)
+
+
+def test_sampler_snapshot_refreshed_from_changes_equals_a_full_read(make_service):
+    """The sampler's snapshot, brought up to date from what each insert changed (entries in, the oldest
+    evicted, a trajectory id inserted again past the dedup window, everything cleared by another client),
+    equals one read whole at every step."""
+    svc = make_service(capacity=12, dedup_window_groups=3)  # tier capacities 3 / 4 / 5
+    tiers = svc._tiers
+    outcomes = []
+    refresh = tiers._refresh
+    tiers._refresh = lambda *a: outcomes.append(refresh(*a)) or outcomes[-1]
+    rng = np.random.default_rng(7)
+    for step in range(40):
+        if step == 30:
+            make_service(capacity=12).clear()
+        for g in range(int(rng.integers(1, 4))):
+            pid = f"p{rng.integers(0, 6)}"
+            tid = f"t{step % 5}-{g}"  # ids come back once out of the dedup window
+            svc.push_group([make_traj(tid, pid, float(rng.random()), group_id=f"{step}-{g}")])
+        train(svc, advantage=float(rng.normal()))
+        snap = tiers._load_snapshot()
+        full = Tiers(tiers.store)._load_snapshot()
+        for t in TIERS:
+            assert snap[t]["tid"] == full[t]["tid"] and snap[t]["raw"] == full[t]["raw"]
+            for column in ("seq", "score", "version"):
+                assert snap[t][column].dtype == full[t][column].dtype
+                assert np.array_equal(snap[t][column], full[t][column])
+        assert svc.entries() == Tiers(tiers.store).entries()
+    assert sum(o is not None for o in outcomes) > 25  # most steps took the incremental path
+    assert any(o is None for o in outcomes)  # an id inserted again into its tier, the clear: read whole

