@@ -184,30 +184,25 @@ def bench_batch(
     records = 0
     step = step0
 
-    def service_round(groups):
+    def timed_round(push, read, commit, groups):
+        """push the groups, read them back, commit them with the learner's advantages: (push s, total s, records)."""
         t0 = time.perf_counter()
-        for group in groups:
-            svc.push_group(group)
+        push(groups)
         t1 = time.perf_counter()
-        got = svc.read_fresh("bench", max_groups=len(groups))
+        got = read("bench", len(groups))
         trained = [t for _, group in got for t in group]
         for t in trained:
             t.advantage = advantages[t.trajectory_id]
-        svc.commit([e for e, _ in got], trained)
+        commit([e for e, _ in got], trained)
         t2 = time.perf_counter()
         return t1 - t0, t2 - t0, len(trained)
 
+    def service_round(groups):  # one push_group per group, as the reward workers push
+        return timed_round(lambda gs: [svc.push_group(g) for g in gs],
+                           lambda consumer, n: svc.read_fresh(consumer, max_groups=n), svc.commit, groups)
+
     def plain_round(groups):
-        t0 = time.perf_counter()
-        plain.push(groups)
-        t1 = time.perf_counter()
-        got = plain.read("bench", len(groups))
-        trained = [t for _, group in got for t in group]
-        for t in trained:
-            t.advantage = advantages[t.trajectory_id]
-        plain.commit([e for e, _ in got], trained)
-        t2 = time.perf_counter()
-        return t1 - t0, t2 - t0, len(trained)
+        return timed_round(plain.push, plain.read, plain.commit, groups)
 
     for k in range(rounds):
         groups = [make_group(rng, step, g, group_size) for g in range(groups_per_batch)]
