@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field
 
-from common.affinity import cpu_list
+from common.affinity import CpuList
 from common.config import StrictConfig
 
 
@@ -21,13 +21,8 @@ class RolloutConfig(StrictConfig):
     tensor_parallel_size: int = Field(1, ge=1)
     gpu_memory_utilization: float = Field(0.85, gt=0, le=1)
     cpu_kvcache_gib: int = Field(1, ge=1, description="VLLM_CPU_KVCACHE_SPACE on CPU machines")
-    cpu_affinity: list[int] | None = Field(
+    cpu_affinity: CpuList = Field(
         None, description="CPU ids every rollout worker of a node runs on (its threads and vLLM-CPU's OpenMP threads); "
         "None = all. With learner.cpu_affinity, rollout and learning run on disjoint cores as on separate devices")
-
-    @field_validator("cpu_affinity")
-    @classmethod
-    def _distinct_cpus(cls, value):
-        return cpu_list(value)
     max_model_len: int = Field(4096, ge=128)
     load_timeout_s: float = Field(120.0, gt=0)

@@ -6,6 +6,9 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
+from typing import Annotated
+
+from pydantic import AfterValidator
 
 log = logging.getLogger(__name__)
 
@@ -19,6 +22,10 @@ def cpu_list(cpus: list[int] | None) -> list[int] | None:
     if any(c < 0 for c in cpus) or len(set(cpus)) != len(cpus):
         raise ValueError(f"CPU ids must be distinct and non-negative, got {cpus}")
     return sorted(cpus)
+
+
+# A config field of CPU ids (rollout.cpu_affinity, learner.cpu_affinity), checked by cpu_list when loaded.
+CpuList = Annotated[list[int] | None, AfterValidator(cpu_list)]
 
 
 def pin_process(cpus: list[int] | None, setting: str) -> None:

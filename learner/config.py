@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator
 
-from common.affinity import cpu_list
+from common.affinity import CpuList
 from common.config import StrictConfig
 
 
@@ -68,13 +68,8 @@ class LearnerConfig(StrictConfig):
         "safetensors", description="how published weights reach the rollout workers: safetensors (a file per "
         "version + vLLM reload, on a filesystem the workers share). nccl is not wired yet")
     publish_timeout_s: float = Field(120.0, gt=0)
-    cpu_affinity: list[int] | None = Field(
+    cpu_affinity: CpuList = Field(
         None, description="CPU ids every learner rank of a node runs on (torch's threads = their number); None = all")
-
-    @field_validator("cpu_affinity")
-    @classmethod
-    def _distinct_cpus(cls, value):
-        return cpu_list(value)
 
     @field_validator("transport", mode="before")
     @classmethod
