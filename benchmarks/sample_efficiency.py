@@ -276,24 +276,41 @@ def _quarters(per_step: list[list[float]]) -> tuple[float, float, float]:
     return statistics.fmean(flat), statistics.fmean(first), statistics.fmean(last)
 
 
+def run_metrics(r: dict, plan: Plan, start: float, end: float, points: list[int]) -> dict:
+    """One run's numbers that the per-arm and the paired statistics share."""
+    heldout = dict(r["heldout"])
+    return {
+        "to_target": {str(t): stats.to_target(r["curve"], t) for t in plan.targets},
+        "mean_train_acc": stats.mean_over(r["curve"], start, end),
+        # per learner step instead of per generated completion: every arm runs the same number of steps
+        "mean_step_acc": statistics.fmean(acc for _, acc, _ in r["steps"]),
+        "heldout_at": {str(c): heldout[c] for c in points},
+    }
+
+
 def analyse(results: dict[str, list[dict]], plan: Plan, reference: str = "avatar") -> dict:
     """Per-arm statistics and each arm against the reference arm (paired over the seeds both ran)."""
     every = [r for runs in results.values() for r in runs]
     # the range of generated completions every run's training-accuracy window covers
     start = max(next(c for c, acc in r["curve"] if acc is not None) for r in every)
     end = min(r["completions"] for r in every)
-    points = sorted(set.intersection(*[{c for c, _ in r["heldout"]} for runs in results.values() for r in runs]))
+    points = sorted(set.intersection(*[{c for c, _ in r["heldout"]} for r in every]))
+    metrics = {arm: {r["seed"]: run_metrics(r, plan, start, end, points) for r in runs} for arm, runs in results.items()}
+
+    def column(arm: str, seeds, key: str, sub: str | None = None) -> list[float]:
+        return [metrics[arm][s][key] if sub is None else metrics[arm][s][key][sub] for s in seeds]
+
     arms = {}
     for arm, runs in results.items():
+        seeds = [r["seed"] for r in runs]
         tiers = {k: statistics.median(r["tiers"][-1].get(k, 0) for r in runs) for k in ("easy", "medium", "hard")}
         arms[arm] = {
-            "seeds": [r["seed"] for r in runs],
+            "seeds": seeds,
             "completions_per_run": statistics.median(r["completions"] for r in runs),
-            "to_target": {str(t): [stats.to_target(r["curve"], t) for r in runs] for t in plan.targets},
-            "mean_train_acc": [stats.mean_over(r["curve"], start, end) for r in runs],
-            # per learner step instead of per generated completion: every arm runs the same number of steps
-            "mean_step_acc": [statistics.fmean(acc for _, acc, _ in r["steps"]) for r in runs],
-            "heldout_at": {str(c): [dict(r["heldout"])[c] for r in runs] for c in points},
+            "to_target": {str(t): column(arm, seeds, "to_target", str(t)) for t in plan.targets},
+            "mean_train_acc": column(arm, seeds, "mean_train_acc"),
+            "mean_step_acc": column(arm, seeds, "mean_step_acc"),
+            "heldout_at": {str(c): column(arm, seeds, "heldout_at", str(c)) for c in points},
             "heldout_final": [r["heldout"][-1][1] for r in runs],
             "zero_adv_groups": _quarters([r["zero_adv_groups"] for r in runs]),
             "hint_rate": _quarters([r["hint_rate"] for r in runs]),
@@ -301,33 +318,25 @@ def analyse(results: dict[str, list[dict]], plan: Plan, reference: str = "avatar
             "tiers_final_median": tiers,
             "wall_seconds": statistics.fmean(r["wall_seconds"] for r in runs),
         }
+
+    def paired_difference(arm: str, seeds, key: str, sub: str | None = None) -> dict:
+        mine, ref = column(arm, seeds, key, sub), column(reference, seeds, key, sub)
+        return {"diff": stats.difference_of_means(ref, mine),
+                "ci": stats.paired_bootstrap(ref, mine, stats.difference_of_means)}
+
     vs = {}
-    ref_runs = {r["seed"]: r for r in results.get(reference, [])}
-    for arm, runs in results.items():
-        if arm == reference or not ref_runs:
+    for arm in results:
+        seeds = [s for s in metrics[arm] if s in metrics.get(reference, {})]
+        if arm == reference or not seeds:
             continue
-        pairs = [(r, ref_runs[r["seed"]]) for r in runs if r["seed"] in ref_runs]
-        if not pairs:
-            continue
-        mine, ref = [p[0] for p in pairs], [p[1] for p in pairs]
-        out = {"seeds": [r["seed"] for r in mine], "to_target": {}, "heldout_at": {}}
-        for t in plan.targets:
-            a = [stats.to_target(r["curve"], t) for r in mine]
-            b = [stats.to_target(r["curve"], t) for r in ref]
-            out["to_target"][str(t)] = {"ratio": stats.ratio_of_medians(a, b),
-                                        "ci": stats.paired_bootstrap(a, b, stats.ratio_of_medians)}
-        a = [stats.mean_over(r["curve"], start, end) for r in mine]
-        b = [stats.mean_over(r["curve"], start, end) for r in ref]
-        out["mean_train_acc"] = {"diff": stats.difference_of_means(b, a),
-                                 "ci": stats.paired_bootstrap(b, a, stats.difference_of_means)}
-        a = [statistics.fmean(acc for _, acc, _ in r["steps"]) for r in mine]
-        b = [statistics.fmean(acc for _, acc, _ in r["steps"]) for r in ref]
-        out["mean_step_acc"] = {"diff": stats.difference_of_means(b, a),
-                                "ci": stats.paired_bootstrap(b, a, stats.difference_of_means)}
-        for c in points:
-            a, b = [dict(r["heldout"])[c] for r in mine], [dict(r["heldout"])[c] for r in ref]
-            out["heldout_at"][str(c)] = {"diff": stats.difference_of_means(b, a),
-                                         "ci": stats.paired_bootstrap(b, a, stats.difference_of_means)}
+        out = {"seeds": seeds, "to_target": {}}
+        for t in map(str, plan.targets):
+            a, b = column(arm, seeds, "to_target", t), column(reference, seeds, "to_target", t)
+            out["to_target"][t] = {"ratio": stats.ratio_of_medians(a, b),
+                                   "ci": stats.paired_bootstrap(a, b, stats.ratio_of_medians)}
+        out["mean_train_acc"] = paired_difference(arm, seeds, "mean_train_acc")
+        out["mean_step_acc"] = paired_difference(arm, seeds, "mean_step_acc")
+        out["heldout_at"] = {str(c): paired_difference(arm, seeds, "heldout_at", str(c)) for c in points}
         vs[arm] = out
     return {"common_completions": end, "window_start": start, "heldout_points": points, "arms": arms, "vs_reference": vs,
             "reference": reference}
