@@ -82,6 +82,10 @@ def test_killed_worker_is_restarted_and_each_group_enters_the_stream_once(cluste
                            workers[1].rollout.remote(first[3:] + [PromptTask("corrupt#0", bad)], pool.workers)],
                           timeout=300)
         receipts = [r for report in reports for r in report.receipts]
+        # the answers are owned by the rollout worker that asked for them: fetched before w0 dies, as the driver
+        # does each cycle (an answer still out when its worker dies is lost with it, DATA_LOST, and the driver
+        # generates that task again: tests/faults)
+        pushed = {r.key: ray.get(r.scored, timeout=120) for r in receipts if r.skipped is None}
         # the second pass: w0 is killed mid-call; the driver's rule (cluster/retry.py) calls it a lost worker,
         # waits for Ray's restart and hands the same tasks to it again
         running = workers[0].rollout.remote(second[:3], pool.workers)
@@ -92,10 +96,11 @@ def test_killed_worker_is_restarted_and_each_group_enters_the_stream_once(cluste
         assert wait_restarted(workers[0]) != pid_before
         reports = ray.get([workers[0].rollout.remote(second[:3], pool.workers),
                            workers[1].rollout.remote(second[3:], pool.workers)], timeout=300)
-        receipts += [r for report in reports for r in report.receipts]
+        second_receipts = [r for report in reports for r in report.receipts]
+        receipts += second_receipts
+        pushed.update({r.key: ray.get(r.scored, timeout=120) for r in second_receipts if r.skipped is None})
         # a task generated again (its receipt lost after the push) adds nothing to the stream
         [again] = ray.get(workers[1].rollout.remote(first[:1], pool.workers), timeout=300).receipts
-        pushed = {r.key: ray.get(r.scored, timeout=120) for r in receipts if r.skipped is None}
         repeat = ray.get(again.scored, timeout=120)
         skipped_media = sum(s["skipped_media"] for s in ray.get([w.stats.remote() for w in workers]))
     finally:
