@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import threading
 import time
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -50,9 +52,11 @@ class GroupResult:
 
 @dataclass
 class Receipt:
-    """What the driver gets back for a task: ids and counts. The group itself goes from this worker to a reward
-    worker as an object reference; `scored` is that reward worker's call (its PushReceipt, or the evaluation's
-    numbers), for the driver to wait on."""
+    """What the driver gets back for a task: ids and counts. The group itself went from this worker to a reward
+    worker as an object reference; `answer` is that reward worker's reply (its PushReceipt, or the evaluation's
+    numbers), or `lost` the exception its call raised (the reward worker died, or a bug), for the driver to
+    classify. The worker waits for the replies itself, so the driver gets one object per rollout call and never
+    borrows a reference owned by a rollout worker (which would be lost with it)."""
 
     key: str
     prompt_id: str
@@ -60,7 +64,8 @@ class Receipt:
     tokens: int = 0
     policy_version: int = -1
     skipped: str | None = None  # the reason a task's media could not be read (no group, nothing scored)
-    scored: object | None = None  # ObjectRef of the reward worker's answer
+    answer: object | None = None
+    lost: Exception | None = None
 
 
 @dataclass
@@ -98,12 +103,22 @@ class RolloutWorker:
             "tokens": 0,
             "skipped_media": 0,
             "generate_seconds": 0.0,
+            "groups_scoring": 0,  # handed to reward workers, reply not yet here
         }
+        # every engine call (generate, load, shutdown) runs on this one thread, one at a time, whichever of
+        # the actor's threads asked for it
+        self._engine_thread = ThreadPoolExecutor(1, thread_name_prefix=f"engine-{worker_id}")
+        self._counts_lock = threading.Lock()
         self._next_scorer = zlib.crc32(worker_id.encode())  # workers start their round robin at different scorers
 
     # generation -------------------------------------------------------------------------------------------
     def generate(self, tasks: list[PromptTask], seed: int | None = None,
                  sampling: dict | None = None) -> list[GroupResult]:
+        """One group of cfg.group_size completions per task (see _generate), on the engine thread."""
+        return self._engine_thread.submit(self._generate, tasks, seed, sampling).result()
+
+    def _generate(self, tasks: list[PromptTask], seed: int | None = None,
+                  sampling: dict | None = None) -> list[GroupResult]:
         """One group of cfg.group_size completions per task (tasks with unreadable media are skipped).
         `sampling` overrides fields of the configured Sampling (e.g. greedy evaluation: n=1, temperature=0).
         Ids derive from the task key, so a task generated again (after a crash) yields the same trajectory
@@ -169,14 +184,10 @@ class RolloutWorker:
         call per worker. A load that fails keeps the weights it has (the groups say which version made them)
         and is reported in `load_error`."""
         report = RolloutReport(self.worker_id, [])
-        if weights and weights["version"] != self.engine.version:
-            try:
-                report.load_seconds = self.load_weights(weights["location"], weights["version"], weights["checksum"])
-            except Exception as exc:  # reported to the driver, which decides
-                report.load_error = f"{type(exc).__name__}: {exc}"
-                log.error("worker %s: %s", self.worker_id, report.load_error)
-        by_key = {t.key: t for t in tasks}
-        for result in self.generate(tasks, seed, sampling):
+        by_key, calls = {t.key: t for t in tasks}, []  # calls: (receipt, the reward worker's call)
+        # the engine's work runs on its own thread, one call at a time; waiting for the reward workers below
+        # does not hold it, so the next rollout call generates meanwhile (rollout_worker_actor: 2 at a time)
+        for result in self._engine_thread.submit(self._generate_for, report, tasks, weights, seed, sampling).result():
             if result.skipped is not None:
                 report.receipts.append(Receipt(result.key, result.prompt_id, skipped=result.skipped.reason))
                 continue
@@ -184,17 +195,44 @@ class RolloutWorker:
             scorer = scorers[self._next_scorer % len(scorers)]
             self._next_scorer += 1
             call = scorer.evaluate if evaluate else scorer.score_and_push
-            report.receipts.append(Receipt(
-                result.key, result.prompt_id, len(result.trajectories),
-                sum(len(t.completion_token_ids) for t in result.trajectories),
-                result.trajectories[0].policy_version, scored=call.remote(group, by_key[result.key].sample)))
+            receipt = Receipt(result.key, result.prompt_id, len(result.trajectories),
+                              sum(len(t.completion_token_ids) for t in result.trajectories),
+                              result.trajectories[0].policy_version)
+            report.receipts.append(receipt)
+            calls.append((receipt, call.remote(group, by_key[result.key].sample)))
+        self._count_scoring(len(calls))
+        for receipt, ref in calls:
+            try:
+                receipt.answer = ray.get(ref)
+            except ray.exceptions.RayError as exc:  # the driver decides by its type (cluster/retry.py)
+                receipt.lost = exc
+            self._count_scoring(-1)
         report.stats = self._stats()
         return report
+
+    def _count_scoring(self, change: int) -> None:
+        with self._counts_lock:  # two rollout calls may be waiting for their reward workers at once
+            self.counts["groups_scoring"] += change
+
+    def _generate_for(self, report: RolloutReport, tasks: list[PromptTask], weights: dict | None, seed: int | None,
+                      sampling: dict | None) -> list[GroupResult]:
+        """On the engine thread: the published weights first when this worker holds another version, then one
+        engine call for the tasks."""
+        if weights and weights["version"] != self.engine.version:
+            try:
+                report.load_seconds = self._load_weights(weights["location"], weights["version"], weights["checksum"])
+            except Exception as exc:  # reported to the driver, which decides
+                report.load_error = f"{type(exc).__name__}: {exc}"
+                log.error("worker %s: %s", self.worker_id, report.load_error)
+        return self._generate(tasks, seed, sampling)
 
     # weights and lifecycle ------------------------------------------------------------------------------
     def load_weights(self, path: str, version: int, checksum: str) -> float:
         """Load a published version (learner.transport); raises WeightLoadError and keeps the old version
         if the file is not the announced one or fails to load. Returns the seconds taken."""
+        return self._engine_thread.submit(self._load_weights, path, version, checksum).result()
+
+    def _load_weights(self, path: str, version: int, checksum: str) -> float:
         seconds = self.engine.load_weights(path, version, checksum)
         log.info("worker %s: now at policy v%d (%.2f s)", self.worker_id, version, seconds)
         return seconds
@@ -220,11 +258,13 @@ class RolloutWorker:
 
     def shutdown(self) -> None:
         """Stop the engine (frees vLLM's shared memory); call before killing the actor or ray.shutdown()."""
-        self.engine.shutdown()
+        self._engine_thread.submit(self.engine.shutdown).result()
+        self._engine_thread.shutdown()
 
 
 def rollout_worker_actor(num_cpus: float = 1, max_restarts: int = 3):
     """The Ray actor class of RolloutWorker, restartable by Ray (the driver hands a restarted worker the current
     weights and the tasks of the call that died with it)."""
-    return ray.remote(num_cpus=num_cpus, max_restarts=max_restarts, max_task_retries=0,
+    # max_concurrency 2: a rollout call waiting for its reward workers' replies lets the next one generate
+    return ray.remote(num_cpus=num_cpus, max_restarts=max_restarts, max_task_retries=0, max_concurrency=2,
                       concurrency_groups={"control": 1})(RolloutWorker)

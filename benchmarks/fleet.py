@@ -1,19 +1,22 @@
 """The control plane under a fleet: 8, 16, 32, 64 rollout workers feeding the real reward workers, the real Redis
 replay service and a learner, with the real driver loop (cluster/driver.py train_rl) in this process.
 
-    .venv/bin/python -m benchmarks.fleet [--workers 8,16,32,64] [--seconds-per-call 0.5] [--steps 30]
+    .venv/bin/python -m benchmarks.fleet [--workers 8,16,32,64] [--groups-per-call 0.5,4] [--seconds-per-call 0.5]
+                                         [--steps 30]
 
 LOAD GENERATORS, not the system's workers (labelled as such in the output):
-  - SimulatedRollouts: one Ray actor process stands in for up to 8 rollout workers (threads); each rollout call
-    sleeps --seconds-per-call (a generate call), then emits, for each task, a group of trajectories recorded
-    from the tiny model (generated once at start by the real vLLM engine from the demo's stage-0 checkpoint),
-    with the task's ids, and hands it to a real reward worker as an object reference, as RolloutWorker.rollout;
+  - SimulatedRollouts: one Ray actor process stands in for up to 8 rollout workers (threads, two calls each at
+    a time, as a RolloutWorker); each rollout call sleeps --seconds-per-call (a generate call), then emits, for
+    each task, a group of trajectories recorded from the tiny model (generated once at start by the real vLLM
+    engine from the demo's stage-0 checkpoint), with the task's ids, hands it to a real reward worker as an
+    object reference and waits for the replies, as RolloutWorker.rollout;
   - LoadLearner: consumes the fresh stream, samples the tiers, commits the batch into the tiers and returns the
     step summary, exactly as the learner's train_from_buffer, but takes no gradient step.
 Everything else is the system: the driver loop (ledger, receipts, checkpoint, acknowledgement), RewardWorker
 actors (format + accuracy, score and push), ReplayService on a private redis-server.
 
-Per fleet size it prints groups/s sustained (trained groups over the measured window, after 5 warm-up steps),
+Groups per step = workers x --groups-per-call (at least 4), at most two steps' worth in flight (staleness 1), so
+each rollout call carries about --groups-per-call tasks. Per fleet size it prints groups/s sustained (trained groups over the measured window, after 5 warm-up steps),
 the fresh stream's length at each step, the age of a group when trained, the driver's CPU per trained group
 (time.process_time of this process, which is the driver), and where the CPU went (driver, reward workers'
 scoring, redis-server) to show what bounds the throughput. Writes benchmarks/results/fleet.json.
@@ -56,7 +59,7 @@ class SimulatedRollouts:
         if weights:
             self.policy_version = weights["version"]  # nothing to load: the recorded groups stand for any version
         time.sleep(self.seconds_per_call)  # the engine call
-        receipts = []
+        receipts, calls = [], []
         for task in tasks:
             with self._lock:
                 template, self._next = self.templates[self._next % len(self.templates)], self._next + 1
@@ -67,10 +70,15 @@ class SimulatedRollouts:
             scorer = scorers[hash(task.key) % len(scorers)]
             call = scorer.evaluate if evaluate else scorer.score_and_push
             tokens = sum(len(t.completion_token_ids) for t in group)
-            receipts.append(Receipt(task.key, task.sample.id, len(group), tokens, self.policy_version,
-                                    scored=call.remote(ref, task.sample)))
+            receipts.append(Receipt(task.key, task.sample.id, len(group), tokens, self.policy_version))
+            calls.append(call.remote(ref, task.sample))
             with self._lock:
                 self.counts["tokens"] += tokens
+        for receipt, ref in zip(receipts, calls):  # the replies, waited for here as RolloutWorker.rollout does
+            try:
+                receipt.answer = ray.get(ref)
+            except ray.exceptions.RayError as exc:
+                receipt.lost = exc
         with self._lock:
             self.counts["generate_seconds"] += time.perf_counter() - start
             stats = dict(self.counts)
@@ -172,7 +180,8 @@ def record_templates(init_from: str, samples: list, group_size: int) -> list[lis
     return [[{k: getattr(t, k) for k in keep} for t in r.trajectories] for r in results if r.trajectories]
 
 
-def run_fleet(n_workers: int, templates, samples, args, work: Path) -> dict:
+def run_fleet(n_workers: int, per_call: float, templates, samples, args, work: Path) -> dict:
+    """One fleet size: `per_call` groups per worker per step (0.5: half the workers get one task a step)."""
     import psutil
 
     from buffer_service.redis_server import start_redis
@@ -186,11 +195,11 @@ def run_fleet(n_workers: int, templates, samples, args, work: Path) -> dict:
 
     processes = min(8, n_workers)
     per_process = n_workers // processes
-    per_step = max(4, n_workers // 2)
-    run_dir = work / f"fleet{n_workers}"
+    per_step = max(4, round(n_workers * per_call))
+    run_dir = work / f"fleet{n_workers}x{per_call:g}"
     cfg = load_config("configs/demo.yaml", [
-        f"run_dir={work}", f"name=fleet{n_workers}", f"pipeline.steps={args.steps}",
-        f"pipeline.prompts_per_step={per_step}", "pipeline.max_staleness=1", f"pipeline.max_prompts_in_flight={2 * n_workers}",
+        f"run_dir={work}", f"name={run_dir.name}", f"pipeline.steps={args.steps}",
+        f"pipeline.prompts_per_step={per_step}", "pipeline.max_staleness=1", f"pipeline.max_prompts_in_flight={2 * per_step}",
         "pipeline.checkpoint_every=5", f"reward.num_workers={args.reward_workers}",
         f"buffer.capacity={args.steps * per_step * 4 + 100}"])
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -199,7 +208,7 @@ def run_fleet(n_workers: int, templates, samples, args, work: Path) -> dict:
 
     buffer_cfg = cfg.buffer.model_copy(update={"redis": redis.config()})
     try:
-        sims = [SimulatedRollouts.options(max_concurrency=per_process + 1).remote(templates, args.seconds_per_call)
+        sims = [SimulatedRollouts.options(max_concurrency=2 * per_process + 1).remote(templates, args.seconds_per_call)
                 for _ in range(processes)]
         comps = Components(buffer=ray.remote(num_cpus=0)(ReplayService).remote(buffer_cfg),
                            learner=LoadLearnerGroup(buffer_cfg.model_dump()),
@@ -240,20 +249,22 @@ def run_fleet(n_workers: int, templates, samples, args, work: Path) -> dict:
     groups = (r1 - r0) * per_step
     wall = w1 - w0
     return {
-        "workers": n_workers, "processes": processes, "prompts_per_step": per_step,
+        "workers": n_workers, "groups_per_call": per_call, "processes": processes, "prompts_per_step": per_step,
         "groups_per_second": groups / wall,
         "driver_cpu_ms_per_group": 1000 * (c1 - c0) / groups,
         "driver_cpu_share": (c1 - c0) / wall,
         **{f"{k} cpu share": (o1[k] - o0[k]) / wall for k in o0},
         "fresh_length_mean": statistics.mean(r["fresh_length"] for r in rows[warm:]),
         "age_at_training_s": statistics.mean(comps.learner.ages[warm:]),
-        "offered_groups_per_second": n_workers / args.seconds_per_call,
+        "offered_groups_per_second": 2 * per_step / args.seconds_per_call,  # all in flight, one call each
     }
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--workers", default="8,16,32,64")
+    ap.add_argument("--groups-per-call", default="0.5,4",
+                    help="groups each worker is dealt per step: 0.5 (one task to half the workers), 4 (a batch each)")
     ap.add_argument("--seconds-per-call", type=float, default=0.5, help="each simulated generate call's duration")
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--reward-workers", type=int, default=2)
@@ -274,20 +285,21 @@ def main() -> None:
         templates = record_templates(init_from, samples[:TEMPLATES_PROMPTS], group_size=4)
         print(f"[fleet] recorded {len(templates)} groups of the tiny model to replay (load generators)", flush=True)
         results = []
-        for n in [int(x) for x in args.workers.split(",")]:
-            print(f"[fleet] {n} simulated rollout workers ...", flush=True)
-            results.append(run_fleet(n, templates, samples, args, work))
+        for per_call in [float(x) for x in args.groups_per_call.split(",")]:
+            for n in [int(x) for x in args.workers.split(",")]:
+                print(f"[fleet] {n} simulated rollout workers, {per_call:g} groups per call ...", flush=True)
+                results.append(run_fleet(n, per_call, templates, samples, args, work))
     finally:
         ray.shutdown()
     keys = ["redis-server cpu share", "reward workers cpu share", "generators cpu share", "learner cpu share"]
     lines = [f"LOAD GENERATORS: simulated rollout workers ({args.seconds_per_call} s per generate call, recorded "
              "groups of the tiny model) and a learner without a gradient step; real driver loop, reward workers, "
              "Redis", "",
-             "| workers | processes | groups/step | offered groups/s | groups/s trained | driver CPU ms/group | "
+             "| workers | groups per call | processes | groups/step | offered groups/s | groups/s trained | driver CPU ms/group | "
              "driver CPU share | reward workers CPU share | redis-server CPU share | generators CPU share | "
-             "learner (load generator) CPU share | fresh stream length | age at training s |", "|" + "---|" * 13]
+             "learner (load generator) CPU share | fresh stream length | age at training s |", "|" + "---|" * 14]
     for r in results:
-        lines.append(f"| {r['workers']} | {r['processes']} | {r['prompts_per_step']} | "
+        lines.append(f"| {r['workers']} | {r['groups_per_call']:g} | {r['processes']} | {r['prompts_per_step']} | "
                      f"{r['offered_groups_per_second']:.0f} | {r['groups_per_second']:.1f} | "
                      f"{r['driver_cpu_ms_per_group']:.2f} | {r['driver_cpu_share']:.2f} | "
                      f"{r[keys[1]]:.2f} | {r[keys[0]]:.2f} | {r[keys[2]]:.2f} | {r[keys[3]]:.2f} | "

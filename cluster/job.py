@@ -42,7 +42,10 @@ def evaluate(comps: Components, samples, cfg: JobConfig) -> dict:
                              True, 0, greedy)
             for w, shard in zip(comps.workers, shards) if shard]
     receipts = [r for report in ray.get(refs) for r in report.receipts]
-    scores = ray.get([r.scored for r in receipts if r.skipped is None])
+    for r in receipts:
+        if r.lost is not None:  # no retry for an evaluation: its numbers would be partial
+            raise r.lost
+    scores = [r.answer for r in receipts if r.skipped is None]
     acc, fmt = [s["accuracy"] for s in scores], [s["format"] for s in scores]
     return {"accuracy": sum(acc) / max(len(acc), 1), "format": sum(fmt) / max(len(fmt), 1), "n": len(acc),
             "skipped": len(receipts) - len(scores)}

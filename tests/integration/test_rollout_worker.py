@@ -25,8 +25,9 @@ from data.manifest import load_manifest
 from data.synth import generate
 from policy.config import ProcessorConfig, TinyModelConfig
 from policy.tiny import build_tiny_model
-from reward_workers.config import RewardConfig
+from reward_workers.config import JudgeConfig, RewardConfig
 from reward_workers.pool import RewardPool
+from tests.stub_judge import VALID_JUDGE_REPLY, StubJudgeServer
 
 # isolated: after an earlier module's ray.init()/ray.shutdown() in the same pytest process, the actors this
 # module creates were cancelled before they ran (Ray 2.60); `make test` runs it in a pytest process of its own.
@@ -82,10 +83,6 @@ def test_killed_worker_is_restarted_and_each_group_enters_the_stream_once(cluste
                            workers[1].rollout.remote(first[3:] + [PromptTask("corrupt#0", bad)], pool.workers)],
                           timeout=300)
         receipts = [r for report in reports for r in report.receipts]
-        # the answers are owned by the rollout worker that asked for them: fetched before w0 dies, as the driver
-        # does each cycle (an answer still out when its worker dies is lost with it, DATA_LOST, and the driver
-        # generates that task again: tests/faults)
-        pushed = {r.key: ray.get(r.scored, timeout=120) for r in receipts if r.skipped is None}
         # the second pass: w0 is killed mid-call; the driver's rule (cluster/retry.py) calls it a lost worker,
         # waits for Ray's restart and hands the same tasks to it again
         running = workers[0].rollout.remote(second[:3], pool.workers)
@@ -96,12 +93,13 @@ def test_killed_worker_is_restarted_and_each_group_enters_the_stream_once(cluste
         assert wait_restarted(workers[0]) != pid_before
         reports = ray.get([workers[0].rollout.remote(second[:3], pool.workers),
                            workers[1].rollout.remote(second[3:], pool.workers)], timeout=300)
-        second_receipts = [r for report in reports for r in report.receipts]
-        receipts += second_receipts
-        pushed.update({r.key: ray.get(r.scored, timeout=120) for r in second_receipts if r.skipped is None})
+        receipts += [r for report in reports for r in report.receipts]
         # a task generated again (its receipt lost after the push) adds nothing to the stream
         [again] = ray.get(workers[1].rollout.remote(first[:1], pool.workers), timeout=300).receipts
-        repeat = ray.get(again.scored, timeout=120)
+        # the reward workers' replies came inside the reports: a report is one object, owned by the driver
+        assert all(r.lost is None for r in receipts + [again])
+        pushed = {r.key: r.answer for r in receipts if r.skipped is None}
+        repeat = again.answer
         skipped_media = sum(s["skipped_media"] for s in ray.get([w.stats.remote() for w in workers]))
     finally:
         for w in workers:
@@ -127,7 +125,7 @@ def test_killed_worker_is_restarted_and_each_group_enters_the_stream_once(cluste
     assert service.stats()["duplicates"] == 2 * (1 + len(twice))
 
     [skipped] = [r for r in receipts if r.skipped is not None]
-    assert skipped.key == "corrupt#0" and "corrupt.mp4" in skipped.skipped and skipped.scored is None
+    assert skipped.key == "corrupt#0" and "corrupt.mp4" in skipped.skipped and skipped.answer is None
     assert skipped_media == 1
 
     tok = AutoTokenizer.from_pretrained(cluster["model_dir"])
@@ -143,3 +141,43 @@ def test_killed_worker_is_restarted_and_each_group_enters_the_stream_once(cluste
             assert t.hinted == wants_hint
             head = f"<|im_start|>system\nHint: {hints[prompt_id]}<|im_end|>"
             assert tok.decode(t.prompt_token_ids).startswith(head) == wants_hint
+
+
+def test_a_call_waiting_for_its_judge_lets_the_next_call_generate(cluster, redis_server):
+    """A rollout call answers once its groups are scored and pushed (the replies inside its report), but the
+    engine is free meanwhile: a second call to the same worker generates while the first waits for a slow
+    judge. The judge server records when each request arrives."""
+    delay_s = 6.0
+    arrivals: list[float] = []
+
+    def slow_judge(body: dict) -> tuple[int, str, float]:
+        arrivals.append(time.monotonic())
+        return 200, VALID_JUDGE_REPLY, delay_s
+
+    samples = cluster["samples"]
+    buffer_cfg = BufferConfig(redis=redis_server.config(), min_size=0)
+    worker = rollout_worker_actor(num_cpus=1, max_restarts=0).remote("w", cluster["model_dir"],
+                                                                      RolloutConfig(group_size=2, max_new_tokens=8,
+                                                                                    max_model_len=1024), PROC)
+    with StubJudgeServer(slow_judge) as server:
+        judge = JudgeConfig(backend="openai", endpoint=server.url, timeout_s=30, retries=0, max_concurrency=4)
+        pool = RewardPool(RewardConfig(weights={"format": 0.5, "judge": 0.5}, judge=judge, num_workers=2),
+                          buffer_cfg=buffer_cfg.model_dump())
+        try:
+            ray.get(worker.pid.remote(), timeout=180)
+            calls = [worker.rollout.remote([PromptTask(f"{s.id}#0", s)], pool.workers) for s in samples[:2]]
+            reports = ray.get(calls, timeout=300)
+            waiting_after = ray.get(worker.stats.remote(), timeout=60)["groups_scoring"]
+        finally:
+            ray.get(worker.shutdown.remote(), timeout=60)
+            ray.kill(worker, no_restart=True)
+            pool.shutdown()
+
+    answers = [r.answer for report in reports for r in report.receipts]
+    assert len(answers) == 2 and all(a.error is None and a.accepted == 2 for a in answers)
+    # a report counts the other call's group if that one still waits; nothing waits once both have answered
+    assert all(report.stats["groups_scoring"] <= 1 for report in reports) and waiting_after == 0
+    assert len(arrivals) == 4  # one judge request per completion
+    # the second call's group reached the judge while the first call's requests were still being answered:
+    # had the second call waited for the first one's replies, its requests would come >= delay_s later
+    assert max(arrivals) - min(arrivals) < delay_s

@@ -7,6 +7,7 @@ import pytest
 import ray
 
 from buffer_service.records import ReplaySample
+from cluster.driver import newer_counters
 from cluster.job import resume_version
 from cluster.ledger import TaskLedger
 from cluster.report import format_mechanisms, mechanism_summary
@@ -58,6 +59,13 @@ def test_retry_policy_is_decided_by_exception_type():
     assert classify(RuntimeError("ActorDiedError: the worker died")) is None
     retries = ScoringRetries(max_retries=2)
     assert [retries.again("k"), retries.again("k"), retries.again("k"), retries.again("j")] == [True, True, False, True]
+
+
+def test_a_reward_workers_older_counters_never_replace_newer_ones():
+    old, new = {"groups_scored": 3, "groups_failed": 1, "judge_failures": 4}, {"groups_scored": 5, "groups_failed": 0}
+    assert newer_counters(None, old) is old
+    assert newer_counters(old, new) is new
+    assert newer_counters(new, old) is new  # a report read late brings the older reply
 
 
 def test_step_summary_by_hand():
