@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
+import shutil
+import tempfile
 import threading
 import time
 import zlib
@@ -18,6 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import psutil
 import ray
 
 from buffer_service.records import Trajectory
@@ -109,6 +113,9 @@ class RolloutWorker:
         # the actor's threads asked for it
         self._engine_thread = ThreadPoolExecutor(1, thread_name_prefix=f"engine-{worker_id}")
         self._counts_lock = threading.Lock()
+        # weights that come through the object store are written here, on this worker's node
+        self._weights_dir = weights_folder(worker_id)
+        self._held_copy: Path | None = None
         self._next_scorer = zlib.crc32(worker_id.encode())  # workers start their round robin at different scorers
 
     # generation -------------------------------------------------------------------------------------------
@@ -220,22 +227,41 @@ class RolloutWorker:
         engine call for the tasks."""
         if weights and weights["version"] != self.engine.version:
             try:
-                report.load_seconds = self._load_weights(weights["location"], weights["version"], weights["checksum"])
+                report.load_seconds = self._load_weights(weights)
             except Exception as exc:  # reported to the driver, which decides
                 report.load_error = f"{type(exc).__name__}: {exc}"
                 log.error("worker %s: %s", self.worker_id, report.load_error)
         return self._generate(tasks, seed, sampling)
 
     # weights and lifecycle ------------------------------------------------------------------------------
-    def load_weights(self, path: str, version: int, checksum: str) -> float:
-        """Load a published version (learner.transport); raises WeightLoadError and keeps the old version
-        if the file is not the announced one or fails to load. Returns the seconds taken."""
-        return self._engine_thread.submit(self._load_weights, path, version, checksum).result()
+    def load_weights(self, weights: dict) -> float:
+        """Load a published version ({location, version, checksum}, and `blob` when the learner sends the bytes
+        through Ray's object store: learner.transport); raises WeightLoadError and keeps the old version if
+        the file is not the announced one or fails to load. Returns the seconds taken."""
+        return self._engine_thread.submit(self._load_weights, weights).result()
 
-    def _load_weights(self, path: str, version: int, checksum: str) -> float:
-        seconds = self.engine.load_weights(path, version, checksum)
+    def _load_weights(self, weights: dict) -> float:
+        version = weights["version"]
+        path = self._local_copy(weights) if weights.get("blob") is not None else weights["location"]
+        try:
+            seconds = self.engine.load_weights(path, version, weights["checksum"])
+        finally:
+            if path != weights["location"]:  # keep only the copy the engine holds (what it falls back to)
+                if self.engine.version == version:
+                    self._held_copy = Path(path)
+                for old in self._weights_dir.glob("*.safetensors"):
+                    if old != self._held_copy:
+                        old.unlink(missing_ok=True)
         log.info("worker %s: now at policy v%d (%.2f s)", self.worker_id, version, seconds)
         return seconds
+
+    def _local_copy(self, weights: dict) -> str:
+        """The published file's bytes, fetched from the object store and written on this worker's own node."""
+        path = self._weights_dir / f"weights-v{weights['version']:08d}.safetensors"
+        tmp = path.with_suffix(".tmp")
+        tmp.write_bytes(ray.get(weights["blob"]))
+        os.replace(tmp, path)
+        return str(path)
 
     # control calls run in their own thread (the "control" concurrency group), so that the driver's stats and
     # liveness calls answer while a generate or load call runs instead of queueing behind it
@@ -252,14 +278,27 @@ class RolloutWorker:
 
     @ray.method(concurrency_group="control")
     def pid(self) -> int:
-        import os
-
         return os.getpid()
 
     def shutdown(self) -> None:
         """Stop the engine (frees vLLM's shared memory); call before killing the actor or ray.shutdown()."""
         self._engine_thread.submit(self.engine.shutdown).result()
         self._engine_thread.shutdown()
+        shutil.rmtree(self._weights_dir, ignore_errors=True)
+
+
+def weights_folder(worker_id: str) -> Path:
+    """This process's folder for received weights, in the node's temp folder; folders that processes which are
+    gone left behind (a worker killed, so never shut down) are removed first."""
+    root = Path(tempfile.gettempdir())
+    for old in root.glob("avatar-weights-*"):
+        pid = old.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not psutil.pid_exists(int(pid)):
+            shutil.rmtree(old, ignore_errors=True)
+    safe_id = "".join(c if c.isalnum() else "_" for c in worker_id)
+    folder = root / f"avatar-weights-{safe_id}-{os.getpid()}"
+    folder.mkdir(exist_ok=True)
+    return folder
 
 
 def rollout_worker_actor(num_cpus: float = 1, max_restarts: int = 3):

@@ -84,8 +84,8 @@ class SimulatedRollouts:
             stats = dict(self.counts)
         return RolloutReport(f"simulated-{os.getpid()}", receipts, stats)
 
-    def load_weights(self, path, version, checksum) -> float:
-        self.policy_version = version
+    def load_weights(self, weights: dict) -> float:
+        self.policy_version = weights["version"]
         return 0.0
 
     def version(self) -> int:

@@ -52,8 +52,7 @@ class Components:
         return self.weights["version"]
 
     def _load(self, worker):
-        w = self.weights
-        return worker.load_weights.remote(w["location"], w["version"], w["checksum"])
+        return worker.load_weights.remote(self.weights)
 
     def ready_worker(self, worker, timeout_s: float = 300.0) -> None:
         """Wait until a rollout worker that Ray is restarting answers again, then hand it the current weights

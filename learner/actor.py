@@ -94,8 +94,17 @@ class LearnerWorker:
         return [lp.tolist() for lp in self.learner.completion_logprobs(items)]
 
     def publish(self, bump: bool = True, version: int | None = None) -> dict | None:
+        """What the rollout workers load (location, version, checksum); with transport object_store also
+        `blob`, the file's bytes in Ray's object store, so a worker on another node never reads this node's file."""
         published = self.learner.publish(self.transport, bump, version)
-        return asdict(published) if published else None
+        if not published:
+            return None
+        weights = asdict(published)
+        if self.cfg.transport == "object_store":
+            import ray
+
+            weights["blob"] = ray.put(Path(published.location).read_bytes())
+        return weights
 
     def save_checkpoint(self, directory: str) -> str:
         return str(self.learner.save_checkpoint(directory))

@@ -64,9 +64,11 @@ class LearnerConfig(StrictConfig):
     )
     seed: int = 0
     publish_every: int = Field(1, ge=1, description="publish weights every k optimizer steps")
-    transport: Literal["safetensors"] = Field(
-        "safetensors", description="how published weights reach the rollout workers: safetensors (a file per "
-        "version + vLLM reload, on a filesystem the workers share). nccl is not wired yet")
+    transport: Literal["object_store", "safetensors"] = Field(
+        "object_store", description="how published weights reach the rollout workers. Both write one safetensors "
+        "file per version on the learner's node; object_store: its bytes travel through Ray's object store and "
+        "each worker writes its own copy on its node (no shared filesystem needed); safetensors: the workers "
+        "read the learner's file (run_dir must be on a filesystem every node shares). nccl is not wired yet")
     publish_timeout_s: float = Field(120.0, gt=0)
     cpu_affinity: CpuList = Field(
         None, description="CPU ids every learner rank of a node runs on (torch's threads = their number); None = all")
@@ -76,7 +78,8 @@ class LearnerConfig(StrictConfig):
     def _transport_supported(cls, value):
         if value == "nccl":
             raise ValueError(
-                "nccl is not supported yet; the supported transport is 'safetensors'. The NCCL broadcast exists "
+                "nccl is not supported yet; the supported transports are 'object_store' and 'safetensors'. The NCCL "
+                "broadcast exists "
                 "only as a building block (learner.transport.CollectiveTransport): the rollout workers have no "
                 "receiving side and nothing builds the process group between them and the learner")
         return value

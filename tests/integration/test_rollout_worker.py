@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 import time
+from pathlib import Path
 
 import pytest
 import ray
@@ -181,3 +183,44 @@ def test_a_call_waiting_for_its_judge_lets_the_next_call_generate(cluster, redis
     # the second call's group reached the judge while the first call's requests were still being answered:
     # had the second call waited for the first one's replies, its requests would come >= delay_s later
     assert max(arrivals) - min(arrivals) < delay_s
+
+
+def test_published_weights_reach_a_worker_through_the_object_store_not_the_learners_disk(cluster, tmp_path):
+    """learner.transport object_store: the learner's file is only its staging copy. With the learner's publish
+    folder gone (as it would be on another node) a worker still loads the version, from the bytes in Ray's
+    object store written to its own folder, which holds only the version it runs; transport safetensors needs
+    the learner's file and fails without it."""
+    from learner.actor import LearnerGroup
+    from learner.config import LearnerConfig
+
+    publish_dir = tmp_path / "learner-node" / "published"
+    worker = rollout_worker_actor(num_cpus=1, max_restarts=0).remote("w-weights", cluster["model_dir"],
+                                                                      RolloutConfig(group_size=1, max_new_tokens=4,
+                                                                                    max_model_len=1024), PROC)
+    groups = []
+    try:
+        folder = ray.get(worker.__ray_call__.remote(lambda self: str(self._weights_dir)), timeout=180)
+        for transport in ("object_store", "safetensors"):
+            group = LearnerGroup(LearnerConfig(transport=transport, zero_stage=0), cluster["model_dir"],
+                                 total_steps=2, publish_dir=publish_dir / transport, num_cpus_per_rank=0)
+            groups.append(group)
+            weights = group.publish()
+            shutil.rmtree(publish_dir / transport)  # the learner's node is another machine
+            if transport == "object_store":
+                assert ray.get(worker.load_weights.remote(weights), timeout=120) >= 0
+                assert ray.get(worker.version.remote()) == weights["version"] == 1
+                assert sorted(p.name for p in Path(folder).iterdir()) == ["weights-v00000001.safetensors"]
+                weights = group.publish()  # v2: the worker's folder keeps the version it runs, nothing more
+                ray.get(worker.load_weights.remote(weights), timeout=120)
+                assert sorted(p.name for p in Path(folder).iterdir()) == ["weights-v00000002.safetensors"]
+            else:
+                assert "blob" not in weights
+                with pytest.raises(ray.exceptions.RayTaskError, match="weights v1"):
+                    ray.get(worker.load_weights.remote(weights), timeout=120)
+                assert ray.get(worker.version.remote()) == 2  # kept the version it had
+        ray.get(worker.shutdown.remote(), timeout=60)
+        assert not Path(folder).exists()  # its copies go with it
+    finally:
+        for group in groups:
+            group.shutdown()
+        ray.kill(worker, no_restart=True)

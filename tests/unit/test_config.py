@@ -69,6 +69,7 @@ def test_nccl_transport_is_refused_saying_what_is_supported():
     text = str(err.value)
     assert "learner.transport" in text and "'safetensors'" in text and "no receiving side" in text
     assert load_config(None, ["learner.transport=safetensors"]).learner.transport == "safetensors"
+    assert load_config(None, []).learner.transport == "object_store"  # no shared filesystem assumed
 
 
 def _model_folder(path, config=True, weights=True):
