@@ -220,7 +220,9 @@ def run_fleet(n_workers: int, per_call: float, templates, samples, args, work: P
         others = {"redis-server": [psutil.Process(redis.pid)],
                   "reward workers": [psutil.Process(p) for p in reward_pids],
                   "generators": [psutil.Process(p) for p in ray.get([s.pid.remote() for s in sims])],
-                  "learner": [psutil.Process(ray.get(comps.learner.actor.pid.remote()))]}
+                  "learner": [psutil.Process(ray.get(comps.learner.actor.pid.remote()))],
+                  "replay service actor": [psutil.Process(ray.get(comps.buffer.__ray_call__.remote(
+                      lambda self: os.getpid())))]}
         done = threading.Event()
 
         def sample():  # the driver's CPU is this process's, less this measuring thread's own
@@ -230,6 +232,8 @@ def run_fleet(n_workers: int, per_call: float, templates, samples, args, work: P
                 if rows > seen:
                     seen = rows
                     cpu = {k: sum(sum(p.cpu_times()[:2]) for p in ps) for k, ps in others.items()}
+                    machine = psutil.cpu_times()
+                    cpu["machine"] = machine.user + machine.system + machine.nice
                     samples_at.append((rows, time.time(), time.process_time() - time.thread_time(), cpu))
                 time.sleep(0.05)
 
@@ -252,9 +256,12 @@ def run_fleet(n_workers: int, per_call: float, templates, samples, args, work: P
         "workers": n_workers, "groups_per_call": per_call, "processes": processes, "prompts_per_step": per_step,
         "groups_per_second": groups / wall,
         "driver_cpu_ms_per_group": 1000 * (c1 - c0) / groups,
-        "driver_cpu_share": (c1 - c0) / wall,
+        "driver cpu share": (c1 - c0) / wall,
         **{f"{k} cpu share": (o1[k] - o0[k]) / wall for k in o0},
         "fresh_length_mean": statistics.mean(r["fresh_length"] for r in rows[warm:]),
+        # where the driver's step went (its phase timer): waiting for groups, or in the learner's call, ...
+        "step_seconds_by_phase": {phase: statistics.mean(r["phase_seconds"].get(phase, 0.0) for r in rows[warm:])
+                                  for phase in ("submit", "rollout_wait", "train", "record", "checkpoint")},
         "age_at_training_s": statistics.mean(comps.learner.ages[warm:]),
         "offered_groups_per_second": 2 * per_step / args.seconds_per_call,  # all in flight, one call each
     }
@@ -268,6 +275,7 @@ def main() -> None:
     ap.add_argument("--seconds-per-call", type=float, default=0.5, help="each simulated generate call's duration")
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--reward-workers", type=int, default=2)
+    ap.add_argument("--json", default="fleet.json", help="file name of the results under benchmarks/results")
     ap.add_argument("--out", default=str(RESULTS / "demo_stage0"), help="where the demo stage-0 checkpoint is cached")
     args = ap.parse_args()
     import logging
@@ -291,27 +299,33 @@ def main() -> None:
                 results.append(run_fleet(n, per_call, templates, samples, args, work))
     finally:
         ray.shutdown()
-    keys = ["redis-server cpu share", "reward workers cpu share", "generators cpu share", "learner cpu share"]
+    parts = ["driver", "reward workers", "redis-server", "replay service actor", "generators", "learner", "machine"]
     lines = [f"LOAD GENERATORS: simulated rollout workers ({args.seconds_per_call} s per generate call, recorded "
              "groups of the tiny model) and a learner without a gradient step; real driver loop, reward workers, "
              "Redis", "",
-             "| workers | groups per call | processes | groups/step | offered groups/s | groups/s trained | driver CPU ms/group | "
-             "driver CPU share | reward workers CPU share | redis-server CPU share | generators CPU share | "
-             "learner (load generator) CPU share | fresh stream length | age at training s |", "|" + "---|" * 14]
+             "| workers | groups per call | groups/step | offered groups/s | groups/s trained | driver CPU ms/group | "
+             "fresh stream length | age at training s | step s: waiting for groups / learner call / record / "
+             "checkpoint |", "|" + "---|" * 9]
     for r in results:
-        lines.append(f"| {r['workers']} | {r['groups_per_call']:g} | {r['processes']} | {r['prompts_per_step']} | "
+        ph = r["step_seconds_by_phase"]
+        lines.append(f"| {r['workers']} | {r['groups_per_call']:g} | {r['prompts_per_step']} | "
                      f"{r['offered_groups_per_second']:.0f} | {r['groups_per_second']:.1f} | "
-                     f"{r['driver_cpu_ms_per_group']:.2f} | {r['driver_cpu_share']:.2f} | "
-                     f"{r[keys[1]]:.2f} | {r[keys[0]]:.2f} | {r[keys[2]]:.2f} | {r[keys[3]]:.2f} | "
-                     f"{r['fresh_length_mean']:.1f} | "
-                     f"{r['age_at_training_s']:.2f} |")
+                     f"{r['driver_cpu_ms_per_group']:.2f} | {r['fresh_length_mean']:.1f} | "
+                     f"{r['age_at_training_s']:.2f} | {ph['rollout_wait']:.2f} / {ph['train']:.2f} / "
+                     f"{ph['record']:.2f} / {ph['checkpoint']:.2f} |")
+    lines += ["", "CPU shares (CPU seconds per wall second; 1.0 = one core; the learner and the generators are load "
+                  "generators; machine = all processes, of " + str(os.cpu_count()) + " cores):", "",
+              "| workers | groups per call | " + " | ".join(parts) + " |", "|" + "---|" * (len(parts) + 2)]
+    for r in results:
+        lines.append(f"| {r['workers']} | {r['groups_per_call']:g} | "
+                     + " | ".join(f"{r[f'{p} cpu share']:.2f}" for p in parts) + " |")
     machine = f"{platform.machine()}, {os.cpu_count()} CPUs visible"
     lines += ["", f"machine: {machine}; {args.steps} steps per fleet size, the first 5 excluded; CPU shares are "
                   "CPU seconds per wall second (1.0 = one core busy)"]
     for line in lines:
         print(line)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    out = RESULTS / "fleet.json"
+    out = RESULTS / args.json
     out.write_text(json.dumps({"args": vars(args), "machine": machine, "results": results, "printed": lines}, indent=1))
     print(f"wrote {out}")
 
