@@ -20,7 +20,7 @@ from reward_workers.pool import RewardPool
 from reward_workers.scoring import stage_weights
 
 from .config import JobConfig
-from .placement import Placement, plan_bundles, reserve
+from .placement import Placement, reserve
 from .prompts import PromptMedia
 
 log = logging.getLogger(__name__)
@@ -127,20 +127,18 @@ def start_components(cfg: JobConfig, run_dir: Path, model_path: Path, samples, r
     reward_cfg = _with_judge_model(cfg, run_dir) if rl else cfg.reward
     needs_judge = rl and bool(stage_weights(cfg.reward, cfg.stage).get("judge")) and reward_cfg.judge.backend == "local"
     placement = reserve(cfg, needs_judge)
-    gpu = placement.group is not None
     buffer_cfg = cfg.buffer.model_copy(update={"redis": redis_cfg})
     buffer = ray.remote(num_cpus=0)(ReplayService).remote(buffer_cfg)
     learner = LearnerGroup(buffer_cfg=buffer_cfg.model_dump() if rl else None,
         **learner_args(cfg, rl), model_path=model_path,
         media_provider=PromptMedia(samples, cfg.processor, str(model_path)),
-        publish_dir=run_dir / "published", num_cpus_per_rank=1 if gpu else 0, num_gpus_per_rank=1 if gpu else 0,
-        scheduling_strategies=[placement.options("learner", r).get("scheduling_strategy")
-                               for r in range(cfg.learner.num_ranks)] if gpu else None)
+        publish_dir=run_dir / "published", num_cpus_per_rank=0, num_gpus_per_rank=0,
+        rank_options=[placement.options("learner", r) for r in range(cfg.learner.num_ranks)])
     comps = Components(buffer=buffer, learner=learner, placement=placement)
     # Workers are created for SFT too: they run the accuracy evaluations before and after.
     actor = rollout_worker_actor(num_cpus=0, max_restarts=3)
     comps.workers = [
-        actor.options(num_gpus=cfg.rollout.tensor_parallel_size if gpu else 0, **placement.options("rollout", i))
+        actor.options(**placement.options("rollout", i))
         .remote(f"rollout-{i}", str(model_path), cfg.rollout, cfg.processor, cfg.model.dtype, cfg.seed + i)
         for i in range(cfg.rollout.num_workers)
     ]
@@ -148,10 +146,9 @@ def start_components(cfg: JobConfig, run_dir: Path, model_path: Path, samples, r
     judge_engine = None
     if needs_judge and reward_cfg.judge.model_path:
         # refuses a text-only judge model that num_frames would show images to
-        judge_engine = start_judge_engine(reward_cfg.judge,
-                                          num_gpus=plan_bundles(cfg, True)["judge"][0]["GPU"] if gpu else 0,
-                                          **placement.options("judge", 0))
+        judge_engine = start_judge_engine(reward_cfg.judge, **placement.options("judge", 0))
     comps.rewards = RewardPool(reward_cfg, judge_engine=judge_engine, stage=cfg.stage,
-                               buffer_cfg=buffer_cfg.model_dump())
+                               buffer_cfg=buffer_cfg.model_dump(),
+                               worker_options=[placement.options("reward", i) for i in range(reward_cfg.num_workers)])
     comps.judge_engine = judge_engine
     return comps

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError, model_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
 from actors.config import RolloutConfig
 from buffer_service.config import BufferConfig
@@ -34,6 +34,61 @@ class PipelineConfig(StrictConfig):
     metrics_port: int = Field(0, ge=0, description="Prometheus port of the driver (0 = a free one)")
 
 
+# Ray's own resource names: asked for with num_cpus / num_gpus, never as custom resources.
+RAY_BUILTIN_RESOURCES = ("CPU", "GPU", "memory", "object_store_memory")
+
+
+class RoleResources(StrictConfig):
+    """What one actor of a role asks Ray for; its placement-group bundle holds exactly this."""
+
+    num_cpus: float = Field(0, ge=0, description="logical CPUs per actor (Ray's num_cpus)")
+    num_gpus: float | None = Field(None, ge=0, description="GPUs per actor; null = as without a placement section "
+                                   "(on a cluster with GPUs: rollout tensor_parallel_size, learner 1, judge "
+                                   "max(reward.judge.num_gpus, 1); reward 0; none on a cluster without GPUs)")
+    resources: dict[str, float] = Field(default_factory=dict, description="custom resources per actor, e.g. "
+                                        "{rollout_node: 1}: only nodes started with them (ray start --resources) "
+                                        "take the actor")
+
+    @field_validator("resources")
+    @classmethod
+    def _custom_resources(cls, value: dict[str, float]) -> dict[str, float]:
+        for name, qty in value.items():
+            if name in RAY_BUILTIN_RESOURCES:
+                raise ValueError(f"{name!r} is Ray's own resource, not a custom one: use num_cpus / num_gpus")
+            if qty <= 0:
+                raise ValueError(f"{name}: {qty} must be > 0 (leave the resource out to ask for none)")
+            if qty > 1 and not float(qty).is_integer():
+                raise ValueError(f"{name}: {qty}: Ray takes fractional quantities only below 1")
+        return value
+
+    @model_validator(mode="after")
+    def _asks_for_something(self) -> RoleResources:
+        # an empty bundle is refused by Ray; a role that needs nothing is simply left out of the section
+        if not self.num_cpus and not self.num_gpus and not self.resources:
+            raise ValueError("asks for no resources: give num_cpus, num_gpus or resources, or leave the role out")
+        return self
+
+
+class PlacementConfig(StrictConfig):
+    """Where each role's actors run on a cluster of several nodes. Empty (the default): on a cluster with GPUs one
+    GPU bundle per rollout engine, learner rank and local judge, nothing reserved without GPUs. A role given here
+    gets one bundle per actor (rollout: rollout.num_workers, reward: reward.num_workers, judge: 1 when a local
+    judge runs, learner: learner.num_ranks) in one placement group, so the job starts whole or not at all."""
+
+    strategy: Literal["PACK", "SPREAD"] = Field("PACK", description="PACK: as few nodes as the bundles' resources "
+                                                "allow; SPREAD: over as many nodes as possible")
+    timeout_s: float = Field(600.0, gt=0, description="how long to wait for the cluster to place every bundle")
+    rollout: RoleResources | None = None
+    reward: RoleResources | None = None
+    judge: RoleResources | None = None
+    learner: RoleResources | None = None
+
+    def roles(self) -> dict[str, RoleResources]:
+        """The configured roles."""
+        return {role: res for role in ("rollout", "reward", "judge", "learner")
+                if (res := getattr(self, role)) is not None}
+
+
 class JobConfig(StrictConfig):
 
     name: str = "avatar"
@@ -49,6 +104,7 @@ class JobConfig(StrictConfig):
     buffer: BufferConfig = Field(default_factory=BufferConfig)
     learner: LearnerConfig = Field(default_factory=LearnerConfig)
     pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
+    placement: PlacementConfig = Field(default_factory=PlacementConfig)
 
     @model_validator(mode="after")
     def _judge_is_configured(self) -> JobConfig:

@@ -131,13 +131,15 @@ class LearnerGroup:
     def __init__(self, cfg: LearnerConfig, model_path: str | Path, *, total_steps: int,
                  media_provider: MediaProvider | None = None,
                  publish_dir: str | Path | None = None, num_cpus_per_rank: float = 1,
-                 num_gpus_per_rank: float = 0, scheduling_strategies: list | None = None,
+                 num_gpus_per_rank: float = 0, rank_options: list[dict] | None = None,
                  buffer_cfg: dict | None = None):
         import ray
 
-        actor = ray.remote(LearnerWorker).options(num_cpus=num_cpus_per_rank, num_gpus=num_gpus_per_rank)
+        actor = ray.remote(LearnerWorker)
+        base = {"num_cpus": num_cpus_per_rank, "num_gpus": num_gpus_per_rank}
+        # rank_options: each rank's own Ray options (its placement-group bundle and what it holds), if any
         self.workers = [
-            (actor.options(scheduling_strategy=scheduling_strategies[rank]) if scheduling_strategies else actor)
+            actor.options(**{**base, **(rank_options[rank] if rank_options else {})})
             .remote(cfg.model_dump(), str(model_path), rank, cfg.num_ranks, total_steps, media_provider,
                     str(publish_dir) if publish_dir else None, buffer_cfg)
             for rank in range(cfg.num_ranks)

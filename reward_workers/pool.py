@@ -156,6 +156,7 @@ class RewardPool:
     stage: int | None = None  # the job's stage: a judge engine is started only if its weights use the judge
     buffer_cfg: dict | None = None  # the replay service the workers push scored groups into (score_and_push)
     workers: list = field(default_factory=list)
+    worker_options: list[dict] | None = None  # each worker's own Ray options (placement bundle, resources), if any
     _owns_engine: bool = False
 
     def __post_init__(self):
@@ -167,7 +168,8 @@ class RewardPool:
         options = {"max_concurrency": self.cfg.groups_per_worker + 1}  # +1: stats() answers while busy
         cfg = self.cfg.model_dump()
         self.workers = [
-            RewardWorker.options(**options).remote(cfg, i, self.judge_engine, self.buffer_cfg)
+            RewardWorker.options(**options, **(self.worker_options[i] if self.worker_options else {}))
+            .remote(cfg, i, self.judge_engine, self.buffer_cfg)
             for i in range(self.cfg.num_workers)
         ]
 

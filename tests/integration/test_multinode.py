@@ -1,0 +1,146 @@
+"""A job's components on a local cluster of two Ray nodes (cluster.local_cluster, both on 127.0.0.1): the head
+advertises learner_node, reward_node and judge_node, the second node rollout_node. With a `placement` section
+asking for those resources, start_components puts every actor on the node that has its resource (asked inside
+each actor with ray.get_runtime_context().get_node_id()); one task then goes through the data plane across the
+two nodes (rollout worker -> reward worker -> Redis -> learner step -> weights back to the worker). Stopping the
+cluster by PID leaves none of its processes."""
+
+from __future__ import annotations
+
+import json
+
+import psutil
+import pytest
+import ray
+
+from actors.tasks import PromptTask
+from cluster.components import start_components
+from cluster.config import load_config
+from cluster.local_cluster import RECORD, local_cluster
+from cluster.placement import reserve
+from data.config import SynthConfig
+from data.manifest import load_manifest
+from data.synth import generate
+from policy.config import TinyModelConfig
+from policy.tiny import build_tiny_model
+
+pytestmark = [pytest.mark.integration, pytest.mark.isolated]
+
+NODES = ["head:learner_node=1,reward_node=1,judge_node=1,cpus=1", "rollout:rollout_node=1,cpus=1"]
+PLACEMENT = [
+    "placement.rollout={num_cpus: 1, resources: {rollout_node: 1}}",
+    "placement.learner={num_cpus: 1, resources: {learner_node: 1}}",
+    "placement.reward.resources={reward_node: 1}",
+    "placement.judge.resources={judge_node: 1}",
+]
+ROLE_RESOURCE = {"rollout": "rollout_node", "learner": "learner_node", "reward": "reward_node",
+                 "judge": "judge_node"}
+
+
+def node_of(actor) -> str:
+    """The id of the node the actor runs on, as the actor itself sees it."""
+    return ray.get(actor.__ray_call__.remote(lambda self: ray.get_runtime_context().get_node_id()), timeout=300)
+
+
+def cluster_processes(folder) -> list[tuple[int, float]]:
+    """(pid, start time) of the recorded processes of the cluster and all their descendants, now."""
+    record = json.loads((folder / RECORD).read_text())
+    found = {}
+    for node in record["nodes"]:
+        for entry in node["pids"]:
+            try:
+                proc = psutil.Process(entry["pid"])
+                for p in [proc, *proc.children(recursive=True)]:
+                    found[p.pid] = p.create_time()
+            except psutil.NoSuchProcess:
+                pass
+    return sorted(found.items())
+
+
+def listening_addresses(processes: list[tuple[int, float]]) -> dict[str, set[str]]:
+    """The addresses the processes listen on, each with the names of the processes listening there."""
+    found: dict[str, set[str]] = {}
+    for pid, _ in processes:
+        try:
+            proc = psutil.Process(pid)
+            for c in proc.net_connections(kind="inet"):
+                if c.status == "LISTEN":
+                    found.setdefault(c.laddr.ip, set()).add(f"{proc.name()}:{c.laddr.port}")
+        except psutil.Error:  # ended meanwhile
+            pass
+    return found
+
+
+def still_running(pid: int, started: float) -> bool:
+    try:
+        return abs(psutil.Process(pid).create_time() - started) < 1e-3
+    except psutil.NoSuchProcess:
+        return False
+
+
+def test_each_role_lands_on_the_node_that_has_its_resource(tmp_path, redis_server, monkeypatch):
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    model_dir = build_tiny_model(TinyModelConfig(kind="omni"), tmp_path / "omni")
+    samples, _ = load_manifest(generate(SynthConfig(num_items=2, stage=2, seconds=2.0, size=64), tmp_path / "data"))
+    cfg = load_config(None, [
+        "name=multinode", f"run_dir={tmp_path}", "stage=3", "seed=0",
+        # the judge: the tiny text model on the transformers engine (one vLLM engine in this test is enough)
+        "reward.judge.allow_tiny=true", "reward.judge.engine=hf", "reward.judge.num_frames=0",
+        "reward.judge.max_model_len=1024", "reward.num_workers=1",
+        "rollout.num_workers=1", "rollout.group_size=2", "rollout.max_new_tokens=8", "rollout.max_model_len=1024",
+        "processor.max_frames=4", f"processor.max_pixels={56 * 56}", "processor.max_audio_seconds=4.0",
+        "learner.num_ranks=1", "buffer.min_size=0", "pipeline.steps=1",
+        *PLACEMENT,
+    ])
+    run_dir = tmp_path / "multinode"
+    run_dir.mkdir()
+    folder = tmp_path / "cluster"
+    with local_cluster(folder, NODES) as cluster:
+        assert cluster.address.startswith("127.0.0.1:")
+        ray.init(address=cluster.address, log_to_driver=False)
+        try:
+            resources = {n["NodeID"]: n["Resources"] for n in ray.nodes() if n["Alive"]}
+            assert sorted(resources) == sorted(n["node_id"] for n in cluster.nodes)
+            assert [n["NodeManagerAddress"] for n in ray.nodes()] == ["127.0.0.1"] * 2
+            # a role asking for a resource no node has is refused at once, not after placement.timeout_s
+            with pytest.raises(RuntimeError, match="no node of the cluster can hold"):
+                reserve(load_config(None, ["placement.rollout.resources={gpu_box: 1}"]), needs_judge=False)
+            comps = start_components(cfg, run_dir, model_dir, samples, redis_server.config(), rl=True)
+            try:
+                landed = {"rollout": node_of(comps.workers[0]), "learner": node_of(comps.learner.workers[0]),
+                          "reward": node_of(comps.rewards.workers[0]), "judge": node_of(comps.judge_engine)}
+                # one task across the nodes: generated on the rollout node, scored on the head, trained on the head,
+                # the new weights loaded back on the rollout node
+                report = ray.get(comps.workers[0].rollout.remote([PromptTask(f"{samples[0].id}#0", samples[0])],
+                                                                  comps.rewards.workers), timeout=300)
+                summary = comps.learner.train_from_buffer(1, 0, 0, block_ms=10_000)
+                version = comps.publish_weights()
+                worker_version = ray.get(comps.workers[0].version.remote(), timeout=60)
+                processes = cluster_processes(folder)
+                listening = listening_addresses(processes)
+            finally:
+                comps.stop()
+        finally:
+            ray.shutdown()
+
+    for role, node_id in landed.items():
+        assert ROLE_RESOURCE[role] in resources[node_id], f"{role} landed on {node_id}: {resources[node_id]}"
+    assert landed["rollout"] == cluster.node_id("rollout")
+    assert landed["learner"] == landed["reward"] == landed["judge"] == cluster.node_id("head")
+
+    [receipt] = report.receipts
+    assert receipt.lost is None and receipt.skipped is None and receipt.answer.accepted == 2
+    assert summary["trained"] and summary["entry_ids"]
+    assert version == worker_version == 1
+
+    # Ray's processes and the actors listen on loopback only. The exception is not the cluster's: rank 0's
+    # torch.distributed store (the learner's rendezvous, gloo) listens on all interfaces, with or without a
+    # cluster; torch offers no bind address for it.
+    wide = {ip: names for ip, names in listening.items() if ip not in ("127.0.0.1", "::ffff:127.0.0.1")}
+    assert listening and all(n.startswith("ray::LearnerWorker:") for names in wide.values() for n in names), wide
+    # stopped by PID: nothing of the cluster is left (raylets, GCS, agents, the actors' worker processes)
+    assert len(processes) >= 6
+    assert [pid for pid, started in processes if still_running(pid, started)] == []
+    assert not (folder / RECORD).exists()
+    assert not any(cluster.nodes[0]["temp_dir"].rsplit("/", 1)[0] in " ".join(p.info["cmdline"] or [])
+                   for p in psutil.process_iter(["cmdline"]))
