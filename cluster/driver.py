@@ -258,8 +258,13 @@ class Flight:
 
     def learner_read(self, summary: dict, committer: Committer) -> list[str]:
         """Account for what the learner read: its held groups, the stale groups it dropped (acknowledged with the
-        next checkpoint; another task takes each one's place). Returns the dropped group ids."""
-        self.pushed, self.learner_held = 0, summary["held"]
+        next checkpoint; another task takes each one's place). Returns the dropped group ids.
+
+        The learner reads at most a batch's worth: groups pushed beyond it are still in the stream and still count
+        toward the next batch (zeroing `pushed` here made the driver wait for the next rollout call while a batch
+        sat in the stream)."""
+        read = len(summary.get("entry_ids", [])) + len(summary["stale"]) + summary["held"] - self.learner_held
+        self.pushed, self.learner_held = max(self.pushed - read, 0), summary["held"]
         committer.owe([entry_id for entry_id, _, _ in summary["stale"]])
         self.state.bump("stale_dropped", len(summary["stale"]))
         return [group_id for _, group_id, _ in summary["stale"]]

@@ -7,7 +7,8 @@ import pytest
 import ray
 
 from buffer_service.records import ReplaySample
-from cluster.driver import newer_counters
+from cluster.committer import Committer
+from cluster.driver import Flight, newer_counters
 from cluster.job import resume_version
 from cluster.ledger import TaskLedger
 from cluster.report import format_mechanisms, mechanism_summary
@@ -66,6 +67,22 @@ def test_a_reward_workers_older_counters_never_replace_newer_ones():
     assert newer_counters(None, old) is old
     assert newer_counters(old, new) is new
     assert newer_counters(new, old) is new  # a report read late brings the older reply
+
+
+def test_groups_pushed_past_the_learners_read_still_count_toward_the_next_batch(tmp_path):
+    state = RunState()
+    flight = Flight(None, None, None, state)
+    committer = Committer(tmp_path, state, None, lambda ids: None)
+    flight.pushed = 8  # one rollout call's report: 8 groups in the stream
+    # the learner reads a batch (4) and trains it: the other 4 are still in the stream, a batch for the next step
+    flight.learner_read({"trained": True, "entry_ids": ["1-0", "2-0", "3-0", "4-0"], "stale": [], "held": 0}, committer)
+    assert (flight.pushed, flight.learner_held) == (4, 0) and flight.batch_may_be_ready(4)
+    # it reads 3 (one stale, dropped) and holds 2 without training; one more push makes a batch
+    stale = [("5-0", "p5#0", 0)]
+    assert flight.learner_read({"trained": False, "stale": stale, "held": 2}, committer) == ["p5#0"]
+    assert (flight.pushed, flight.learner_held) == (1, 2) and not flight.batch_may_be_ready(4)
+    flight.pushed += 1
+    assert flight.batch_may_be_ready(4) and state.counters["stale_dropped"] == 1
 
 
 def test_step_summary_by_hand():
