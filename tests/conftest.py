@@ -11,6 +11,9 @@ from buffer_service.config import BufferConfig
 from buffer_service.records import Trajectory
 from buffer_service.redis_server import start_redis
 from buffer_service.service import ReplayService
+from cluster.local_cluster import keep_ray_on_loopback
+
+keep_ray_on_loopback()  # every Ray the tests start registers and listens on 127.0.0.1 only
 
 
 @pytest.fixture

@@ -42,6 +42,7 @@ GOOD = "<think>1. bell left. 2. flute center.</think><answer>Left: cyclist | Cen
 @pytest.fixture(scope="module")
 def ray_local():
     ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
+    assert {node["NodeManagerAddress"] for node in ray.nodes()} == {"127.0.0.1"}  # tests/conftest.py
     yield
     ray.shutdown()
 
