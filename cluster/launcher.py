@@ -18,7 +18,7 @@ import psutil
 from buffer_service.config import RedisConfig
 from buffer_service.redis_server import LocalRedis, start_redis
 
-from .local_cluster import keep_ray_on_loopback
+from .local_cluster import keep_ray_on_loopback, kill_all
 
 log = logging.getLogger(__name__)
 
@@ -86,12 +86,7 @@ def _clean_after_crash(run_dir: Path) -> None:
             victims += [c for c in proc.children(recursive=True) if c not in victims]
         except psutil.NoSuchProcess:
             pass
-    for proc in victims:
-        try:
-            proc.kill()
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(victims, timeout=10)
+    kill_all(victims)
     if victims:
         log.info(f"stopped {len(victims)} processes left by a previous driver of {run_dir}")
 

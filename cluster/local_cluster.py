@@ -332,6 +332,16 @@ def _shm_in_use() -> set[str]:
     return used
 
 
+def kill_all(procs: list[psutil.Process], timeout_s: float = 10.0) -> None:
+    """SIGKILL each process (one already gone is skipped), then wait for them."""
+    for proc in procs:
+        try:
+            proc.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(procs, timeout=timeout_s)
+
+
 def stop_cluster(folder: str | Path, grace_s: float = 5.0) -> list[int]:
     """Stop the cluster recorded in `folder`: SIGTERM to each of its processes, SIGKILL to those still there
     after grace_s; then remove the shared-memory segments that appeared while it ran and that no live process
@@ -348,20 +358,9 @@ def stop_cluster(folder: str | Path, grace_s: float = 5.0) -> list[int]:
         except psutil.NoSuchProcess:
             pass
     _, alive = psutil.wait_procs(procs, timeout=grace_s)
-    for proc in alive:
-        try:
-            proc.kill()
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(alive, timeout=10)
-    # processes that a dying raylet started meanwhile (a worker for a pending task)
-    late = _cluster_processes(record)
-    for proc in late:
-        try:
-            proc.kill()
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(late, timeout=10)
+    kill_all(alive)
+    late = _cluster_processes(record)  # processes that a dying raylet started meanwhile (a worker for a task)
+    kill_all(late)
     before, used = set(record.get("shm_before", [])), _shm_in_use()
     removed = []
     for p in Path("/dev/shm").glob("*"):
