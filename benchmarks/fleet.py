@@ -16,10 +16,11 @@ Everything else is the system: the driver loop (ledger, receipts, checkpoint, ac
 actors (format + accuracy, score and push), ReplayService on a private redis-server.
 
 Groups per step = workers x --groups-per-call (at least 4), at most two steps' worth in flight (staleness 1), so
-each rollout call carries about --groups-per-call tasks. Per fleet size it prints groups/s sustained (trained groups over the measured window, after 5 warm-up steps),
-the fresh stream's length at each step, the age of a group when trained, the driver's CPU per trained group
-(time.process_time of this process, which is the driver), and where the CPU went (driver, reward workers'
-scoring, redis-server) to show what bounds the throughput. Writes benchmarks/results/fleet.json.
+each rollout call carries about --groups-per-call tasks. Per fleet size it prints groups/s sustained (trained
+groups over the measured window, after 5 warm-up steps), the fresh stream's length at each step, the age of a
+group when trained, the driver's CPU per trained group (time.process_time of this process, which is the driver),
+the driver's step by phase, and where the CPU went (each part and the whole machine) to show what bounds the
+throughput. Writes benchmarks/results/<--json> (fleet.json).
 """
 
 from __future__ import annotations

@@ -8,8 +8,8 @@ moves the trajectories without it (DESIGN.md, "receipts, not payloads"):
 
 One step, top to bottom: tasks are handed out while the staleness bound allows; each rollout worker generates
 its tasks' groups and hands every group to a reward worker, which scores it and pushes it into the fresh
-stream; the rollout call's report brings the push receipts (ids and counts) to the driver. Once a batch may be there, the learner reads
-`prompts_per_step` fresh groups itself (dropping those older than max_staleness), samples the replayed ones,
+stream; the rollout call's report brings the push receipts (ids and counts) to the driver. Once a batch may be
+there, the learner reads `prompts_per_step` fresh groups itself (dropping those older than max_staleness), samples the replayed ones,
 trains, puts the trained samples into the tiers and returns a summary; every `publish_every` steps the
 weights go to the workers (version + 1); the step is recorded; every `checkpoint_every` steps the checkpoint is
 written and then the stream entries it contains are acknowledged (exactly once: cluster/committer.py).
@@ -243,8 +243,8 @@ class Flight:
                         "is back")
             self.comps.ready_reward_workers()
         elif kind == DATA_LOST:  # the group's object was lost on its way to the reward worker (its node died)
-            log.warning(f"the group of {task.key} was lost with its rollout worker ({type(exc).__name__}); "
-                        "generating it again")
+            log.warning(f"the group of {task.key} was lost before its reward worker read it "
+                        f"({type(exc).__name__}); generating it again")
         else:
             raise exc
         self._regenerate(task)

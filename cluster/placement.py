@@ -13,8 +13,6 @@ from dataclasses import dataclass, field
 
 from .config import JobConfig, RoleResources
 
-ROLES = ("rollout", "learner", "judge", "reward")
-
 
 def role_counts(cfg: JobConfig, needs_judge: bool) -> dict[str, int]:
     """Actors per role, in the order they are created."""

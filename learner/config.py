@@ -79,7 +79,6 @@ class LearnerConfig(StrictConfig):
         if value == "nccl":
             raise ValueError(
                 "nccl is not supported yet; the supported transports are 'object_store' and 'safetensors'. The NCCL "
-                "broadcast exists "
-                "only as a building block (learner.transport.CollectiveTransport): the rollout workers have no "
+                "broadcast exists only as a building block (learner.transport.CollectiveTransport): the rollout workers have no "
                 "receiving side and nothing builds the process group between them and the learner")
         return value
