@@ -26,6 +26,7 @@ import ray
 
 from buffer_service.records import Trajectory
 from common.affinity import pin_process
+from common.metrics import ComponentEndpoint, Sample
 from policy.config import ProcessorConfig
 from policy.media import MediaError
 from policy.processor import PromptProcessor
@@ -117,6 +118,7 @@ class RolloutWorker:
         self._weights_dir = weights_folder(worker_id)
         self._held_copy: Path | None = None
         self._next_scorer = zlib.crc32(worker_id.encode())  # workers start their round robin at different scorers
+        self._metrics = ComponentEndpoint("rollout", lambda: rollout_samples(self.counts, self.engine.version))
 
     # generation -------------------------------------------------------------------------------------------
     def generate(self, tasks: list[PromptTask], seed: int | None = None,
@@ -280,11 +282,23 @@ class RolloutWorker:
     def pid(self) -> int:
         return os.getpid()
 
+    @ray.method(concurrency_group="control")
+    def metrics_endpoint(self) -> dict:
+        """This worker's /metrics (started on first call), on its own node."""
+        return self._metrics.where()
+
     def shutdown(self) -> None:
         """Stop the engine (frees vLLM's shared memory); call before killing the actor or ray.shutdown()."""
         self._engine_thread.submit(self.engine.shutdown).result()
         self._engine_thread.shutdown()
         shutil.rmtree(self._weights_dir, ignore_errors=True)
+
+
+def rollout_samples(c: dict, version: int) -> list[Sample]:
+    """A rollout worker's series from its counters and the version its engine holds."""
+    return [("avatar_completions_total", c["completions"], {}), ("avatar_rollout_tokens_total", c["tokens"], {}),
+            ("avatar_rollout_generate_seconds_total", c["generate_seconds"], {}),
+            ("avatar_groups_scoring", c["groups_scoring"], {}), ("avatar_rollout_policy_version", version, {})]
 
 
 def weights_folder(worker_id: str) -> Path:

@@ -189,7 +189,7 @@ def run_fleet(n_workers: int, per_call: float, templates, samples, args, work: P
     from cluster.components import Components
     from cluster.config import load_config
     from cluster.driver import train_rl
-    from cluster.metrics import JobMetrics
+    from cluster.metrics import DriverMetrics
     from cluster.prompts import PromptOrder
     from cluster.state import RunState
     from reward_workers.pool import RewardPool
@@ -240,7 +240,7 @@ def run_fleet(n_workers: int, per_call: float, templates, samples, args, work: P
 
         sampler = threading.Thread(target=sample, daemon=True)
         sampler.start()
-        train_rl(cfg, run_dir, comps, PromptOrder(samples, 0), RunState(), JobMetrics(), history)
+        train_rl(cfg, run_dir, comps, PromptOrder(samples, 0), RunState(), DriverMetrics(), history)
         done.set()
         sampler.join()
         rows = [json.loads(line) for line in history.read_text().splitlines()]

@@ -74,6 +74,7 @@ from buffer_service.redis_server import check_client, connect
 from buffer_service.store import Store
 from buffer_service.stream import FreshStream
 from buffer_service.tiers import Tiers
+from common.metrics import ComponentEndpoint, Sample
 
 
 class ReplayService:
@@ -92,6 +93,7 @@ class ReplayService:
         self._fresh = FreshStream(store, self._dead)
         self._tiers = Tiers(store)
         self._prompts = PromptStates(store)
+        self._metrics = ComponentEndpoint("replay", lambda: replay_samples(self.stats()))
 
     # ---- fresh stream -------------------------------------------------------------------------------------
     def push_group(self, group: list[Trajectory] | bytes) -> dict:
@@ -188,6 +190,11 @@ class ReplayService:
         )
         return out
 
+    def metrics_endpoint(self) -> dict:
+        """The service's /metrics (started on first call): read from Redis at each scrape, so they are the whole
+        job's (every client's pushes and commits), whichever process serves them."""
+        return self._metrics.where()
+
     def clear(self) -> int:
         """Delete every key of this service's prefix (a new run on a shared Redis). Returns the count, leaving
         out an empty fresh stream (every client creates it with its consumer group: it holds nothing)."""
@@ -198,3 +205,10 @@ class ReplayService:
         self._tiers.forget_snapshot()
         self._fresh.create_group()
         return counted
+
+
+def replay_samples(s: dict) -> list[Sample]:
+    """The replay service's series from its stats(): the whole job's, read from Redis."""
+    return [("avatar_fresh_stream_length", s["fresh_length"], {}), ("avatar_hints_active", s["hints_active"], {}),
+            *[("avatar_buffer_tier_size", s[f"tier_{t}"], {"tier": t}) for t in ("easy", "medium", "hard")],
+            *[("avatar_buffer_events_total", s[e], {"event": e}) for e in ReplayService.COUNTERS]]

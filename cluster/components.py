@@ -20,6 +20,7 @@ from reward_workers.pool import RewardPool
 from reward_workers.scoring import stage_weights
 
 from .config import JobConfig
+from .metrics import MetricsTargets
 from .placement import Placement, reserve
 from .prompts import PromptMedia
 
@@ -35,6 +36,32 @@ class Components:
     judge_engine: object | None = None  # started here (placed with the job); the pool only uses it
     weights: dict | None = None  # the last publish (location, version, checksum), for restarted workers
     placement: Placement | None = None
+    metrics: MetricsTargets | None = None  # where Prometheus finds each component's endpoint
+
+    def actors_by_name(self) -> dict[str, tuple[str, object]]:
+        """Every component that serves /metrics: name -> (role, actor handle)."""
+        found = {"replay": ("replay", self.buffer), "learner": ("learner", self.learner.workers[0])}
+        found.update({f"rollout-{i}": ("rollout", w) for i, w in enumerate(self.workers)})
+        if self.rewards is not None:
+            found.update({f"reward-{i}": ("reward", w) for i, w in enumerate(self.rewards.workers)})
+        return found
+
+    def refresh_metrics_targets(self, timeout_s: float = 30.0) -> None:
+        """Ask every component for its /metrics endpoint (a restarted one serves on a new port) and rewrite the
+        target file; one that does not answer in time (restarting, its node gone) keeps its last entry."""
+        if self.metrics is None:
+            return
+        asked = {name: (role, actor.metrics_endpoint.remote()) for name, (role, actor) in self.actors_by_name().items()}
+        ready, _ = ray.wait([ref for _, ref in asked.values()], num_returns=len(asked), timeout=timeout_s)
+        for name, (role, ref) in asked.items():
+            if ref not in ready:
+                log.info("metrics: %s did not say where its endpoint is within %.0f s", name, timeout_s)
+                continue
+            try:
+                self.metrics.update(name, role, ray.get(ref))
+            except ray.exceptions.RayError as exc:
+                log.info("metrics: %s: %s", name, type(exc).__name__)
+        self.metrics.write()
 
     def publish_weights(self, bump: bool = True, version: int | None = None, wait: bool = True) -> int:
         """The learner publishes (version + 1, the current version again with bump=False, or `version`).
@@ -61,12 +88,14 @@ class Components:
         if self.weights is not None and version != self.weights["version"]:
             ray.get(self._load(worker))
             log.info(f"restarted rollout worker reloaded policy v{self.weights['version']}")
+        self.refresh_metrics_targets()
 
     def ready_reward_workers(self, timeout_s: float = 300.0) -> None:
         """Wait until every reward worker answers (Ray restarts a dead one); raises if one does not come back."""
         deadline = time.monotonic() + timeout_s
         for worker in self.rewards.workers:
             _answer_once_back(worker.stats, deadline)
+        self.refresh_metrics_targets()
 
     def stop(self) -> None:
         """vLLM engines first (inside their actors), then the rest; Ray itself is stopped by the launcher."""

@@ -31,7 +31,7 @@ class PipelineConfig(StrictConfig):
     eval_every: int = Field(0, ge=0, description="RL stages: also evaluate the held-out prompts every this many learner "
                             "steps (the history row's heldout_accuracy; 0 = before and after the stage only)")
     checkpoint_every: int = Field(10, ge=1)
-    metrics_port: int = Field(0, ge=0, description="Prometheus port of the driver (0 = a free one)")
+    metrics_port: int = Field(0, ge=0, description="Port of the driver's /metrics (0 = a free one); the components' endpoints always take free ones")
 
 
 # Ray's own resource names: asked for with num_cpus / num_gpus, never as custom resources.

@@ -1,4 +1,4 @@
-"""Generates cluster/grafana_dashboard.json from the metric table in cluster/metrics.py, so that every panel
+"""Generates cluster/grafana_dashboard.json from the metric table in common/metrics.py, so that every panel
 queries a series the job exports. Run `python -m cluster.dashboard` after changing METRICS."""
 
 from __future__ import annotations
@@ -6,21 +6,25 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .metrics import METRICS
+from common.metrics import METRICS
 
 DASHBOARD = Path(__file__).with_name("grafana_dashboard.json")
 
 
 def panel_query(name: str) -> str:
-    kind, _, labels = METRICS[name]
-    if kind == "counter":
-        return f"sum by ({', '.join(labels) or 'job'}) (rate({name}[1m]))"
-    return f"sum by ({', '.join(labels)}) ({name})" if labels else name
+    """A counter's rate summed over the role's endpoints (rollout workers, reward workers); a gauge folded by its
+    `fold` (sum, avg, min), by its labels."""
+    series = METRICS[name]
+    by = f" by ({', '.join(series.labels)})" if series.labels else ""
+    if series.kind == "counter":
+        return f"sum{by} (rate({name}[1m]))"
+    return f"{series.fold}{by} ({name})"
 
 
 def build_dashboard() -> dict:
     panels = []
-    for i, (name, (_kind, doc, labels)) in enumerate(METRICS.items()):
+    for i, (name, series) in enumerate(METRICS.items()):
+        doc, labels = series.doc, series.labels
         panels.append({
             "id": i + 1,
             "type": "timeseries",

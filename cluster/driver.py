@@ -33,7 +33,7 @@ from .committer import Committer
 from .components import Components
 from .config import JobConfig
 from .ledger import TaskLedger
-from .metrics import JobMetrics
+from .metrics import DriverMetrics
 from .prompts import PromptOrder, check_skipped
 from .recorder import StepRecorder
 from .retry import DATA_LOST, WORKER_LOST, ScoringRetries, classify
@@ -44,7 +44,7 @@ MAX_LOAD_FAILURES = 3  # a rollout worker that cannot load the published weights
 
 
 def train_rl(cfg: JobConfig, run_dir: Path, comps: Components, order: PromptOrder, state: RunState,
-             metrics: JobMetrics, history: Path, evaluate: Callable[[], dict] | None = None) -> RunState:
+             metrics: DriverMetrics, history: Path, evaluate: Callable[[], dict] | None = None) -> RunState:
     """`evaluate`: the held-out evaluation, run every pipeline.eval_every steps (before the stage's last)."""
     pcfg = cfg.pipeline
     per_step, n_replay = pcfg.prompts_per_step, pcfg.replay_per_group * pcfg.prompts_per_step

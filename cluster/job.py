@@ -23,7 +23,7 @@ from .audit import install_from_env as install_audit_from_env
 from .components import Components, start_components
 from .config import JobConfig, check_config_paths, dump_config
 from .driver import skip_prompt, train_rl
-from .metrics import JobMetrics, write_scrape_config
+from .metrics import DriverMetrics, MetricsTargets, write_scrape_config
 from .prompts import PromptOrder, load_prompts, load_splits
 from .report import mechanism_summary, read_history, write_report
 from .state import RunState, latest_checkpoint, load_state, save_state
@@ -121,10 +121,13 @@ def run_stage(cfg: JobConfig, resume: bool = True) -> dict:
             shutil.rmtree(run_dir / old, ignore_errors=True)
     install_audit_from_env()  # tests: what the driver receives (cluster/audit.py)
     launch = launcher.start(run_dir, cfg.buffer.redis)
-    metrics = JobMetrics()
-    port = metrics.serve(cfg.pipeline.metrics_port)
-    write_scrape_config(run_dir, port, cfg.name)
-    log.info(f"{cfg.name}: stage {cfg.stage}, run folder {run_dir}, metrics on 127.0.0.1:{port}/metrics")
+    metrics = DriverMetrics(cfg.pipeline.metrics_port)
+    targets = MetricsTargets(run_dir, cfg.name)
+    targets.update("driver", "driver", metrics.endpoint.where())
+    targets.write()
+    write_scrape_config(run_dir)
+    log.info(f"{cfg.name}: stage {cfg.stage}, run folder {run_dir}, metrics: {targets.path} lists every component's "
+             f"endpoint (the driver's: {targets.targets['driver']['address']})")
     comps = None
     try:
         bad_rows: list = []
@@ -138,6 +141,8 @@ def run_stage(cfg: JobConfig, resume: bool = True) -> dict:
                         cfg.data.eval_fraction)
         model_path = Path(cfg.init_from) if cfg.init_from else resolve_model_path(cfg.model, Path(cfg.run_dir) / "_models")
         comps = start_components(cfg, run_dir, model_path, samples, launch.redis, rl)
+        comps.metrics = targets
+        comps.refresh_metrics_targets(timeout_s=300)  # the workers answer once their engines are up
         if not resume and (cleared := ray.get(comps.buffer.clear.remote())):
             # the previous run's buffer (its seen ids would make every regenerated group a duplicate)
             log.info(f"--fresh: cleared {cleared} replay-service keys left by a previous run")

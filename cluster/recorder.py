@@ -9,11 +9,9 @@ from pathlib import Path
 
 import ray
 
-from learner.summary import mean_present
-
 from .components import Components
 from .config import JobConfig
-from .metrics import JobMetrics
+from .metrics import DriverMetrics
 from .state import RunState
 
 BUFFER_EVENTS = ("pushed_groups", "duplicates", "dead_lettered", "rejected", "reclaimed", "inserted", "evicted",
@@ -49,7 +47,7 @@ def history_row(stage: int, state: RunState, summary: dict, buffer_stats: dict, 
 
 
 class StepRecorder:
-    def __init__(self, cfg: JobConfig, comps: Components, metrics: JobMetrics, history: Path):
+    def __init__(self, cfg: JobConfig, comps: Components, metrics: DriverMetrics, history: Path):
         self.cfg, self.comps, self.metrics, self.history = cfg, comps, metrics, history
 
     def record(self, state: RunState, summary: dict, worker_stats: tuple[dict, list[dict], float],
@@ -61,41 +59,5 @@ class StepRecorder:
                           rollouts, {"weight_load_seconds": round(load_s, 4), **extra})
         with self.history.open("a") as f:
             f.write(json.dumps(row) + "\n")
-        self._export(row)
+        self.metrics.row = row  # the driver's own series; the components export theirs (common/metrics.py)
         return row
-
-    def _export(self, row: dict) -> None:
-        m = self.metrics
-        m.set("avatar_policy_version", row["policy_version"])
-        m.count_to("avatar_learner_steps_total", row["step"])
-        m.set("avatar_learner_step_seconds", row["step_seconds"])
-        m.set("avatar_loss", row["loss"], term="total")
-        m.set("avatar_clip_fraction", row["clip_fraction"])
-        m.set("avatar_kl", row["kl"])
-        m.set("avatar_advantage_abs_mean", mean_present([abs(a) for a in row["advantages_fresh"]]), source="fresh")
-        m.set("avatar_advantage_abs_mean", mean_present([abs(a) for a in row["advantages_replay"]]), source="replay")
-        m.set("avatar_zero_advantage_fraction", row["zero_adv_token_fraction"])
-        for k, v in row["reward_terms"].items():
-            m.set("avatar_reward_mean", v, term=k)
-        m.set("avatar_reward_mean", row["reward_mean"], term="total")
-        m.set("avatar_accuracy", row["accuracy"])
-        gen_s = row["rollout_generate_seconds"]
-        m.set("avatar_rollout_tokens_per_second", row["rollout_tokens"] / gen_s if gen_s else 0.0)
-        m.count_to("avatar_completions_total", row["completions_generated"])
-        m.set("avatar_queue_depth", row["fresh_length"], queue="fresh_stream")
-        m.set("avatar_queue_depth", row.get("groups_scoring", 0), queue="reward_pool")
-        m.set("avatar_staleness_versions", row["staleness_max"])
-        for tier, size in row["tier_sizes"].items():
-            m.set("avatar_buffer_tier_size", size, tier=tier)
-        for event, count in row["buffer_events"].items():
-            m.count_to("avatar_buffer_events_total", count, event=event)
-        m.set("avatar_hint_rate", row["hint_rate"])
-        m.set("avatar_replay_fraction", row["replay_fraction"])
-        m.set("avatar_hints_active", row["hints_active"])
-        m.count_to("avatar_stale_dropped_total", row["stale_dropped_total"])
-        m.count_to("avatar_judge_requests_total", row["judge_requests_total"])
-        m.set("avatar_judge_latency_seconds", row["judge_latency_seconds"])
-        m.count_to("avatar_judge_failures_total", row["judge_failures_total"])
-        if row.get("weight_sync_seconds") is not None:
-            m.set("avatar_weight_sync_seconds", row["weight_sync_seconds"])
-        m.set("avatar_prompts_in_flight", row.get("prompts_in_flight", 0))

@@ -12,12 +12,13 @@ from dataclasses import asdict
 from pathlib import Path
 
 from common.affinity import pin_process
+from common.metrics import ComponentEndpoint, Sample
 
 from .config import LearnerConfig
 from .distributed import broadcast_from_rank0, free_port
 from .feed import FreshFeed, commit
 from .learner import Learner, MediaProvider
-from .summary import step_summary
+from .summary import mean_present, step_summary
 
 
 class LearnerWorker:
@@ -34,6 +35,11 @@ class LearnerWorker:
         self.learner: Learner | None = None
         self.transport = None
         self.feed = FreshFeed(buffer_cfg) if buffer_cfg is not None and rank == 0 else None
+        self._last_summary: dict = {}  # rank 0's last RL step, what its /metrics shows
+        self._stale_dropped = 0
+        self._metrics = ComponentEndpoint("learner", lambda: learner_samples(
+            self.learner.policy_version, self.learner.step, self._stale_dropped, self._last_summary)
+            if self.learner is not None else [])
 
     def address(self) -> tuple[str, int]:
         """Where rank 0 hosts the rendezvous: this node's address and a free port on it."""
@@ -72,6 +78,7 @@ class LearnerWorker:
             self.feed.read(per_step, version, max_staleness, block_ms, reclaim)
             batch = self.feed.take(per_step)
             stale = self.feed.take_stale()
+            self._stale_dropped += len(stale)
             if batch is not None and n_replay:
                 replay = self.feed.service.sample(n_replay, None, None, version)
         if self.world_size > 1:  # the batch reaches the other ranks over the learner's process group
@@ -84,8 +91,9 @@ class LearnerWorker:
         if self.rank != 0:
             return {"trained": True}
         commit(self.feed.service, batch, stats, replay_on=n_replay > 0)
-        return {"trained": True, **step_summary(groups, replay or [], stats, self.learner.policy_version),
-                "entry_ids": [e for e, _ in batch], "stale": stale, "held": held}
+        self._last_summary = step_summary(groups, replay or [], stats, self.learner.policy_version)
+        return {"trained": True, **self._last_summary, "entry_ids": [e for e, _ in batch], "stale": stale,
+                "held": held}
 
     def sft_step(self, examples) -> dict:
         return self.learner.sft_step(examples)
@@ -106,6 +114,10 @@ class LearnerWorker:
             weights["blob"] = ray.put(Path(published.location).read_bytes())
         return weights
 
+    def metrics_endpoint(self) -> dict:
+        """This rank's /metrics (started on first call; the driver asks rank 0), on its own node."""
+        return self._metrics.where()
+
     def save_checkpoint(self, directory: str) -> str:
         return str(self.learner.save_checkpoint(directory))
 
@@ -122,6 +134,25 @@ class LearnerWorker:
         if self.learner is not None:
             self.learner.close()
         shutdown_distributed()
+
+
+def learner_samples(version: int, steps: int, stale_dropped: int, s: dict) -> list[Sample]:
+    """Rank 0's series: what it holds, and its last RL step's summary `s` (none before the first RL step or in an
+    SFT stage: the per-step series would only show zeros)."""
+    out: list[Sample] = [("avatar_policy_version", version, {}), ("avatar_learner_steps_total", steps, {}),
+                         ("avatar_stale_dropped_total", stale_dropped, {})]
+    if not s:
+        return out
+    out += [("avatar_learner_step_seconds", s["seconds"], {}), ("avatar_loss", s["loss"], {"term": "total"}),
+            ("avatar_clip_fraction", s["clip_fraction"], {}), ("avatar_kl", s["kl"], {}),
+            ("avatar_zero_advantage_fraction", s["zero_adv_token_fraction"], {}),
+            ("avatar_accuracy", s["accuracy"], {}), ("avatar_reward_mean", s["reward_mean"], {"term": "total"}),
+            ("avatar_staleness_versions", s["staleness_max"], {}), ("avatar_hint_rate", s["hint_rate"], {}),
+            ("avatar_replay_fraction", s["replay_fraction"], {})]
+    out += [("avatar_reward_mean", v, {"term": k}) for k, v in s["reward_terms"].items()]
+    out += [("avatar_advantage_abs_mean", mean_present([abs(a) for a in s[f"advantages_{src}"]]), {"source": src})
+            for src in ("fresh", "replay")]
+    return out
 
 
 class LearnerGroup:

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import ray
 
 from buffer_service.records import Trajectory
+from common.metrics import ComponentEndpoint, Sample
 from data.sample import PromptSample
 
 from .config import STAGE_WEIGHTS, RewardConfig
@@ -60,6 +61,15 @@ def build_judge(cfg: RewardConfig, engine=None) -> Judge | None:
     return Judge(jc, LocalJudgeBackend(jc, engine)) if engine is not None else None
 
 
+def reward_samples(s: dict) -> list[Sample]:
+    """A reward worker's series from its counters (stats())."""
+    calls = s.get("judge_calls", 0)
+    return [("avatar_groups_scored_total", s["groups_scored"], {}),
+            ("avatar_judge_requests_total", s.get("judge_requests", 0), {}),
+            ("avatar_judge_failures_total", s.get("judge_failures", 0), {}),
+            ("avatar_judge_latency_seconds", s.get("judge_latency_s_sum", 0.0) / calls if calls else 0.0, {})]
+
+
 @dataclass
 class PushReceipt:
     """What the driver learns of a group a reward worker scored and pushed: ids and counts, never the group."""
@@ -89,6 +99,7 @@ class RewardWorker:
         self.buffer_cfg = buffer_cfg
         self._buffer = None  # this worker's own client of the replay service (Redis), made on first push
         self._buffer_lock = threading.Lock()
+        self._metrics = ComponentEndpoint("reward", lambda: reward_samples(self.stats()))
 
     def score_and_push(self, trajectories: list[Trajectory], sample: PromptSample) -> PushReceipt:
         """Score one group (handed over by a rollout worker as an object reference) and push it into the fresh
@@ -141,6 +152,10 @@ class RewardWorker:
 
     def pid(self) -> int:
         return os.getpid()
+
+    def metrics_endpoint(self) -> dict:
+        """This worker's /metrics (started on first call), on its own node."""
+        return self._metrics.where()
 
     def close(self) -> None:
         if self.judge is not None:

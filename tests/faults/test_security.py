@@ -99,21 +99,22 @@ def test_nothing_read_from_redis_or_the_network_is_unpickled(package):
 
 
 def test_metrics_endpoint_is_read_only_and_on_loopback():
-    from cluster.metrics import JobMetrics
+    from cluster.metrics import DriverMetrics
 
-    metrics = JobMetrics()
-    port = metrics.serve(0)
-    metrics.set("avatar_policy_version", 7)
-    url = f"http://127.0.0.1:{port}/metrics"
+    metrics = DriverMetrics()
+    metrics.row = {"prompts_in_flight": 7}
+    address = metrics.endpoint.address()
+    port = int(address.rsplit(":", 1)[1])
+    url = f"http://{address}/metrics"
     body = urllib.request.urlopen(url, timeout=5).read().decode()
-    assert "avatar_policy_version 7.0" in body
+    assert "avatar_prompts_in_flight 7.0" in body
     for method in ("POST", "PUT", "DELETE"):
-        req = urllib.request.Request(url, data=b"avatar_policy_version 99", method=method)
+        req = urllib.request.Request(url, data=b"avatar_prompts_in_flight 99", method=method)
         try:
             urllib.request.urlopen(req, timeout=5).read()
         except urllib.error.HTTPError:
             pass
-    assert "avatar_policy_version 7.0" in urllib.request.urlopen(url, timeout=5).read().decode()  # unchanged
+    assert "avatar_prompts_in_flight 7.0" in urllib.request.urlopen(url, timeout=5).read().decode()  # unchanged
     listening = {c.laddr for c in psutil.Process().net_connections("inet") if c.status == psutil.CONN_LISTEN}
     assert ("127.0.0.1", port) in {(a.ip, a.port) for a in listening}
     assert ("0.0.0.0", port) not in {(a.ip, a.port) for a in listening}

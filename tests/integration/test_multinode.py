@@ -2,12 +2,17 @@
 advertises learner_node, reward_node and judge_node, the second node rollout_node. With a `placement` section
 asking for those resources, start_components puts every actor on the node that has its resource (asked inside
 each actor with ray.get_runtime_context().get_node_id()); one task then goes through the data plane across the
-two nodes (rollout worker -> reward worker -> Redis -> learner step -> weights back to the worker). Stopping the
-cluster by PID leaves none of its processes."""
+two nodes (rollout worker -> reward worker -> Redis -> learner step -> weights back to the worker). A real
+Prometheus scrapes every component's own /metrics endpoint on its node, found through the job's target file.
+Stopping the cluster by PID leaves none of its processes."""
 
 from __future__ import annotations
 
 import json
+import subprocess
+import time
+import urllib.parse
+import urllib.request
 
 import psutil
 import pytest
@@ -17,10 +22,12 @@ from actors.tasks import PromptTask
 from cluster.components import start_components
 from cluster.config import load_config
 from cluster.local_cluster import RECORD, local_cluster
+from cluster.metrics import MetricsTargets, write_scrape_config
 from cluster.placement import reserve
 from data.config import SynthConfig
 from data.manifest import load_manifest
 from data.synth import generate
+from learner.distributed import free_port
 from policy.config import TinyModelConfig
 from policy.tiny import build_tiny_model
 
@@ -71,6 +78,35 @@ def listening_addresses(processes: list[tuple[int, float]]) -> dict[str, set[str
     return found
 
 
+def prometheus_query(port: int, expr: str) -> list:
+    url = f"http://127.0.0.1:{port}/api/v1/query?" + urllib.parse.urlencode({"query": expr})
+    with urllib.request.urlopen(url, timeout=5) as r:
+        return json.loads(r.read())["data"]["result"]
+
+
+def scrape(run_dir, tmp_path, queries: list[str], timeout_s: float = 90) -> dict[str, list]:
+    """Start Prometheus on the job's scrape config and wait until every query has results; returns them."""
+    port = free_port()
+    prometheus = subprocess.Popen(
+        ["prometheus", f"--config.file={run_dir / 'prometheus.yml'}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+         f"--web.listen-address=127.0.0.1:{port}"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    found: dict[str, list] = {}
+    try:
+        deadline = time.monotonic() + timeout_s
+        while len(found) < len(queries) and time.monotonic() < deadline:
+            time.sleep(2)
+            for q in queries:
+                try:
+                    if q not in found and (result := prometheus_query(port, q)):
+                        found[q] = result
+                except OSError:  # not up yet
+                    pass
+    finally:
+        prometheus.terminate()
+        prometheus.wait(10)
+    return found
+
+
 def still_running(pid: int, started: float) -> bool:
     try:
         return abs(psutil.Process(pid).create_time() - started) < 1e-3
@@ -116,6 +152,15 @@ def test_each_role_lands_on_the_node_that_has_its_resource(tmp_path, redis_serve
                 summary = comps.learner.train_from_buffer(1, 0, 0, block_ms=10_000)
                 version = comps.publish_weights()
                 worker_version = ray.get(comps.workers[0].version.remote(), timeout=60)
+                # every component serves its own /metrics on its node; the target file lists them all
+                comps.metrics = MetricsTargets(run_dir, "multinode")
+                comps.refresh_metrics_targets()
+                write_scrape_config(run_dir)
+                targets = json.loads(comps.metrics.path.read_text())
+                scraped = scrape(run_dir, tmp_path, ['up{role="rollout"} == 1', 'up{role="reward"} == 1',
+                                                     'up{role="learner"} == 1', 'up{role="replay"} == 1',
+                                                     "avatar_completions_total", "avatar_learner_steps_total",
+                                                     "avatar_groups_scored_total", "avatar_buffer_tier_size"])
                 processes = cluster_processes(folder)
                 listening = listening_addresses(processes)
             finally:
@@ -127,6 +172,22 @@ def test_each_role_lands_on_the_node_that_has_its_resource(tmp_path, redis_serve
         assert ROLE_RESOURCE[role] in resources[node_id], f"{role} landed on {node_id}: {resources[node_id]}"
     assert landed["rollout"] == cluster.node_id("rollout")
     assert landed["learner"] == landed["reward"] == landed["judge"] == cluster.node_id("head")
+
+    # Prometheus scraped each component where it runs: the completions from the rollout node, the learner's
+    # steps, the scoring and the tiers from the head
+    assert sorted(t["labels"]["component"] for t in targets) == ["learner", "replay", "reward-0", "rollout-0"]
+    assert all(t["targets"][0].startswith("127.0.0.1:") for t in targets)
+    nodes = {t["labels"]["component"]: t["labels"]["node"] for t in targets}
+    assert nodes["rollout-0"] == cluster.node_id("rollout") and nodes["learner"] == cluster.node_id("head")
+    for q in ('up{role="rollout"} == 1', 'up{role="reward"} == 1', 'up{role="learner"} == 1', 'up{role="replay"} == 1'):
+        assert q in scraped, f"no target of {q} up: {sorted(scraped)}"
+    [completions] = scraped["avatar_completions_total"]
+    assert completions["metric"]["node"] == cluster.node_id("rollout") and float(completions["value"][1]) == 2
+    [steps] = scraped["avatar_learner_steps_total"]
+    assert steps["metric"]["node"] == cluster.node_id("head") and float(steps["value"][1]) == 1
+    [scored] = scraped["avatar_groups_scored_total"]
+    assert scored["metric"]["component"] == "reward-0" and float(scored["value"][1]) == 1
+    assert {r["metric"]["tier"] for r in scraped["avatar_buffer_tier_size"]} == {"easy", "medium", "hard"}
 
     [receipt] = report.receipts
     assert receipt.lost is None and receipt.skipped is None and receipt.answer.accepted == 2
