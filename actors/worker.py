@@ -27,6 +27,7 @@ import ray
 from buffer_service.records import Trajectory
 from common.affinity import pin_process
 from common.metrics import ComponentEndpoint, Sample
+from common.node_files import NodePaths
 from policy.config import ProcessorConfig
 from policy.media import MediaError
 from policy.processor import PromptProcessor
@@ -94,11 +95,14 @@ class RolloutWorker:
         processor: ProcessorConfig | None = None,
         dtype: str = "float32",
         seed: int = 0,
+        paths: NodePaths | None = None,
     ):
         self.worker_id = worker_id
         self.cfg = rollout
+        # the model and the prompts' media where this node has them (shipped from the driver's node, or shared)
+        self.paths = paths or NodePaths()
         pin_process(rollout.cpu_affinity, "rollout.cpu_affinity")  # before the engine starts its threads
-        self.engine = create_engine(rollout, model_path, dtype=dtype, seed=seed)
+        self.engine = create_engine(rollout, self.paths.path(model_path), dtype=dtype, seed=seed)
         self.processor = PromptProcessor(
             processor or ProcessorConfig(), self.engine.tokenizer, self.engine.multimodal
         )
@@ -139,7 +143,7 @@ class RolloutWorker:
             if task.use_hint and not hint:
                 log.warning("prompt %s: hint requested but the sample has none", task.sample.id)
             try:
-                built = self.processor.build(task.sample, hint)
+                built = self.processor.build(self.paths.sample(task.sample), hint)
             except (MediaError, OSError) as exc:
                 self.counts["skipped_media"] += 1
                 log.error("worker %s: skipping prompt %s: %s", self.worker_id, task.sample.id, exc)

@@ -4,6 +4,7 @@ workers and the reward pool (with its judge engine). The driver loop only sees t
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,6 +13,7 @@ import ray
 
 from actors.worker import rollout_worker_actor
 from buffer_service.service import ReplayService
+from common.node_files import NodePaths, remove_job_copies, ship_folder
 from learner.actor import LearnerGroup
 from policy.config import TinyModelConfig
 from policy.tiny import ensure_tiny_model
@@ -37,6 +39,7 @@ class Components:
     weights: dict | None = None  # the last publish (location, version, checksum), for restarted workers
     placement: Placement | None = None
     metrics: MetricsTargets | None = None  # where Prometheus finds each component's endpoint
+    paths: NodePaths = field(default_factory=NodePaths)  # the folders shipped to the nodes (common/node_files.py)
 
     def actors_by_name(self) -> dict[str, tuple[str, object]]:
         """Every component that serves /metrics: name -> (role, actor handle)."""
@@ -112,6 +115,11 @@ class Components:
             ray.kill(self.judge_engine)
         self.learner.shutdown()
         ray.kill(self.buffer)
+        if self.paths.folders:
+            try:
+                log.info("removed %d shipped folder copies from the nodes", remove_job_copies())
+            except Exception as exc:  # a node that is gone took its copy with it
+                log.warning(f"removing the shipped folders' copies: {type(exc).__name__}: {str(exc)[:300]}")
         if self.placement is not None and self.placement.group is not None:
             from ray.util.placement_group import remove_placement_group
 
@@ -152,32 +160,54 @@ def learner_args(cfg: JobConfig, rl: bool) -> dict:
             "total_steps": cfg.pipeline.steps}
 
 
-def start_components(cfg: JobConfig, run_dir: Path, model_path: Path, samples, redis_cfg, rl: bool) -> Components:
+def node_paths(cfg: JobConfig, folders: list[Path], samples) -> NodePaths:
+    """What the components read from the driver's node (the model folders, the folder holding every prompt's
+    media) and how it reaches them: read in place on a one-node cluster or under storage.shared_paths, else
+    shipped through the object store (common/node_files.py)."""
+    if sum(1 for n in ray.nodes() if n["Alive"]) < 2:
+        return NodePaths()
+    media = [str(p) for s in samples for p in (s.video, s.audio) if p is not None]
+    if media:
+        common = Path(os.path.commonpath(media))  # the smallest folder holding every prompt's media
+        folders = [*folders, common if common.is_dir() else common.parent]
+    shared = [Path(p) for p in cfg.storage.shared_paths]
+    shipped = []
+    for folder in dict.fromkeys(Path(os.path.abspath(f)) for f in folders):
+        if any(folder == s or s in folder.parents for s in shared):
+            continue
+        shipped.append(ship_folder(folder, cfg.storage.max_ship_mb))
+    return NodePaths(tuple(shipped))
+
+
+def start_components(cfg: JobConfig, run_dir: Path, model_path: Path, samples, redis_cfg, rl: bool,
+                     eval_samples=()) -> Components:
     reward_cfg = _with_judge_model(cfg, run_dir) if rl else cfg.reward
     needs_judge = rl and bool(stage_weights(cfg.reward, cfg.stage).get("judge")) and reward_cfg.judge.backend == "local"
     placement = reserve(cfg, needs_judge)
+    judge_model = [Path(reward_cfg.judge.model_path)] if needs_judge and reward_cfg.judge.model_path else []
+    paths = node_paths(cfg, [Path(model_path), *judge_model], [*samples, *eval_samples])
     buffer_cfg = cfg.buffer.model_copy(update={"redis": redis_cfg})
     buffer = ray.remote(num_cpus=0)(ReplayService).remote(buffer_cfg)
     learner = LearnerGroup(buffer_cfg=buffer_cfg.model_dump() if rl else None,
         **learner_args(cfg, rl), model_path=model_path,
-        media_provider=PromptMedia(samples, cfg.processor, str(model_path)),
+        media_provider=PromptMedia(samples, cfg.processor, str(model_path), paths), paths=paths,
         publish_dir=run_dir / "published", num_cpus_per_rank=0, num_gpus_per_rank=0,
         rank_options=[placement.options("learner", r) for r in range(cfg.learner.num_ranks)])
-    comps = Components(buffer=buffer, learner=learner, placement=placement)
+    comps = Components(buffer=buffer, learner=learner, placement=placement, paths=paths)
     # Workers are created for SFT too: they run the accuracy evaluations before and after.
     actor = rollout_worker_actor(num_cpus=0, max_restarts=3)
     comps.workers = [
         actor.options(**placement.options("rollout", i))
-        .remote(f"rollout-{i}", str(model_path), cfg.rollout, cfg.processor, cfg.model.dtype, cfg.seed + i)
+        .remote(f"rollout-{i}", str(model_path), cfg.rollout, cfg.processor, cfg.model.dtype, cfg.seed + i, paths)
         for i in range(cfg.rollout.num_workers)
     ]
     # Reward workers for SFT too: they score the evaluations (the groups go to them, not to the driver).
     judge_engine = None
     if needs_judge and reward_cfg.judge.model_path:
         # refuses a text-only judge model that num_frames would show images to
-        judge_engine = start_judge_engine(reward_cfg.judge, **placement.options("judge", 0))
+        judge_engine = start_judge_engine(reward_cfg.judge, paths, **placement.options("judge", 0))
     comps.rewards = RewardPool(reward_cfg, judge_engine=judge_engine, stage=cfg.stage,
-                               buffer_cfg=buffer_cfg.model_dump(),
+                               buffer_cfg=buffer_cfg.model_dump(), paths=paths,
                                worker_options=[placement.options("reward", i) for i in range(reward_cfg.num_workers)])
     comps.judge_engine = judge_engine
     return comps

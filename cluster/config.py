@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 import typing
 from pathlib import Path
 from typing import Any, Literal
@@ -89,6 +90,25 @@ class PlacementConfig(StrictConfig):
                 if (res := getattr(self, role)) is not None}
 
 
+class StorageConfig(StrictConfig):
+    """How the folders the job reads (the model, the prompt data) reach the nodes (common/node_files.py)."""
+
+    shared_paths: list[str] = Field(
+        default_factory=list, description="folders every node has at the same path (a shared filesystem, or copied "
+        "there before the job): read where they are. Any other folder a component reads is shipped through Ray's "
+        "object store, once per node, when the cluster has more than one node")
+    max_ship_mb: float = Field(2048, gt=0, description="largest folder shipped through the object store; a larger "
+                               "one is refused at start, naming it")
+
+    @field_validator("shared_paths")
+    @classmethod
+    def _absolute(cls, paths: list[str]) -> list[str]:
+        for p in paths:
+            if not os.path.isabs(p):
+                raise ValueError(f"{p!r} is not an absolute path (a shared path is the same on every node)")
+        return paths
+
+
 class JobConfig(StrictConfig):
 
     name: str = "avatar"
@@ -105,6 +125,7 @@ class JobConfig(StrictConfig):
     learner: LearnerConfig = Field(default_factory=LearnerConfig)
     pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
     placement: PlacementConfig = Field(default_factory=PlacementConfig)
+    storage: StorageConfig = Field(default_factory=StorageConfig)
 
     @model_validator(mode="after")
     def _judge_is_configured(self) -> JobConfig:

@@ -140,7 +140,7 @@ def run_stage(cfg: JobConfig, resume: bool = True) -> dict:
             log.warning("no held-out prompts (data.eval_fraction %s, no data.eval_manifest): nothing to evaluate",
                         cfg.data.eval_fraction)
         model_path = Path(cfg.init_from) if cfg.init_from else resolve_model_path(cfg.model, Path(cfg.run_dir) / "_models")
-        comps = start_components(cfg, run_dir, model_path, samples, launch.redis, rl)
+        comps = start_components(cfg, run_dir, model_path, samples, launch.redis, rl, eval_samples)
         comps.metrics = targets
         comps.refresh_metrics_targets(timeout_s=300)  # the workers answer once their engines are up
         if not resume and (cleared := ray.get(comps.buffer.clear.remote())):

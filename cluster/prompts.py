@@ -8,6 +8,7 @@ import logging
 import random
 from pathlib import Path
 
+from common.node_files import NodePaths
 from data.manifest import load_manifest
 from data.sample import PromptSample
 from data.synth import generate
@@ -143,9 +144,11 @@ class PromptOrder:
 class PromptMedia:
     """prompt_id -> the thinker's media tensors (picklable: it travels to the learner actors)."""
 
-    def __init__(self, samples: list[PromptSample], processor: ProcessorConfig, model_path: str):
+    def __init__(self, samples: list[PromptSample], processor: ProcessorConfig, model_path: str,
+                 paths: NodePaths | None = None):
         self.samples = {s.id: s for s in samples}
         self.processor_cfg, self.model_path = processor, model_path
+        self.paths = paths or NodePaths()  # where the node it is called on has the model and the media
         self._processor = None
 
     def __call__(self, prompt_id: str):
@@ -155,9 +158,10 @@ class PromptMedia:
             from policy.model import is_omni
             from policy.processor import PromptProcessor
 
-            tok = AutoTokenizer.from_pretrained(self.model_path)
-            self._processor = PromptProcessor(self.processor_cfg, tok, multimodal=is_omni(self.model_path))
+            model_path = self.paths.path(self.model_path)
+            tok = AutoTokenizer.from_pretrained(model_path)
+            self._processor = PromptProcessor(self.processor_cfg, tok, multimodal=is_omni(model_path))
         sample = self.samples.get(prompt_id)
         if sample is None:
             raise KeyError(f"prompt {prompt_id!r} is not in this job's dataset")
-        return self._processor.build(sample).media or None
+        return self._processor.build(self.paths.sample(sample)).media or None

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -125,7 +126,7 @@ def validate_row(row: Any, root: Path, allow_outside_paths: bool = False) -> Pro
                              "(set data.allow_outside_paths=true to allow it)")
         if not p.is_file():
             raise ValueError(f"{key} file not found: {p}")
-        paths[key] = p
+        paths[key] = Path(os.path.abspath(p))  # absolute (not resolved): the same wherever it is read from
     return PromptSample(
         id=str(row["id"]), question=str(row["question"]), problem_type=ptype, answer=answer,
         video=paths["video"], audio=paths["audio"], options=options, hint=row.get("hint") or None,

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from common.affinity import pin_process
 from common.metrics import ComponentEndpoint, Sample
+from common.node_files import NodePaths
 
 from .config import LearnerConfig
 from .distributed import broadcast_from_rank0, free_port
@@ -26,10 +27,12 @@ class LearnerWorker:
 
     def __init__(self, cfg: LearnerConfig | dict, model_path: str, rank: int, world_size: int, total_steps: int,
                  media_provider: MediaProvider | None = None, publish_dir: str | None = None,
-                 buffer_cfg: dict | None = None):
+                 buffer_cfg: dict | None = None, paths: NodePaths | None = None):
         self.cfg = cfg if isinstance(cfg, LearnerConfig) else LearnerConfig.model_validate(cfg)
         pin_process(self.cfg.cpu_affinity, "learner.cpu_affinity")
-        self.model_path, self.rank, self.world_size = model_path, rank, world_size
+        # the model folder where this node has it (shipped from the driver's node, or shared)
+        self.model_path = str((paths or NodePaths()).path(model_path))
+        self.rank, self.world_size = rank, world_size
         self.total_steps = total_steps
         self.media_provider, self.publish_dir = media_provider, publish_dir
         self.learner: Learner | None = None
@@ -163,7 +166,7 @@ class LearnerGroup:
                  media_provider: MediaProvider | None = None,
                  publish_dir: str | Path | None = None, num_cpus_per_rank: float = 1,
                  num_gpus_per_rank: float = 0, rank_options: list[dict] | None = None,
-                 buffer_cfg: dict | None = None):
+                 buffer_cfg: dict | None = None, paths: NodePaths | None = None):
         import ray
 
         actor = ray.remote(LearnerWorker)
@@ -172,7 +175,7 @@ class LearnerGroup:
         self.workers = [
             actor.options(**{**base, **(rank_options[rank] if rank_options else {})})
             .remote(cfg.model_dump(), str(model_path), rank, cfg.num_ranks, total_steps, media_provider,
-                    str(publish_dir) if publish_dir else None, buffer_cfg)
+                    str(publish_dir) if publish_dir else None, buffer_cfg, paths)
             for rank in range(cfg.num_ranks)
         ]
         addr, port = ray.get(self.workers[0].address.remote())

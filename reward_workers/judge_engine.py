@@ -20,6 +20,8 @@ from pathlib import Path
 import ray
 from ray.exceptions import GetTimeoutError
 
+from common.node_files import NodePaths
+
 from .config import JudgeConfig
 from .judge import JudgeError, Messages
 
@@ -128,12 +130,14 @@ def vision_input(messages: Messages, tokenizer, max_pixels: int):
     return EngineInput(expanded, media)
 
 
-def start_judge_engine(jc: JudgeConfig, **actor_options):
+def start_judge_engine(jc: JudgeConfig, paths: NodePaths | None = None, **actor_options):
     """The JudgeEngineActor for reward.judge (backend local, model_path set), after checking on this side that
-    the model can see what num_frames asks it to (a clear error here rather than an actor that dies)."""
+    the model can see what num_frames asks it to (a clear error here rather than an actor that dies). `paths`:
+    where the engine's node has the model folder (common/node_files.py)."""
     check_judge_model(jc.model_path, jc.num_frames)
     return JudgeEngineActor.options(**actor_options).remote(
-        jc.model_path, jc.max_model_len, jc.engine, num_frames=jc.num_frames, max_pixels=jc.frame_max_pixels
+        jc.model_path, jc.max_model_len, jc.engine, num_frames=jc.num_frames, max_pixels=jc.frame_max_pixels,
+        paths=paths,
     )
 
 
@@ -153,10 +157,12 @@ class JudgeEngineActor:
         cpu_kvcache_gib: int = 1,
         num_frames: int = 0,
         max_pixels: int = 448 * 448,
+        paths: NodePaths | None = None,
     ):
         from actors.config import RolloutConfig
         from actors.engines import VIDEO_TOKEN, create_engine
 
+        model_path = str((paths or NodePaths()).path(model_path))  # this node's copy, when shipped
         self.vision = check_judge_model(model_path, num_frames)
         cfg = RolloutConfig(engine=engine, max_model_len=max_model_len, cpu_kvcache_gib=cpu_kvcache_gib)
         self.engine = create_engine(cfg, model_path)

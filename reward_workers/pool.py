@@ -18,6 +18,7 @@ import ray
 
 from buffer_service.records import Trajectory
 from common.metrics import ComponentEndpoint, Sample
+from common.node_files import NodePaths
 from data.sample import PromptSample
 
 from .config import STAGE_WEIGHTS, RewardConfig
@@ -90,9 +91,11 @@ class PushReceipt:
 # generated and scored again: cluster/retry.py) and Ray starts it again with the same arguments.
 @ray.remote(num_cpus=0, max_restarts=3, max_task_retries=0)
 class RewardWorker:
-    def __init__(self, cfg: dict, index: int, judge_engine=None, buffer_cfg: dict | None = None):
+    def __init__(self, cfg: dict, index: int, judge_engine=None, buffer_cfg: dict | None = None,
+                 paths: NodePaths | None = None):
         self.cfg = RewardConfig.model_validate(cfg)
         self.index = index
+        self.paths = paths or NodePaths()  # the judge reads the prompt's video: this node's copy
         self.judge = build_judge(self.cfg, judge_engine)
         self._slots = threading.BoundedSemaphore(self.cfg.groups_per_worker)  # the actor has one thread more
         self.counts = {"groups_scored": 0, "groups_failed": 0, "trajectories_scored": 0, "scoring_s_sum": 0.0}
@@ -106,7 +109,7 @@ class RewardWorker:
         stream through the replay service's atomic push (dedup by trajectory id, R(q), streaks, hints)."""
         with self._slots:
             receipt = PushReceipt(trajectories[0].group_id, sample.id, worker=self.index)
-            self._score(trajectories, sample, receipt)
+            self._score(trajectories, self.paths.sample(sample), receipt)
             if not receipt.error:
                 pushed = self._service().push_group(trajectories)
                 failpoint("reward_worker_after_push")
@@ -172,19 +175,20 @@ class RewardPool:
     buffer_cfg: dict | None = None  # the replay service the workers push scored groups into (score_and_push)
     workers: list = field(default_factory=list)
     worker_options: list[dict] | None = None  # each worker's own Ray options (placement bundle, resources), if any
+    paths: NodePaths | None = None  # where the workers' nodes have the prompts' media (common/node_files.py)
     _owns_engine: bool = False
 
     def __post_init__(self):
         jc = self.cfg.judge
         if self.judge_engine is None and jc.backend == "local" and jc.model_path and self._needs_judge():
             # start_judge_engine refuses a text-only judge model that num_frames would show images to
-            self.judge_engine = start_judge_engine(jc, num_gpus=jc.num_gpus)
+            self.judge_engine = start_judge_engine(jc, self.paths, num_gpus=jc.num_gpus)
             self._owns_engine = True
         options = {"max_concurrency": self.cfg.groups_per_worker + 1}  # +1: stats() answers while busy
         cfg = self.cfg.model_dump()
         self.workers = [
             RewardWorker.options(**options, **(self.worker_options[i] if self.worker_options else {}))
-            .remote(cfg, i, self.judge_engine, self.buffer_cfg)
+            .remote(cfg, i, self.judge_engine, self.buffer_cfg, self.paths)
             for i in range(self.cfg.num_workers)
         ]
 

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import json
 import subprocess
+import tempfile
 import time
 import urllib.parse
 import urllib.request
+from pathlib import Path
 
 import psutil
 import pytest
@@ -143,6 +145,13 @@ def test_each_role_lands_on_the_node_that_has_its_resource(tmp_path, redis_serve
                 reserve(load_config(None, ["placement.rollout.resources={gpu_box: 1}"]), needs_judge=False)
             comps = start_components(cfg, run_dir, model_dir, samples, redis_server.config(), rl=True)
             try:
+                # The model, the judge's model and the media were made on the driver's node: shipped through the
+                # object store. Take the originals away, so that a component reading a path of the driver's node
+                # instead of its own node's copy fails (no hidden shared path).
+                shipped = sorted(Path(f.origin).name for f in comps.paths.folders)
+                [judge_model] = [p.name for p in (tmp_path / "_models").iterdir()]
+                for made_here in (model_dir, tmp_path / "data", tmp_path / "_models"):
+                    made_here.rename(made_here.with_name(made_here.name + "-gone"))
                 landed = {"rollout": node_of(comps.workers[0]), "learner": node_of(comps.learner.workers[0]),
                           "reward": node_of(comps.rewards.workers[0]), "judge": node_of(comps.judge_engine)}
                 # one task across the nodes: generated on the rollout node, scored on the head, trained on the head,
@@ -165,6 +174,7 @@ def test_each_role_lands_on_the_node_that_has_its_resource(tmp_path, redis_serve
                 listening = listening_addresses(processes)
             finally:
                 comps.stop()
+            copies_left = list(Path(tempfile.gettempdir()).glob("avatar-files-*"))  # each node's copies removed
         finally:
             ray.shutdown()
 
@@ -173,6 +183,8 @@ def test_each_role_lands_on_the_node_that_has_its_resource(tmp_path, redis_serve
     assert landed["rollout"] == cluster.node_id("rollout")
     assert landed["learner"] == landed["reward"] == landed["judge"] == cluster.node_id("head")
 
+    assert shipped == sorted([model_dir.name, "media", judge_model]), shipped
+    assert copies_left == []
     # Prometheus scraped each component where it runs: the completions from the rollout node, the learner's
     # steps, the scoring and the tiers from the head
     assert sorted(t["labels"]["component"] for t in targets) == ["learner", "replay", "reward-0", "rollout-0"]

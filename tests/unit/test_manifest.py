@@ -124,3 +124,13 @@ def test_rejected_rows_carry_line_id_reason_and_file(tmp_path):
     assert (line, reason) == (3, "missing required field(s) answer")
     again = pickle.loads(pickle.dumps(rejected[1]))
     assert again == rejected[1] and again.as_dict() == rejected[1].as_dict()
+
+
+def test_media_paths_are_absolute_whatever_the_manifest_path_was(tmp_path, monkeypatch):
+    """A relative path would mean another folder on a node whose working folder is another (common/node_files)."""
+    (tmp_path / "d" / "media").mkdir(parents=True)
+    (tmp_path / "d" / "media" / "clip.mp4").write_bytes(b"x")
+    _write(tmp_path / "d" / "m.jsonl", [{**GOOD, "video": "media/../media/clip.mp4"}])
+    monkeypatch.chdir(tmp_path)
+    [sample], _ = load_manifest("d/m.jsonl")
+    assert sample.video.is_absolute() and sample.video == tmp_path / "d" / "media" / "clip.mp4"
