@@ -172,7 +172,7 @@ def node_paths(cfg: JobConfig, folders: list[Path], samples) -> NodePaths:
         folders = [*folders, common if common.is_dir() else common.parent]
     shared = [Path(p) for p in cfg.storage.shared_paths]
     shipped = []
-    for folder in dict.fromkeys(Path(os.path.abspath(f)) for f in folders):
+    for folder in dict.fromkeys(folders):
         if any(folder == s or s in folder.parents for s in shared):
             continue
         shipped.append(ship_folder(folder, cfg.storage.max_ship_mb))
@@ -184,8 +184,14 @@ def start_components(cfg: JobConfig, run_dir: Path, model_path: Path, samples, r
     reward_cfg = _with_judge_model(cfg, run_dir) if rl else cfg.reward
     needs_judge = rl and bool(stage_weights(cfg.reward, cfg.stage).get("judge")) and reward_cfg.judge.backend == "local"
     placement = reserve(cfg, needs_judge)
-    judge_model = [Path(reward_cfg.judge.model_path)] if needs_judge and reward_cfg.judge.model_path else []
-    paths = node_paths(cfg, [Path(model_path), *judge_model], [*samples, *eval_samples])
+    # absolute: a relative path means another folder on a node whose working folder is another
+    model_path = Path(os.path.abspath(model_path))
+    judge_model = []
+    if needs_judge and reward_cfg.judge.model_path:
+        judge_model = [Path(os.path.abspath(reward_cfg.judge.model_path))]
+        reward_cfg = reward_cfg.model_copy(update={"judge": reward_cfg.judge.model_copy(
+            update={"model_path": str(judge_model[0])})})
+    paths = node_paths(cfg, [model_path, *judge_model], [*samples, *eval_samples])
     buffer_cfg = cfg.buffer.model_copy(update={"redis": redis_cfg})
     buffer = ray.remote(num_cpus=0)(ReplayService).remote(buffer_cfg)
     learner = LearnerGroup(buffer_cfg=buffer_cfg.model_dump() if rl else None,

@@ -97,20 +97,19 @@ def local_copy(shipped: ShippedFolder) -> Path:
 
 
 def remove_copies() -> list[str]:
-    """Remove this job's copies on this node (what `remove_job_copies` runs on each node)."""
-    root = Path(tempfile.gettempdir())
+    """Remove this job's copies on this node (what `remove_job_copies` runs on each node); returns their names."""
     removed = []
-    for entry in root.glob(f"{_copies_prefix()}*"):
+    for entry in Path(tempfile.gettempdir()).glob(f"{_copies_prefix()}*"):
         if entry.is_dir():
             shutil.rmtree(entry, ignore_errors=True)
-        else:
+            removed.append(entry.name)
+        else:  # its lock file
             entry.unlink(missing_ok=True)
-        removed.append(entry.name)
     return removed
 
 
 def remove_job_copies(timeout_s: float = 60.0) -> int:
-    """Remove the job's copies on every alive node (a task pinned to each); returns how many entries went."""
+    """Remove the job's copies on every alive node (a task pinned to each); returns how many copies went."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
