@@ -49,7 +49,7 @@ class Components:
             found.update({f"reward-{i}": ("reward", w) for i, w in enumerate(self.rewards.workers)})
         return found
 
-    def refresh_metrics_targets(self, timeout_s: float = 30.0) -> None:
+    def refresh_metrics_targets(self, timeout_s: float = 10.0) -> None:
         """Ask every component for its /metrics endpoint (a restarted one serves on a new port) and rewrite the
         target file; one that does not answer in time (restarting, its node gone) keeps its last entry."""
         if self.metrics is None:
