@@ -9,10 +9,12 @@
   buffer inspect --url URL --password P replay tiers, ages, rewards, advantages, streaks
   data synth OUT_DIR [num_items=N ...]  write the synthetic audio-visual dataset
   config CONFIG [key=value ...]         print the resolved config
-  cluster up [--dir DIR] [--dashboard] NODE [NODE ...]
+  cluster up [--dir DIR] [--dashboard] [--auth token|disabled] NODE [NODE ...]
                                         a Ray cluster of several nodes on 127.0.0.1 (the first is the head);
                                         NODE is [NAME:]KEY=VALUE,... with keys cpus, gpus, object_store_mb and
-                                        custom resources, e.g. head:learner_node=1,cpus=1 rollout_node=1,cpus=1
+                                        custom resources, e.g. head:learner_node=1,cpus=1 rollout_node=1,cpus=1;
+                                        Ray's token authentication on (a token in DIR/auth_token) unless
+                                        --auth disabled
   cluster down DIR                      stop that cluster by PID
 """
 
@@ -62,6 +64,9 @@ def main(argv: list[str] | None = None) -> int:
     up.add_argument("--dir", default="runs/local-cluster", help="where its PIDs and logs are kept")
     up.add_argument("--dashboard", action="store_true", help="start Ray's dashboard (about 1.3 GB; needed by "
                     "ray job submit)")
+    up.add_argument("--auth", choices=("token", "disabled"), default="token",
+                    help="Ray's token authentication (default: on, with a token made for this cluster in "
+                    "DIR/auth_token, mode 0600)")
     down = clu.add_parser("down")
     down.add_argument("dir")
     args = parser.parse_args(argv)
@@ -135,7 +140,7 @@ def _cluster_command(args) -> int:
         print(f"[cluster] stopped {len(pids)} processes of {args.dir}")
         return 0
     try:
-        cluster = start_cluster(args.dir, args.nodes, dashboard=args.dashboard)
+        cluster = start_cluster(args.dir, args.nodes, dashboard=args.dashboard, auth=args.auth)
     except NodeSpecError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

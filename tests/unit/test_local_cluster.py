@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 
 from cluster.local_cluster import DEFAULT_OBJECT_STORE_MB, NodeSpec, NodeSpecError, parse_nodes
@@ -42,3 +44,39 @@ def test_cli_refuses_a_bad_node_spec_before_starting_anything(tmp_path, capsys):
     assert main(["cluster", "up", "--dir", str(tmp_path / "c"), "head:cpus=x"]) == 2
     assert "cpus=x is not a number" in capsys.readouterr().err
     assert not (tmp_path / "c").exists()
+
+
+def test_auth_variables_are_always_explicit():
+    from cluster.local_cluster import auth_env
+
+    # with RAY_AUTH_MODE unset Ray 2.60 turns token auth on by itself when ~/.ray/auth_token exists
+    assert auth_env(None) == {"RAY_AUTH_MODE": "disabled"}
+    assert auth_env("/c/auth_token") == {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": "/c/auth_token"}
+
+
+def test_cluster_token_is_new_random_and_owner_only(tmp_path):
+    from cluster.local_cluster import _write_token
+
+    first = _write_token(tmp_path)
+    text = open(first).read()
+    assert first == str(tmp_path.resolve() / "auth_token") and len(text) == 64 and int(text, 16) >= 0
+    assert (tmp_path / "auth_token").stat().st_mode & 0o777 == 0o600
+    assert open(_write_token(tmp_path)).read() != text  # a new cluster in the same folder gets a new token
+
+
+def test_start_cluster_refuses_an_unknown_auth_mode_before_starting_anything(tmp_path):
+    from cluster.local_cluster import start_cluster
+
+    with pytest.raises(ValueError, match="auth='tls'"):
+        start_cluster(tmp_path / "c", ["head:cpus=1"], auth="tls")
+    assert not (tmp_path / "c").exists()
+
+
+def test_two_node_demo_stages_share_one_placement():
+    from cluster.config import load_config
+
+    configs = Path(__file__).resolve().parents[2] / "configs"
+    sft = load_config(configs / "demo_stage0_two_nodes.yaml")
+    rl = load_config(configs / "demo_two_nodes.yaml")
+    assert sft.stage == 0 and rl.stage == 2
+    assert sft.placement == rl.placement and set(sft.placement.roles()) == {"rollout", "reward", "learner"}
