@@ -96,6 +96,8 @@ class RolloutWorker:
     ):
         self.worker_id = worker_id
         self.cfg = rollout
+        # the node it runs on (a restarted worker may run on another): in its counters, so history shows it
+        self._node_id = ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
         pin_process(rollout.cpu_affinity, "rollout.cpu_affinity")  # before the engine starts its threads
         self.engine = create_engine(rollout, model_path, dtype=dtype, seed=seed)
         self.processor = PromptProcessor(
@@ -274,7 +276,7 @@ class RolloutWorker:
         return self._stats()
 
     def _stats(self) -> dict:
-        return {**self.counts, "version": self.engine.version}
+        return {**self.counts, "version": self.engine.version, "node_id": self._node_id}
 
     @ray.method(concurrency_group="control")
     def pid(self) -> int:

@@ -35,6 +35,10 @@ class Components:
     judge_engine: object | None = None  # started here (placed with the job); the pool only uses it
     weights: dict | None = None  # the last publish (location, version, checksum), for restarted workers
     placement: Placement | None = None
+    unavailable: set[int] = field(default_factory=set)  # rollout workers (by index) whose calls died, not back yet
+
+    def available_workers(self) -> list:
+        return [w for i, w in enumerate(self.workers) if i not in self.unavailable]
 
     def publish_weights(self, bump: bool = True, version: int | None = None, wait: bool = True) -> int:
         """The learner publishes (version + 1, the current version again with bump=False, or `version`).
@@ -70,9 +74,10 @@ class Components:
 
     def stop(self) -> None:
         """vLLM engines first (inside their actors), then the rest; Ray itself is stopped by the launcher."""
-        for w in self.workers:
+        for i, w in enumerate(self.workers):
             try:
-                ray.get(w.shutdown.remote(), timeout=60)
+                if i not in self.unavailable:  # a call to a worker whose node is gone would wait for it
+                    ray.get(w.shutdown.remote(), timeout=60)
             except Exception as exc:  # a dead worker has nothing left to stop
                 log.info(f"rollout worker shutdown: {type(exc).__name__}: {exc}")
             ray.kill(w)
