@@ -14,6 +14,7 @@ rollout node's raylet and every process of it are SIGKILLed by PID mid-run (clus
 from __future__ import annotations
 
 import os
+import re
 import signal
 import time
 
@@ -36,7 +37,7 @@ def _config(tmp_path, name: str, **settings):
     return write_config(tmp_path, name, **{
         "rollout.num_workers": 2, "reward.num_workers": 1, "placement": PLACEMENT,
         "pipeline.max_staleness": 1, "pipeline.checkpoint_every": 4,
-        "buffer.capacity": 1000,  # no eviction: the ledger finds every trained group in the tiers
+        "buffer.capacity": 100_000,  # no eviction: the ledger finds every trained group in the tiers
         **settings})
 
 
@@ -73,8 +74,10 @@ def _leftovers(*names: str) -> list[str]:
 
 
 def test_a_rollout_node_dies_and_joins_again(tmp_path):
-    steps = 40
-    config = _config(tmp_path, "nodeloss", **{"pipeline.steps": steps})
+    # enough steps to outlast the worker's restart on the new node (about 45 s here): longer completions make
+    # steps slower, so that fewer are needed; both slow down alike when the machine is busy
+    steps = 60
+    config = _config(tmp_path, "nodeloss", **{"pipeline.steps": steps, "rollout.max_new_tokens": 64})
     run_dir = tmp_path / "runs" / "nodeloss"
     log = tmp_path / "nodeloss.log"
     folder = tmp_path / "cluster"
@@ -91,20 +94,13 @@ def test_a_rollout_node_dies_and_joins_again(tmp_path):
             killed_at_step = h.steps_done(run_dir)
             pids = kill_node(folder, "rollb")
             t_kill = time.monotonic()
+            assert not [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != "zombie"]
             h.wait_for(lambda: _log_has(log, f"{victim} is gone") or job.poll() is not None, 120,
                        f"the driver noticing {victim} is gone")
             times["detected"] = time.monotonic() - t_kill
 
-            # the job goes on with rolla's worker meanwhile
-            def away_rows():
-                return [r for r in h.history(run_dir) if r.get("rollout_workers_away") == [victim]]
-            h.wait_for(lambda: len(away_rows()) >= 3 or job.poll() is not None, 120, "three steps without rollb")
-            rows = away_rows()
-            assert len(rows) >= 3, log.read_text()[-4000:]
-            done = [r["rollout_workers"][survivor]["completions"] for r in rows]
-            assert done[-1] > done[0], f"{survivor} generated nothing while {victim} was away: {done}"
-
-            # rollb joins again: a new node with the same resources; the worker restarts there and gets work
+            # rollb joins again at once: a new node with the same resources; the worker restarts there (its
+            # vLLM engine starts again, tens of seconds) and gets work
             t_join = time.monotonic()
             node = add_node(folder, "rollb:rollout_node=1,cpus=1")
             assert node["node_id"] != cluster.node_id("rollb")
@@ -120,7 +116,15 @@ def test_a_rollout_node_dies_and_joins_again(tmp_path):
             assert isinstance(row, dict), f"job ended first:\n{log.read_text()[-4000:]}"
             times["back_generating_after_join"] = time.monotonic() - t_join
             assert row["step"] < steps, "the job had no step left after the rejoin"
-            assert _log_has(log, f"{victim} answers again")
+
+            # meanwhile the job went on with rolla's worker alone
+            away = [r for r in h.history(run_dir) if r.get("rollout_workers_away") == [victim]]
+            assert len(away) >= 3, f"{len(away)} steps recorded while {victim} was away"
+            done = [r["rollout_workers"][survivor]["completions"] for r in away]
+            assert done[-1] > done[0], f"{survivor} generated nothing while {victim} was away: {done}"
+            back = re.search(rf"{victim} answers again after ([0-9.]+) s", log.read_text(errors="replace"))
+            assert back, "the driver never logged the worker back"
+            times["away_as_the_driver_saw_it"] = float(back.group(1))
             assert _finish(job, log) == 0, log.read_text()[-4000:]
         finally:
             if job.poll() is None:
