@@ -94,6 +94,16 @@ class Components:
             remove_placement_group(self.placement.group)
 
 
+def on_driver_node():
+    """The scheduling strategy that keeps an actor on the driver's own node (the head when the job is attached
+    to a cluster: the driver connects to the head's raylet). The replay service goes there: next to the
+    redis-server the driver may have started on 127.0.0.1, and not on a worker node whose loss would take the
+    buffer with it (it asks for no resources, so Ray would put it on any node)."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    return NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
+
+
 def _answer_once_back(method, deadline: float):
     """The answer of an argument-less actor method, calling again while Ray restarts the actor (until deadline)."""
     while True:
@@ -133,7 +143,7 @@ def start_components(cfg: JobConfig, run_dir: Path, model_path: Path, samples, r
     needs_judge = rl and bool(stage_weights(cfg.reward, cfg.stage).get("judge")) and reward_cfg.judge.backend == "local"
     placement = reserve(cfg, needs_judge)
     buffer_cfg = cfg.buffer.model_copy(update={"redis": redis_cfg})
-    buffer = ray.remote(num_cpus=0)(ReplayService).remote(buffer_cfg)
+    buffer = ray.remote(num_cpus=0)(ReplayService).options(scheduling_strategy=on_driver_node()).remote(buffer_cfg)
     learner = LearnerGroup(buffer_cfg=buffer_cfg.model_dump() if rl else None,
         **learner_args(cfg, rl), model_path=model_path,
         media_provider=PromptMedia(samples, cfg.processor, str(model_path)),
