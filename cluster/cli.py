@@ -14,6 +14,8 @@
                                         NODE is [NAME:]KEY=VALUE,... with keys cpus, gpus, object_store_mb and
                                         custom resources, e.g. head:learner_node=1,cpus=1 rollout_node=1,cpus=1
   cluster down DIR                      stop that cluster by PID
+  cluster kill-node DIR NAME            SIGKILL one worker node's processes (a node lost)
+  cluster add-node DIR NODE             start a worker node that joins it (again)
 """
 
 from __future__ import annotations
@@ -64,6 +66,12 @@ def main(argv: list[str] | None = None) -> int:
                     "ray job submit)")
     down = clu.add_parser("down")
     down.add_argument("dir")
+    kill = clu.add_parser("kill-node", help="SIGKILL a worker node's raylet and all its processes, by PID")
+    kill.add_argument("dir")
+    kill.add_argument("name")
+    add = clu.add_parser("add-node", help="start a worker node that joins the cluster (again, after kill-node)")
+    add.add_argument("dir")
+    add.add_argument("node", help="[NAME:]KEY=VALUE,...")
     args = parser.parse_args(argv)
     configure_console()
 
@@ -128,11 +136,24 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _cluster_command(args) -> int:
-    from .local_cluster import NodeSpecError, start_cluster, stop_cluster
+    from .local_cluster import NodeSpecError, add_node, kill_node, start_cluster, stop_cluster
 
     if args.cluster_command == "down":
         pids = stop_cluster(args.dir)
         print(f"[cluster] stopped {len(pids)} processes of {args.dir}")
+        return 0
+    if args.cluster_command == "kill-node":
+        pids = kill_node(args.dir, args.name)
+        print(f"[cluster] killed node {args.name}: {len(pids)} processes")
+        return 0
+    if args.cluster_command == "add-node":
+        try:
+            node = add_node(args.dir, args.node)
+        except NodeSpecError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        print(f"[cluster] {node['name']} joined as node {node['node_id']} ({len(node['pids'])} processes, temp "
+              f"{node['temp_dir']})")
         return 0
     try:
         cluster = start_cluster(args.dir, args.nodes, dashboard=args.dashboard)
