@@ -39,6 +39,9 @@ def evaluate(comps: Components, samples, cfg: JobConfig) -> dict:
         return {"accuracy": None, "format": None, "n": 0}
     greedy = {"n": 1, "temperature": 0.0, "max_new_tokens": cfg.rollout.max_new_tokens}
     workers = comps.available_workers()  # during training: without those whose node died
+    if not workers:
+        log.warning("no rollout worker answers: the held-out evaluation is skipped")
+        return {"accuracy": None, "format": None, "n": 0}
     shards = [samples[i :: len(workers)] for i in range(len(workers))]
     refs = [w.rollout.remote([PromptTask(f"eval:{s.id}", s) for s in shard], comps.rewards.workers, comps.weights,
                              True, 0, greedy)
