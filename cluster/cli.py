@@ -143,13 +143,17 @@ def _cluster_command(args) -> int:
         print(f"[cluster] stopped {len(pids)} processes of {args.dir}")
         return 0
     if args.cluster_command == "kill-node":
-        pids = kill_node(args.dir, args.name)
+        try:
+            pids = kill_node(args.dir, args.name)
+        except (KeyError, ValueError, FileNotFoundError) as exc:  # the head, an unknown node, no cluster
+            print(f"error: {str(exc).strip(chr(39))}", file=sys.stderr)
+            return 2
         print(f"[cluster] killed node {args.name}: {len(pids)} processes")
         return 0
     if args.cluster_command == "add-node":
         try:
             node = add_node(args.dir, args.node)
-        except NodeSpecError as exc:
+        except (ValueError, FileNotFoundError) as exc:  # a bad spec (NodeSpecError), a node still running
             print(f"error: {exc}", file=sys.stderr)
             return 2
         print(f"[cluster] {node['name']} joined as node {node['node_id']} ({len(node['pids'])} processes, temp "

@@ -83,3 +83,15 @@ def test_kill_node_marks_the_node_dead_so_that_it_can_join_again(tmp_path):
     assert kill_node(folder, "rollout") == []  # no process of it runs: nothing to end
     node = json.loads((folder / RECORD).read_text())["nodes"][1]
     assert node["alive"] is False and node["pids"] == []
+
+
+def test_cli_kill_node_and_add_node_refuse_with_a_message(tmp_path, capsys):
+    from cluster.cli import main
+
+    folder = _recorded_cluster(tmp_path / "c", [("head", {}), ("rollout", {})])
+    assert main(["cluster", "kill-node", str(folder), "head"]) == 2
+    assert "the head holds the GCS" in capsys.readouterr().err
+    assert main(["cluster", "kill-node", str(folder), "gpu"]) == 2
+    assert "no node 'gpu'" in capsys.readouterr().err
+    assert main(["cluster", "add-node", str(folder), "rollout:rollout_node=1"]) == 2
+    assert "is running (kill_node it first)" in capsys.readouterr().err
