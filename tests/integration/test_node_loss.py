@@ -6,7 +6,8 @@ rollout node's raylet and every process of it are SIGKILLed by PID mid-run (clus
 - the job goes on: the surviving worker takes the dead worker's tasks, steps are recorded while it is away;
 - the node is started again (add_node: a new node with the same resources): Ray places the worker's bundle on it
   and restarts the worker there; the driver notices it answers and hands it tasks (history shows it on the new
-  node with completions);
+  node with completions). The driver is paused (SIGSTOP) during the restart only so that the short job cannot
+  end before it;
 - the id ledger of tests/faults: every task trained once, 0 lost, 0 duplicated;
 - with no rollout node left the job waits pipeline.worker_wait_s and then stops with exit 3 naming the worker.
 """
@@ -14,7 +15,6 @@ rollout node's raylet and every process of it are SIGKILLed by PID mid-run (clus
 from __future__ import annotations
 
 import os
-import re
 import signal
 import time
 
@@ -66,6 +66,20 @@ def _worker_on(rows: list[dict], node_id: str) -> str | None:
     return None
 
 
+def _idle_worker_on(node: dict) -> bool:
+    """A rollout worker has started on `node` and finished its __init__ (its process title is then
+    `ray::RolloutWorker`, `ray::RolloutWorker.__init__` before)."""
+    for entry in node["pids"]:
+        try:
+            raylet = psutil.Process(entry["pid"])
+            if "raylet" not in raylet.name():
+                continue
+            return any(" ".join(c.cmdline()).strip() == "ray::RolloutWorker" for c in raylet.children())
+        except psutil.Error:
+            continue
+    return False
+
+
 def _leftovers(*names: str) -> list[str]:
     """Processes whose command line names any of `names` (the run folder, the cluster's GCS address: the head's
     Ray client server names only that)."""
@@ -74,11 +88,8 @@ def _leftovers(*names: str) -> list[str]:
 
 
 def test_a_rollout_node_dies_and_joins_again(tmp_path):
-    # enough steps to outlast the worker's restart on the new node (30-45 s here: it generated again at step 32
-    # and 46 in two runs): longer completions make steps slower, so that fewer are needed; both slow down alike
-    # when the machine is busy
-    steps = 90
-    config = _config(tmp_path, "nodeloss", **{"pipeline.steps": steps, "rollout.max_new_tokens": 64})
+    steps = 40
+    config = _config(tmp_path, "nodeloss", **{"pipeline.steps": steps})
     run_dir = tmp_path / "runs" / "nodeloss"
     log = tmp_path / "nodeloss.log"
     folder = tmp_path / "cluster"
@@ -100,11 +111,29 @@ def test_a_rollout_node_dies_and_joins_again(tmp_path):
                        f"the driver noticing {victim} is gone")
             times["detected"] = time.monotonic() - t_kill
 
-            # rollb joins again at once: a new node with the same resources; the worker restarts there (its
-            # vLLM engine starts again, tens of seconds) and gets work
-            t_join = time.monotonic()
-            node = add_node(folder, "rollb:rollout_node=1,cpus=1")
-            assert node["node_id"] != cluster.node_id("rollb")
+            # the job goes on with rolla's worker alone
+            def away_rows():
+                return [r for r in h.history(run_dir) if r.get("rollout_workers_away") == [victim]]
+            h.wait_for(lambda: len(away_rows()) >= 3 or job.poll() is not None, 120, f"three steps without {victim}")
+            away = away_rows()
+            assert len(away) >= 3, f"{len(away)} steps recorded while {victim} was away:\n{log.read_text()[-4000:]}"
+            done = [r["rollout_workers"][survivor]["completions"] for r in away]
+            assert done[-1] > done[0], f"{survivor} generated nothing while {victim} was away: {done}"
+
+            # rollb joins again: a new node with the same resources; Ray places the worker's bundle there and
+            # restarts the worker (a new vLLM engine), without the driver. The driver is paused (SIGSTOP) only
+            # meanwhile, so that this short job cannot end first (the restart took 30-45 s here, 70 steps on
+            # a quiet machine); resumed, it must notice the worker answers and hand it tasks.
+            os.kill(job.pid, signal.SIGSTOP)
+            try:
+                t_join = time.monotonic()
+                node = add_node(folder, "rollb:rollout_node=1,cpus=1")
+                assert node["node_id"] != cluster.node_id("rollb")
+                h.wait_for(lambda: _idle_worker_on(node), 240, f"{victim} restarted on the new node")
+                times["worker_restarted_after_join"] = time.monotonic() - t_join
+            finally:
+                os.kill(job.pid, signal.SIGCONT)
+            t_resume = time.monotonic()
 
             def back_on_new_node():
                 for r in h.history(run_dir):
@@ -112,20 +141,12 @@ def test_a_rollout_node_dies_and_joins_again(tmp_path):
                     if seen and seen["node"] == node["node_id"] and seen["completions"] > 0:
                         return r
                 return None
-            row = h.wait_for(lambda: back_on_new_node() or job.poll() is not None, 240,
+            row = h.wait_for(lambda: back_on_new_node() or job.poll() is not None, 120,
                              f"{victim} generating on the new node")
             assert isinstance(row, dict), f"job ended first:\n{log.read_text()[-4000:]}"
-            times["back_generating_after_join"] = time.monotonic() - t_join
-            assert row["step"] < steps, "the job had no step left after the rejoin"
-
-            # meanwhile the job went on with rolla's worker alone
-            away = [r for r in h.history(run_dir) if r.get("rollout_workers_away") == [victim]]
-            assert len(away) >= 3, f"{len(away)} steps recorded while {victim} was away"
-            done = [r["rollout_workers"][survivor]["completions"] for r in away]
-            assert done[-1] > done[0], f"{survivor} generated nothing while {victim} was away: {done}"
-            back = re.search(rf"{victim} answers again after ([0-9.]+) s", log.read_text(errors="replace"))
-            assert back, "the driver never logged the worker back"
-            times["away_as_the_driver_saw_it"] = float(back.group(1))
+            times["generating_after_resume"] = time.monotonic() - t_resume
+            assert row["step"] < steps and row["rollout_workers_away"] == []
+            assert _log_has(log, f"{victim} answers again")
             assert _finish(job, log) == 0, log.read_text()[-4000:]
         finally:
             if job.poll() is None:
@@ -135,7 +156,7 @@ def test_a_rollout_node_dies_and_joins_again(tmp_path):
     assert pids and killed_at_step < steps
     assert _log_has(log, f"{victim} died on") and _log_has(log, "resubmitting")  # a call was in flight
     led = h.build_ledger(run_dir, config)
-    rec = h.FaultRecord("rollout node killed (raylet + its workers)", 0.0, times["back_generating_after_join"],
+    rec = h.FaultRecord("rollout node killed (raylet + its workers)", 0.0, times["worker_restarted_after_join"],
                         detail=", ".join(f"{k} {v:.1f} s" for k, v in times.items()))
     h.print_table([rec], led, tmp_path / "node_loss.txt")
     h.assert_ledger(led)
