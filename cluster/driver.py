@@ -259,9 +259,9 @@ class Flight:
         return [self.workers.names[i] for i in sorted(self.workers.away)]
 
     def worker_summary(self) -> dict:
-        """Per rollout worker, as of its latest report: the node it runs on and its completions since it
-        (re)started."""
-        return {wid: {"node": s.get("node_id"), "completions": s.get("completions", 0)}
+        """Per rollout worker, as of its latest report: the node it runs on, its completions since it (re)started
+        and the policy version it holds."""
+        return {wid: {"node": s.get("node_id"), "completions": s.get("completions", 0), "version": s.get("version")}
                 for wid, s in sorted(self.worker_stats.items())}
 
     def _report(self, report) -> None:

@@ -126,6 +126,7 @@ def test_a_rollout_node_dies_and_joins_again(tmp_path):
             # a quiet machine); resumed, it must notice the worker answers and hand it tasks.
             os.kill(job.pid, signal.SIGSTOP)
             try:
+                published = h.history(run_dir)[-1]["policy_version"]  # the driver hands these on, at least
                 t_join = time.monotonic()
                 node = add_node(folder, "rollb:rollout_node=1,cpus=1")
                 assert node["node_id"] != cluster.node_id("rollb")
@@ -146,6 +147,8 @@ def test_a_rollout_node_dies_and_joins_again(tmp_path):
             assert isinstance(row, dict), f"job ended first:\n{log.read_text()[-4000:]}"
             times["generating_after_resume"] = time.monotonic() - t_resume
             assert row["step"] < steps and row["rollout_workers_away"] == []
+            # it came back with the base weights (v0) and loaded the published ones with its first call
+            assert row["rollout_workers"][victim]["version"] >= published > 0, (published, row["rollout_workers"])
             assert _log_has(log, f"{victim} answers again")
             assert _finish(job, log) == 0, log.read_text()[-4000:]
         finally:
