@@ -101,6 +101,8 @@ class RolloutWorker:
         self.cfg = rollout
         # the model and the prompts' media where this node has them (shipped from the driver's node, or shared)
         self.paths = paths or NodePaths()
+        # the node it runs on (a restarted worker may run on another): in its counters, so history shows it
+        self._node_id = ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
         pin_process(rollout.cpu_affinity, "rollout.cpu_affinity")  # before the engine starts its threads
         self.engine = create_engine(rollout, self.paths.path(model_path), dtype=dtype, seed=seed)
         self.processor = PromptProcessor(
@@ -280,7 +282,7 @@ class RolloutWorker:
         return self._stats()
 
     def _stats(self) -> dict:
-        return {**self.counts, "version": self.engine.version}
+        return {**self.counts, "version": self.engine.version, "node_id": self._node_id}
 
     @ray.method(concurrency_group="control")
     def pid(self) -> int:

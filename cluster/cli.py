@@ -16,6 +16,8 @@
                                         Ray's token authentication on (a token in DIR/auth_token) unless
                                         --auth disabled
   cluster down DIR                      stop that cluster by PID
+  cluster kill-node DIR NAME            SIGKILL one worker node's processes (a node lost)
+  cluster add-node DIR NODE             start a worker node that joins it (again)
 """
 
 from __future__ import annotations
@@ -69,6 +71,12 @@ def main(argv: list[str] | None = None) -> int:
                     "DIR/auth_token, mode 0600)")
     down = clu.add_parser("down")
     down.add_argument("dir")
+    kill = clu.add_parser("kill-node", help="SIGKILL a worker node's raylet and all its processes, by PID")
+    kill.add_argument("dir")
+    kill.add_argument("name")
+    add = clu.add_parser("add-node", help="start a worker node that joins the cluster (again, after kill-node)")
+    add.add_argument("dir")
+    add.add_argument("node", help="[NAME:]KEY=VALUE,...")
     args = parser.parse_args(argv)
     configure_console()
 
@@ -133,11 +141,28 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _cluster_command(args) -> int:
-    from .local_cluster import NodeSpecError, start_cluster, stop_cluster
+    from .local_cluster import NodeSpecError, add_node, kill_node, start_cluster, stop_cluster
 
     if args.cluster_command == "down":
         pids = stop_cluster(args.dir)
         print(f"[cluster] stopped {len(pids)} processes of {args.dir}")
+        return 0
+    if args.cluster_command == "kill-node":
+        try:
+            pids = kill_node(args.dir, args.name)
+        except (KeyError, ValueError, FileNotFoundError) as exc:  # the head, an unknown node, no cluster
+            print(f"error: {str(exc).strip(chr(39))}", file=sys.stderr)
+            return 2
+        print(f"[cluster] killed node {args.name}: {len(pids)} processes")
+        return 0
+    if args.cluster_command == "add-node":
+        try:
+            node = add_node(args.dir, args.node)
+        except (ValueError, FileNotFoundError) as exc:  # a bad spec (NodeSpecError), a node still running
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        print(f"[cluster] {node['name']} joined as node {node['node_id']} ({len(node['pids'])} processes, temp "
+              f"{node['temp_dir']})")
         return 0
     try:
         cluster = start_cluster(args.dir, args.nodes, dashboard=args.dashboard, auth=args.auth)

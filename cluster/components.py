@@ -38,8 +38,12 @@ class Components:
     judge_engine: object | None = None  # started here (placed with the job); the pool only uses it
     weights: dict | None = None  # the last publish (location, version, checksum), for restarted workers
     placement: Placement | None = None
+    unavailable: set[int] = field(default_factory=set)  # rollout workers (by index) whose calls died, not back yet
     metrics: MetricsTargets | None = None  # where Prometheus finds each component's endpoint
     paths: NodePaths = field(default_factory=NodePaths)  # the folders shipped to the nodes (common/node_files.py)
+
+    def available_workers(self) -> list:
+        return [w for i, w in enumerate(self.workers) if i not in self.unavailable]
 
     def actors_by_name(self) -> dict[str, tuple[str, object]]:
         """Every component that serves /metrics: name -> (role, actor handle)."""
@@ -102,9 +106,10 @@ class Components:
 
     def stop(self) -> None:
         """vLLM engines first (inside their actors), then the rest; Ray itself is stopped by the launcher."""
-        for w in self.workers:
+        for i, w in enumerate(self.workers):
             try:
-                ray.get(w.shutdown.remote(), timeout=60)
+                if i not in self.unavailable:  # a call to a worker whose node is gone would wait for it
+                    ray.get(w.shutdown.remote(), timeout=60)
             except Exception as exc:  # a dead worker has nothing left to stop
                 log.info(f"rollout worker shutdown: {type(exc).__name__}: {exc}")
             ray.kill(w)
@@ -124,6 +129,16 @@ class Components:
             from ray.util.placement_group import remove_placement_group
 
             remove_placement_group(self.placement.group)
+
+
+def on_driver_node():
+    """The scheduling strategy that keeps an actor on the driver's own node (the head when the job is attached
+    to a cluster: the driver connects to the head's raylet). The replay service goes there: next to the
+    redis-server the driver may have started on 127.0.0.1, and not on a worker node whose loss would take the
+    buffer with it (it asks for no resources, so Ray would put it on any node)."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    return NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
 
 
 def _answer_once_back(method, deadline: float):
@@ -193,7 +208,7 @@ def start_components(cfg: JobConfig, run_dir: Path, model_path: Path, samples, r
             update={"model_path": str(judge_model[0])})})
     paths = node_paths(cfg, [model_path, *judge_model], [*samples, *eval_samples])
     buffer_cfg = cfg.buffer.model_copy(update={"redis": redis_cfg})
-    buffer = ray.remote(num_cpus=0)(ReplayService).remote(buffer_cfg)
+    buffer = ray.remote(num_cpus=0)(ReplayService).options(scheduling_strategy=on_driver_node()).remote(buffer_cfg)
     learner = LearnerGroup(buffer_cfg=buffer_cfg.model_dump() if rl else None,
         **learner_args(cfg, rl), model_path=model_path,
         media_provider=PromptMedia(samples, cfg.processor, str(model_path), paths), paths=paths,

@@ -32,6 +32,9 @@ class PipelineConfig(StrictConfig):
     eval_every: int = Field(0, ge=0, description="RL stages: also evaluate the held-out prompts every this many learner "
                             "steps (the history row's heldout_accuracy; 0 = before and after the stage only)")
     checkpoint_every: int = Field(10, ge=1)
+    worker_wait_s: float = Field(600.0, gt=0, description="a rollout worker whose process or node died is waited "
+                                 "for while the others take its tasks; with no worker answering, the job stops "
+                                 "(exit 3, resumable) after this many seconds")
     metrics_port: int = Field(0, ge=0, description="Port of the driver's /metrics (0 = a free one); the components' endpoints always take free ones")
 
 

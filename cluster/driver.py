@@ -29,6 +29,7 @@ from tqdm import tqdm
 from actors.tasks import PromptTask
 from reward_workers.pool import sum_worker_stats
 
+from .availability import Availability
 from .committer import Committer
 from .components import Components
 from .config import JobConfig
@@ -49,7 +50,7 @@ def train_rl(cfg: JobConfig, run_dir: Path, comps: Components, order: PromptOrde
     pcfg = cfg.pipeline
     per_step, n_replay = pcfg.prompts_per_step, pcfg.replay_per_group * pcfg.prompts_per_step
     ledger = TaskLedger(state, per_step, pcfg.max_staleness, pcfg.max_prompts_in_flight, cfg.buffer.dedup_window_groups)
-    flight = Flight(comps, order, ledger, state)
+    flight = Flight(comps, order, ledger, state, pcfg.worker_wait_s)
     committer = Committer(run_dir, state, comps.learner, lambda ids: ray.get(comps.buffer.ack.remote(ids)))
     recorder, phase = StepRecorder(cfg, comps, metrics, history), PhaseTimer()
     committer.ack()  # the previous run may have stopped between its checkpoint and its acknowledgement
@@ -61,6 +62,7 @@ def train_rl(cfg: JobConfig, run_dir: Path, comps: Components, order: PromptOrde
         with phase("rollout_wait"):  # 2. receipts: generated, scored, in the fresh stream
             flight.wait(timeout=0.0 if flight.batch_may_be_ready(per_step) or reclaim else 0.1)
             flight.collect()
+            flight.watch_workers()  # away workers that answer again get tasks; none for too long: WorkersLost
         ledger.advance()
         wait_ms = flight.learner_wait_ms(per_step)  # None: no batch can be there yet
         if wait_ms is None and not reclaim:
@@ -89,7 +91,8 @@ def train_rl(cfg: JobConfig, run_dir: Path, comps: Components, order: PromptOrde
             row = recorder.record(state, summary, flight.take_stats(), {
                 "weight_sync_seconds": sync_s, "heldout_accuracy": heldout,
                 "stale_dropped_groups": stale_groups, "prompts_in_flight": flight.tasks_in_flight,
-                "groups_scoring": flight.groups_scoring, "phase_seconds": phase.take()})
+                "groups_scoring": flight.groups_scoring, "phase_seconds": phase.take(),
+                "rollout_workers": flight.worker_summary(), "rollout_workers_away": flight.away_names()})
         stale_groups = []
         if state.step % pcfg.checkpoint_every == 0 or state.step == pcfg.steps:
             with phase("checkpoint"):
@@ -106,11 +109,23 @@ def train_rl(cfg: JobConfig, run_dir: Path, comps: Components, order: PromptOrde
 
 class Flight:
     """The rollout calls in flight (several tasks each; a worker generates them in one engine call and answers
-    once their groups are scored and pushed). Turns receipts into ledger entries; retries by exception type."""
+    once their groups are scored and pushed). Turns receipts into ledger entries; retries by exception type.
 
-    def __init__(self, comps: Components, order: PromptOrder, ledger: TaskLedger, state: RunState):
+    A worker whose call dies (RayActorError: its process or its node died) is away (cluster/availability.py):
+    its tasks go to the workers that answer, or wait for one; a call to it is kept pending until it answers
+    again (Ray restarted it, on a node that joined if its own died), and then it gets tasks again, loading the
+    current weights with its next call."""
+
+    PROBE_AGAIN_S = 2.0  # a probe that failed (the actor not yet known as restarting, or gone for good)
+
+    def __init__(self, comps: Components, order: PromptOrder, ledger: TaskLedger, state: RunState,
+                 worker_wait_s: float = 600.0):
         self.comps, self.order, self.ledger, self.state = comps, order, ledger, state
-        self.rollouts: dict = {}  # ObjectRef -> (tasks, worker)
+        self.rollouts: dict = {}  # ObjectRef -> (tasks, worker index)
+        names = [f"rollout-{i}" for i in range(len(comps.workers))] if comps is not None else []
+        self.workers = Availability(names, worker_wait_s)
+        self.probes: dict[int, tuple] = {}  # away worker index -> (its pending version() call, when sent)
+        self.unassigned: list[PromptTask] = []  # handed out, waiting for a worker that answers
         self.retries = ScoringRetries()
         self.pushed = 0  # groups that entered the stream since the learner's last read
         self.learner_held = 0  # groups the learner has read and not trained yet
@@ -122,7 +137,7 @@ class Flight:
 
     @property
     def tasks_in_flight(self) -> int:
-        return sum(len(tasks) for tasks, _ in self.rollouts.values())
+        return sum(len(tasks) for tasks, _ in self.rollouts.values()) + len(self.unassigned)
 
     @property
     def groups_scoring(self) -> int:
@@ -139,7 +154,7 @@ class Flight:
         round trip sooner, measured slower on 2 cores: 0.78 against 0.56 s per step in benchmarks/pipeline.py.)"""
         if self.batch_may_be_ready(per_step):
             return 0
-        if not self.rollouts and not self.ledger.next_indices(0):
+        if not self.rollouts and not self.unassigned and not self.ledger.next_indices(0):
             return 100
         return None
 
@@ -153,15 +168,24 @@ class Flight:
             hinted = bool(states.get(sample.id, {}).get("hint_active") and sample.hint)
             tasks.append(PromptTask(key=key, sample=sample, use_hint=hinted))
             self.ledger.handed_out(key)
-        shares: dict[int, list[PromptTask]] = {}  # one call per worker, the tasks dealt round robin
+        self._hand_out(tasks)
+
+    def _hand_out(self, tasks: list[PromptTask]) -> None:
+        """One call per answering worker, the tasks dealt round robin; with none answering they wait."""
+        live = self.workers.live()
+        if not live:
+            self.unassigned += tasks
+            return
+        shares: dict[int, list[PromptTask]] = {}
         for task in tasks:
-            shares.setdefault(self._next % len(self.comps.workers), []).append(task)
+            shares.setdefault(live[self._next % len(live)], []).append(task)
             self._next += 1
         for i, share in shares.items():
-            self._rollout(share, self.comps.workers[i])
+            self._rollout(share, i)
 
-    def _rollout(self, tasks: list[PromptTask], worker) -> None:
-        self.rollouts[worker.rollout.remote(tasks, self.comps.rewards.workers, self.comps.weights)] = (tasks, worker)
+    def _rollout(self, tasks: list[PromptTask], i: int) -> None:
+        ref = self.comps.workers[i].rollout.remote(tasks, self.comps.rewards.workers, self.comps.weights)
+        self.rollouts[ref] = (tasks, i)
 
     def wait(self, timeout: float) -> None:
         """Sleep until a rollout call finishes, or `timeout` passes: the driver wakes on the first."""
@@ -172,17 +196,11 @@ class Flight:
 
     def collect(self) -> None:
         for ref, report in _gather(self.rollouts):
-            tasks, worker = self.rollouts.pop(ref)
+            tasks, i = self.rollouts.pop(ref)
             if isinstance(report, Exception):
-                exc = report
-                if classify(exc) != WORKER_LOST:
-                    raise exc
-                # the worker died mid-call and Ray restarts it: once it is back with the current weights, the
-                # tasks are handed out again (their ids are the tasks', so nothing can be counted twice)
-                log.warning(f"rollout worker died on {', '.join(t.key for t in tasks)} ({type(exc).__name__}); "
-                            "resubmitting")
-                self.comps.ready_worker(worker)
-                self._rollout(tasks, worker)
+                if classify(report) != WORKER_LOST:
+                    raise report
+                self._worker_lost(i, tasks, report)
                 continue
             self._report(report)
             by_key = {t.key: t for t in tasks}
@@ -196,6 +214,55 @@ class Flight:
                     self._scoring_lost(by_key[r.key], r.lost)
                 else:
                     self._scored(by_key[r.key], r.answer)
+
+    def _worker_lost(self, i: int, tasks: list[PromptTask], exc: Exception) -> None:
+        """Worker i died mid-call (its process, or its node): its tasks go to the workers that answer (their ids
+        are the tasks', so a group already pushed is refused as a duplicate), and it is watched until it answers
+        again."""
+        name = self.workers.names[i]
+        if self.workers.lost(i):
+            self.state.bump("rollout_workers_lost")
+            self.comps.unavailable.add(i)
+            self.probes[i] = (self.comps.workers[i].version.remote(), time.monotonic())
+            live = [self.workers.names[j] for j in self.workers.live()]
+            log.warning(f"{name} is gone ({type(exc).__name__}: its process or its node died); Ray restarts it "
+                        "when a node with its placement resources is there; "
+                        + (f"going on with {', '.join(live)}" if live else
+                           f"no other worker answers: waiting for one (at most pipeline.worker_wait_s "
+                           f"{self.workers.wait_s:g} s)"))
+        log.warning(f"{name} died on {', '.join(t.key for t in tasks)}; resubmitting")
+        self._hand_out(tasks)
+
+    def watch_workers(self) -> None:
+        """Away workers whose probe answered get tasks again (and the tasks waiting for one); a failed probe is
+        sent again. Raises WorkersLost once none has answered for pipeline.worker_wait_s."""
+        for i, (ref, sent) in list(self.probes.items()):
+            if not _ready({ref: None}):
+                continue
+            try:
+                ray.get(ref)
+            except ray.exceptions.RayActorError:  # not known as restarting yet, or gone for good: ask again
+                if time.monotonic() - sent >= self.PROBE_AGAIN_S:
+                    self.probes[i] = (self.comps.workers[i].version.remote(), time.monotonic())
+                continue
+            del self.probes[i]
+            self.comps.unavailable.discard(i)
+            self.state.bump("rollout_workers_back")
+            log.warning(f"{self.workers.names[i]} answers again after {self.workers.back(i):.1f} s: it gets "
+                        "tasks again (and the current weights with its next call)")
+        if self.unassigned and self.workers.live():
+            tasks, self.unassigned = self.unassigned, []
+            self._hand_out(tasks)
+        self.workers.check()
+
+    def away_names(self) -> list[str]:
+        return [self.workers.names[i] for i in sorted(self.workers.away)]
+
+    def worker_summary(self) -> dict:
+        """Per rollout worker, as of its latest report: the node it runs on, its completions since it (re)started
+        and the policy version it holds."""
+        return {wid: {"node": s.get("node_id"), "completions": s.get("completions", 0), "version": s.get("version")}
+                for wid, s in sorted(self.worker_stats.items())}
 
     def _report(self, report) -> None:
         self.worker_stats[report.worker_id] = report.stats
@@ -251,10 +318,7 @@ class Flight:
 
     def _regenerate(self, task: PromptTask) -> None:
         """The same task again (same key, so the same trajectory ids: the buffer keeps one copy)."""
-        worker = self.comps.workers[self._next % len(self.comps.workers)]
-        self._next += 1
-        self.comps.ready_worker(worker)
-        self._rollout([task], worker)
+        self._hand_out([task])
 
     def learner_read(self, summary: dict, committer: Committer) -> list[str]:
         """Account for what the learner read: its held groups, the stale groups it dropped (acknowledged with the

@@ -20,6 +20,7 @@ from policy.processor import PromptProcessor
 
 from . import launcher
 from .audit import install_from_env as install_audit_from_env
+from .availability import WorkersLost
 from .components import Components, start_components
 from .config import JobConfig, check_config_paths, dump_config
 from .driver import skip_prompt, train_rl
@@ -37,10 +38,14 @@ def evaluate(comps: Components, samples, cfg: JobConfig) -> dict:
     if not samples:
         return {"accuracy": None, "format": None, "n": 0}
     greedy = {"n": 1, "temperature": 0.0, "max_new_tokens": cfg.rollout.max_new_tokens}
-    shards = [samples[i :: len(comps.workers)] for i in range(len(comps.workers))]
+    workers = comps.available_workers()  # during training: without those whose node died
+    if not workers:
+        log.warning("no rollout worker answers: the held-out evaluation is skipped")
+        return {"accuracy": None, "format": None, "n": 0}
+    shards = [samples[i :: len(workers)] for i in range(len(workers))]
     refs = [w.rollout.remote([PromptTask(f"eval:{s.id}", s) for s in shard], comps.rewards.workers, comps.weights,
                              True, 0, greedy)
-            for w, shard in zip(comps.workers, shards) if shard]
+            for w, shard in zip(workers, shards) if shard]
     receipts = [r for report in ray.get(refs) for r in report.receipts]
     for r in receipts:
         if r.lost is not None:  # no retry for an evaluation: its numbers would be partial
@@ -203,14 +208,16 @@ def run_stage(cfg: JobConfig, resume: bool = True) -> dict:
 
 
 class JobInterrupted(RuntimeError):
-    """A component that cannot be restarted in place died (a learner rank, the replay service or its Redis):
-    the job stops cleanly and resumes from its last checkpoint with the same command."""
+    """A component that cannot be restarted in place died (a learner rank, the replay service or its Redis), or
+    no rollout worker answered for pipeline.worker_wait_s: the job stops cleanly and resumes from its last checkpoint with the same command."""
 
 
 def lost_component(exc: BaseException) -> str | None:
     """What died, when `exc` says a component the job cannot restart in place is gone; else None."""
     import redis
 
+    if isinstance(exc, WorkersLost):
+        return str(exc)
     if isinstance(exc, ray.exceptions.RayActorError):
         import re
 

@@ -54,8 +54,8 @@ def _ray_temp_dir(run_dir: Path) -> str:
 
 
 def _clean_after_crash(run_dir: Path) -> None:
-    """A driver killed abruptly leaves its private Ray and redis-server running: stop them by PID (the
-    recorded redis PID; Ray's processes by their session folder) before this run starts its own."""
+    """A driver killed abruptly leaves its redis-server (and, embedded, its private Ray) running: stop them by
+    PID (the recorded redis PID; Ray's processes by their session folder) before this run starts its own."""
     record = run_dir / "launch.json"
     if not record.is_file():
         return
@@ -95,8 +95,9 @@ def start(run_dir: Path, redis_cfg: RedisConfig, num_cpus: int | None = None, wi
     import ray
 
     embedded = not _on_cluster()
-    if embedded:
-        _clean_after_crash(run_dir)
+    # A driver on a cluster dies abruptly too (its head died: Ray ends it once the GCS stays unreachable), leaving
+    # its redis-server running on the run folder's AOF; embedded, its private Ray as well.
+    _clean_after_crash(run_dir)
     local = None
     if redis_cfg.url is None and with_redis:
         # The embedded default: a private redis-server whose AOF lives in the run folder, so a resumed job
@@ -118,11 +119,10 @@ def start(run_dir: Path, redis_cfg: RedisConfig, num_cpus: int | None = None, wi
         started = True
     else:
         started = False
-    if embedded:
-        (run_dir / "launch.json").write_text(json.dumps({
-            "driver_pid": os.getpid(), "redis_pid": local.pid if local else None,
-            "ray_temp_dir": _ray_temp_dir(run_dir) if started else None,
-        }))
+    (run_dir / "launch.json").write_text(json.dumps({
+        "driver_pid": os.getpid(), "redis_pid": local.pid if local else None,
+        "ray_temp_dir": _ray_temp_dir(run_dir) if started and embedded else None,
+    }))
     return Launch(redis=redis_cfg, embedded=embedded, local_redis=local, started_ray=started, run_dir=run_dir)
 
 
@@ -133,7 +133,7 @@ def stop(launch: Launch) -> None:
         ray.shutdown()
     if launch.local_redis is not None:
         launch.local_redis.stop()
-    if launch.embedded and launch.run_dir is not None:
+    if launch.run_dir is not None:
         (launch.run_dir / "launch.json").unlink(missing_ok=True)
     # vLLM-CPU and DeepSpeed leave shared-memory segments behind when a process dies abruptly.
     for leftover in glob.glob("/dev/shm/deepspeed_allreduce_buffer_*"):

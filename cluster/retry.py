@@ -1,6 +1,8 @@
 """What the driver does when a call fails, decided by the exception's type (never by its text).
 
-  RayActorError (ActorDiedError, ActorUnavailableError)  the actor died or is restarting: wait for it, try again
+  RayActorError (ActorDiedError, ActorUnavailableError)  the actor died or is restarting (or its node died): a
+                                                          rollout worker's tasks go to the others while it is away
+                                                          (cluster/availability.py); a reward worker is waited for
   ObjectLostError (OwnerDiedError, ...)                   the data is gone with its owner: generate it again
   anything else                                           not the driver's to fix: raised (the job decides)
 A group whose scoring itself failed (the scorer's answer names the error) is scored again up to

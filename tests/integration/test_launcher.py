@@ -35,3 +35,37 @@ def test_the_embedded_ray_is_on_loopback_only(tmp_path, monkeypatch):
     finally:
         launcher.stop(launch)
     assert not ray.is_initialized()
+
+
+
+def test_on_a_cluster_the_next_start_stops_a_dead_drivers_redis_server(tmp_path, monkeypatch):
+    """A driver attached to a cluster dies abruptly when the head dies (Ray ends it once the GCS stays
+    unreachable, about 60 s): its redis-server lives on, on the run folder's AOF. The next start on a cluster
+    stops it by its recorded PID before starting its own, as an embedded start does."""
+    import json
+    import subprocess
+    import sys
+
+    from buffer_service.redis_server import start_redis
+    from cluster.local_cluster import local_cluster
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    orphan = start_redis(run_dir / "redis", appendfsync="always")
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (run_dir / "launch.json").write_text(json.dumps({"driver_pid": int(dead.stdout), "redis_pid": orphan.pid,
+                                                     "ray_temp_dir": None}))
+    try:
+        with local_cluster(tmp_path / "cluster", ["head:cpus=1"]) as cluster:
+            for key, value in cluster.client_env().items():
+                monkeypatch.setenv(key, value)
+            launch = launcher.start(run_dir, RedisConfig())
+            try:
+                assert not launch.embedded and launch.local_redis is not None
+                assert orphan.process.poll() is not None  # ended (SIGKILL) by the start
+                assert json.loads((run_dir / "launch.json").read_text())["redis_pid"] == launch.local_redis.pid
+            finally:
+                launcher.stop(launch)
+            assert not (run_dir / "launch.json").exists()
+    finally:
+        orphan.stop()

@@ -154,6 +154,7 @@ def test_each_role_lands_on_the_node_that_has_its_resource(tmp_path, redis_serve
                     made_here.rename(made_here.with_name(made_here.name + "-gone"))
                 landed = {"rollout": node_of(comps.workers[0]), "learner": node_of(comps.learner.workers[0]),
                           "reward": node_of(comps.rewards.workers[0]), "judge": node_of(comps.judge_engine)}
+                buffer_node = node_of(comps.buffer)
                 # one task across the nodes: generated on the rollout node, scored on the head, trained on the head,
                 # the new weights loaded back on the rollout node
                 report = ray.get(comps.workers[0].rollout.remote([PromptTask(f"{samples[0].id}#0", samples[0])],
@@ -182,6 +183,9 @@ def test_each_role_lands_on_the_node_that_has_its_resource(tmp_path, redis_serve
         assert ROLE_RESOURCE[role] in resources[node_id], f"{role} landed on {node_id}: {resources[node_id]}"
     assert landed["rollout"] == cluster.node_id("rollout")
     assert landed["learner"] == landed["reward"] == landed["judge"] == cluster.node_id("head")
+    # the replay service asks for nothing: it is kept on the driver's node (this process's: the head), not left to
+    # land on a rollout node whose loss would take the buffer with it
+    assert buffer_node == cluster.node_id("head")
 
     assert shipped == sorted([model_dir.name, "media", judge_model]), shipped
     assert copies_left == []

@@ -44,6 +44,14 @@ def test_bad_number_and_cross_field_checks():
         load_config(None, ["buffer.tier_ratios={easy: 0.5, medium: 0.5, hard: 0.5}"])
 
 
+def test_worker_wait_s_is_checked_at_load():
+    assert load_config(None, []).pipeline.worker_wait_s == 600.0
+    assert load_config(None, ["pipeline.worker_wait_s=30"]).pipeline.worker_wait_s == 30.0
+    for bad in ("0", "-5", "soon"):
+        with pytest.raises(ConfigError, match="pipeline.worker_wait_s"):
+            load_config(None, [f"pipeline.worker_wait_s={bad}"])
+
+
 def test_malformed_override_and_missing_file(tmp_path):
     with pytest.raises(ConfigError, match="key.sub=value"):
         load_config(None, ["learner.lr"])

@@ -80,3 +80,56 @@ def test_two_node_demo_stages_share_one_placement():
     rl = load_config(configs / "demo_two_nodes.yaml")
     assert sft.stage == 0 and rl.stage == 2
     assert sft.placement == rl.placement and set(sft.placement.roles()) == {"rollout", "reward", "learner"}
+
+
+def _recorded_cluster(folder, nodes):
+    """A cluster.json as start_cluster writes it, for the checks that come before any process is touched."""
+    import json
+
+    from cluster.local_cluster import RECORD
+
+    folder.mkdir()
+    (folder / RECORD).write_text(json.dumps({
+        "temp_root": str(folder / "t"), "address": "127.0.0.1:1", "dashboard_url": None, "shm_before": [],
+        "nodes": [{"name": n, "spec": {}, "temp_dir": str(folder / "t" / f"n{i}"), "node_id": f"id{i}",
+                   "pids": [], **extra} for i, (n, extra) in enumerate(nodes)]}))
+    return folder
+
+
+def test_kill_node_and_add_node_refuse_the_head_unknown_and_running_nodes(tmp_path):
+    from cluster.local_cluster import add_node, kill_node
+
+    folder = _recorded_cluster(tmp_path / "c", [("head", {}), ("rollout", {})])
+    with pytest.raises(ValueError, match="the head holds the GCS"):
+        kill_node(folder, "head")
+    with pytest.raises(KeyError, match="no node 'gpu'"):
+        kill_node(folder, "gpu")
+    with pytest.raises(ValueError, match="'rollout' of .* is running"):
+        add_node(folder, "rollout:rollout_node=1")
+    with pytest.raises(NodeSpecError, match="not a number"):
+        add_node(folder, "extra:cpus=x")
+    with pytest.raises(FileNotFoundError, match="no local cluster"):
+        kill_node(tmp_path / "none", "rollout")
+
+
+def test_kill_node_marks_the_node_dead_so_that_it_can_join_again(tmp_path):
+    import json
+
+    from cluster.local_cluster import RECORD, kill_node
+
+    folder = _recorded_cluster(tmp_path / "c", [("head", {}), ("rollout", {})])
+    assert kill_node(folder, "rollout") == []  # no process of it runs: nothing to end
+    node = json.loads((folder / RECORD).read_text())["nodes"][1]
+    assert node["alive"] is False and node["pids"] == []
+
+
+def test_cli_kill_node_and_add_node_refuse_with_a_message(tmp_path, capsys):
+    from cluster.cli import main
+
+    folder = _recorded_cluster(tmp_path / "c", [("head", {}), ("rollout", {})])
+    assert main(["cluster", "kill-node", str(folder), "head"]) == 2
+    assert "the head holds the GCS" in capsys.readouterr().err
+    assert main(["cluster", "kill-node", str(folder), "gpu"]) == 2
+    assert "no node 'gpu'" in capsys.readouterr().err
+    assert main(["cluster", "add-node", str(folder), "rollout:rollout_node=1"]) == 2
+    assert "is running (kill_node it first)" in capsys.readouterr().err
