@@ -46,19 +46,22 @@ class Components:
         return [w for i, w in enumerate(self.workers) if i not in self.unavailable]
 
     def actors_by_name(self) -> dict[str, tuple[str, object]]:
-        """Every component that serves /metrics: name -> (role, actor handle)."""
+        """Every component that serves /metrics: name -> (role, actor handle); rollout workers that are away
+        (their node gone) left out."""
         found = {"replay": ("replay", self.buffer), "learner": ("learner", self.learner.workers[0])}
-        found.update({f"rollout-{i}": ("rollout", w) for i, w in enumerate(self.workers)})
+        found.update({f"rollout-{i}": ("rollout", w) for i, w in enumerate(self.workers) if i not in self.unavailable})
         if self.rewards is not None:
             found.update({f"reward-{i}": ("reward", w) for i, w in enumerate(self.rewards.workers)})
         return found
 
-    def refresh_metrics_targets(self, timeout_s: float = 10.0) -> None:
-        """Ask every component for its /metrics endpoint (a restarted one serves on a new port) and rewrite the
-        target file; one that does not answer in time (restarting, its node gone) keeps its last entry."""
+    def refresh_metrics_targets(self, timeout_s: float = 10.0, only: set[str] | None = None) -> None:
+        """Ask every component (or those named in `only`) for its /metrics endpoint (a restarted one serves on a
+        new port, maybe on another node) and rewrite the target file; one that does not answer in time
+        (restarting, its node gone) keeps its last entry."""
         if self.metrics is None:
             return
-        asked = {name: (role, actor.metrics_endpoint.remote()) for name, (role, actor) in self.actors_by_name().items()}
+        asked = {name: (role, actor.metrics_endpoint.remote()) for name, (role, actor) in self.actors_by_name().items()
+                 if only is None or name in only}
         ready, _ = ray.wait([ref for _, ref in asked.values()], num_returns=len(asked), timeout=timeout_s)
         for name, (role, ref) in asked.items():
             if ref not in ready:

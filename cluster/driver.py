@@ -247,6 +247,7 @@ class Flight:
                 continue
             del self.probes[i]
             self.comps.unavailable.discard(i)
+            self.comps.refresh_metrics_targets(only={self.workers.names[i]})  # back on a new port, maybe another node
             self.state.bump("rollout_workers_back")
             log.warning(f"{self.workers.names[i]} answers again after {self.workers.back(i):.1f} s: it gets "
                         "tasks again (and the current weights with its next call)")
