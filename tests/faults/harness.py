@@ -210,3 +210,12 @@ def print_table(records: list[FaultRecord], led: Ledger, out: Path | None = None
     if out is not None:
         out.write_text(text + "\n")
     return text
+
+
+def finish(job, log: Path, timeout: float = 900) -> int:
+    """The job's exit code; a job still running after `timeout` is killed and the test fails with its log's tail."""
+    try:
+        return job.wait(timeout)
+    except Exception:
+        os.killpg(job.pid, signal.SIGKILL)
+        raise AssertionError(f"job did not finish; log tail:\n{log.read_text()[-4000:]}") from None

@@ -36,14 +36,6 @@ def _await_step_after(run_dir, n: int, job, log, timeout: float = 300) -> float:
     return time.time()
 
 
-def _finish(job, log, timeout: float = 900) -> int:
-    try:
-        return job.wait(timeout)
-    except Exception:
-        os.killpg(job.pid, signal.SIGKILL)
-        raise AssertionError(f"job did not finish; log tail:\n{log.read_text()[-4000:]}") from None
-
-
 def test_faults_the_job_survives(tmp_path):
     steps = 30  # the faults land within the first ~10 steps (steps take about a second); the rest shows the job going on
     # buffer.capacity: no eviction, so that the ledger finds every trained group in the tiers
@@ -107,7 +99,7 @@ def test_faults_the_job_survives(tmp_path):
         rec.detail = f"publish_timeout_s 3, disk back after {time.time() - rec.injected_at:.0f} s"
         records.append(rec)
 
-        assert _finish(job, log) == 0, log.read_text()[-4000:]
+        assert h.finish(job, log) == 0, log.read_text()[-4000:]
     finally:
         if job.poll() is None:
             os.killpg(job.pid, signal.SIGKILL)
@@ -147,7 +139,7 @@ def test_faults_that_need_a_resume(tmp_path):
         ahead = n - _checkpointed_step(run_dir)
         rec = h.FaultRecord("learner killed" + (" mid-step" if busy else "") + " -> resume", time.time(),
                             detail=f"pid {pid}, {ahead} steps in the tiers past the checkpoint")
-        assert _finish(job, log, 180) == 3, log.read_text()[-4000:]
+        assert h.finish(job, log, 180) == 3, log.read_text()[-4000:]
         assert _log_has(log, "a Ray actor (") and _log_has(log, "resumes from step-")
         assert ahead >= 1, "the learner was not killed between a tier insert and the next checkpoint"
         assert not h.descendants(job.pid)
@@ -159,7 +151,7 @@ def test_faults_that_need_a_resume(tmp_path):
         n = h.steps_done(run_dir)
         redis = h.wait_for(lambda: h.find_redis(job.pid), 60, "redis-server")
         rec = h.FaultRecord("redis-server killed -> resume from AOF", time.time(), detail=f"pid {h.kill(redis)}")
-        assert _finish(job, log, 180) == 3, log.read_text()[-4000:]
+        assert h.finish(job, log, 180) == 3, log.read_text()[-4000:]
         assert _log_has(log, "lost its Redis")
         job = start_job(config, log)
         rec.recovered_at = _await_step_after(run_dir, n, job, log)
@@ -176,7 +168,7 @@ def test_faults_that_need_a_resume(tmp_path):
         rec.recovered_at = _await_step_after(run_dir, n, job, log)
         records.append(rec)
         assert not [p for p in orphans if p.is_running() and p.status() != "zombie"], "orphans of the killed driver"
-        assert _finish(job, log) == 0, log.read_text()[-4000:]
+        assert h.finish(job, log) == 0, log.read_text()[-4000:]
     finally:
         if job.poll() is None:
             os.killpg(job.pid, signal.SIGKILL)

@@ -17,6 +17,7 @@ import psutil
 import pytest
 
 from cluster.local_cluster import RECORD, SHM_PREFIXES, _shm_in_use, local_cluster
+from tests.cluster_processes import cluster_processes, still_running
 
 pytestmark = [pytest.mark.integration, pytest.mark.isolated]
 
@@ -31,27 +32,6 @@ ROLE_NODE = {"LearnerWorker": "head", "RolloutWorker": "rollout", "RewardWorker"
 
 def ray_cli(args: list[str], env: dict, timeout: float = 120) -> subprocess.CompletedProcess:
     return subprocess.run([RAY, *args], env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
-
-
-def processes_of(folder: Path) -> list[tuple[int, float]]:
-    """(pid, start time) of the cluster's recorded processes and their descendants, now."""
-    found = {}
-    for node in json.loads((folder / RECORD).read_text())["nodes"]:
-        for entry in node["pids"]:
-            try:
-                proc = psutil.Process(entry["pid"])
-                for p in [proc, *proc.children(recursive=True)]:
-                    found[p.pid] = p.create_time()
-            except psutil.NoSuchProcess:
-                pass
-    return sorted(found.items())
-
-
-def still_running(pid: int, started: float) -> bool:
-    try:
-        return abs(psutil.Process(pid).create_time() - started) < 1e-3
-    except psutil.NoSuchProcess:
-        return False
 
 
 def test_job_submit_runs_the_demo_curriculum_on_two_nodes_with_token_auth_and_external_redis(tmp_path, redis_server):
@@ -89,7 +69,7 @@ def test_job_submit_runs_the_demo_curriculum_on_two_nodes_with_token_auth_and_ex
         assert redis_server.password not in submit.stdout  # the driver logs the Redis URL without it
 
         actors = list_actors(address=cluster.dashboard_url, detail=True, limit=1000, raise_on_missing_output=False)
-        processes = processes_of(folder)
+        processes = cluster_processes(folder)
     took = time.monotonic() - started
 
     # both stages ran, on the cluster: stage 0 trained its SFT steps, the RL stage generated and trained

@@ -32,6 +32,7 @@ from data.synth import generate
 from learner.distributed import free_port
 from policy.config import TinyModelConfig
 from policy.tiny import build_tiny_model
+from tests.cluster_processes import cluster_processes, still_running
 
 pytestmark = [pytest.mark.integration, pytest.mark.isolated]
 
@@ -49,21 +50,6 @@ ROLE_RESOURCE = {"rollout": "rollout_node", "learner": "learner_node", "reward":
 def node_of(actor) -> str:
     """The id of the node the actor runs on, as the actor itself sees it."""
     return ray.get(actor.__ray_call__.remote(lambda self: ray.get_runtime_context().get_node_id()), timeout=300)
-
-
-def cluster_processes(folder) -> list[tuple[int, float]]:
-    """(pid, start time) of the recorded processes of the cluster and all their descendants, now."""
-    record = json.loads((folder / RECORD).read_text())
-    found = {}
-    for node in record["nodes"]:
-        for entry in node["pids"]:
-            try:
-                proc = psutil.Process(entry["pid"])
-                for p in [proc, *proc.children(recursive=True)]:
-                    found[p.pid] = p.create_time()
-            except psutil.NoSuchProcess:
-                pass
-    return sorted(found.items())
 
 
 def listening_addresses(processes: list[tuple[int, float]]) -> dict[str, set[str]]:
@@ -107,13 +93,6 @@ def scrape(run_dir, tmp_path, queries: list[str], timeout_s: float = 90) -> dict
         prometheus.terminate()
         prometheus.wait(10)
     return found
-
-
-def still_running(pid: int, started: float) -> bool:
-    try:
-        return abs(psutil.Process(pid).create_time() - started) < 1e-3
-    except psutil.NoSuchProcess:
-        return False
 
 
 def test_each_role_lands_on_the_node_that_has_its_resource(tmp_path, redis_server, monkeypatch):

@@ -45,14 +45,6 @@ def _start(config, log, cluster, **env):
     return start_job(config, log, env={**cluster.client_env(), **env})
 
 
-def _finish(job, log, timeout: float = 400) -> int:
-    try:
-        return job.wait(timeout)
-    except Exception:
-        os.killpg(job.pid, signal.SIGKILL)
-        raise AssertionError(f"job did not finish; log tail:\n{log.read_text()[-4000:]}") from None
-
-
 def _log_has(log, text: str) -> bool:
     return text in log.read_text(errors="replace")
 
@@ -150,7 +142,7 @@ def test_a_rollout_node_dies_and_joins_again(tmp_path):
             # it came back with the base weights (v0) and loaded the published ones with its first call
             assert row["rollout_workers"][victim]["version"] >= published > 0, (published, row["rollout_workers"])
             assert _log_has(log, f"{victim} answers again")
-            assert _finish(job, log) == 0, log.read_text()[-4000:]
+            assert h.finish(job, log, 400) == 0, log.read_text()[-4000:]
         finally:
             if job.poll() is None:
                 os.killpg(job.pid, signal.SIGKILL)
@@ -179,7 +171,7 @@ def test_with_no_rollout_node_left_the_job_stops_after_worker_wait_s(tmp_path):
             assert job.poll() is None, log.read_text()[-4000:]
             kill_node(folder, "rolla")
             t_kill = time.monotonic()
-            rc = _finish(job, log, 240)
+            rc = h.finish(job, log, 240)
             stopped_after = time.monotonic() - t_kill
         finally:
             if job.poll() is None:
