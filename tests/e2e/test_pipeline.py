@@ -5,18 +5,14 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
-import sys
-import tempfile
 import time
 import urllib.parse
 import urllib.request
 from pathlib import Path
 
-import psutil
 import pytest
 
 from buffer_service.config import BufferConfig
@@ -28,7 +24,7 @@ from cluster.prompts import PromptOrder, load_prompts
 from cluster.report import write_report
 from data.synth import generate
 
-from .conftest import ROOT, history, start_job, wait_for, wait_job, write_config
+from .conftest import history, start_job, wait_for, wait_job, write_config
 
 pytestmark = pytest.mark.e2e
 
@@ -224,36 +220,3 @@ def test_sft_stage_skips_unreadable_media(tmp_path):
     listed = [json.loads(line) for line in (run_dir / "rejected_rows.jsonl").read_text().splitlines()]
     assert listed == [{"manifest": str(tmp_path / "data" / "manifest.jsonl"), "line": bad_line, "id": "no-answer",
                        "reason": "missing required field(s) answer"}]
-
-
-def test_ray_job_submit_to_a_local_head(tmp_path):
-    """`ray job submit` against `ray start --head` on 127.0.0.1 runs a short job to success, with the
-    replay service on an existing (password-protected) Redis given by URL."""
-    redis = start_redis(tmp_path / "redis")
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "AVATAR_REDIS_PASSWORD": redis.password}
-    gcs, dash = _free_port(), _free_port()
-    ray_bin = str(Path(sys.executable).with_name("ray"))
-    temp = tempfile.mkdtemp(prefix="avatar-rayjob-")
-    config = write_config(tmp_path, "submitted", **{"pipeline.steps": 2,
-                                                     "buffer.redis.url": redis.url})
-    try:
-        subprocess.run([ray_bin, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs}",
-                        "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--num-cpus=2",
-                        f"--temp-dir={temp}", "--disable-usage-stats"], env=env, check=True, capture_output=True,
-                       timeout=180)
-        runtime_env = json.dumps({"env_vars": {"AVATAR_REDIS_PASSWORD": redis.password, "PYTHONUNBUFFERED": "1"}})
-        out = subprocess.run(
-            [ray_bin, "job", "submit", f"--address=http://127.0.0.1:{dash}", "--working-dir", str(ROOT),
-             "--runtime-env-json", runtime_env, "--", sys.executable, "-m", "cluster.cli", "train", str(config)],
-            env=env, capture_output=True, text=True, timeout=600)
-        assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]
-        assert "succeeded" in out.stdout
-        assert [r["step"] for r in history(tmp_path / "runs" / "submitted")] == [1, 2]
-    finally:
-        # only this test's Ray: every process of it names its temp dir on the command line
-        ray_procs = [p for p in psutil.process_iter(["cmdline"]) if temp in " ".join(p.info["cmdline"] or [])]
-        for p in ray_procs:
-            p.kill()
-        psutil.wait_procs(ray_procs, timeout=30)
-        shutil.rmtree(temp, ignore_errors=True)
-        redis.stop()
