@@ -21,6 +21,7 @@ from reward_workers.judge_engine import start_judge_engine
 from reward_workers.pool import RewardPool
 from reward_workers.scoring import stage_weights
 
+from .availability import Availability
 from .config import JobConfig
 from .metrics import MetricsTargets
 from .placement import Placement, reserve
@@ -38,9 +39,14 @@ class Components:
     judge_engine: object | None = None  # started here (placed with the job); the pool only uses it
     weights: dict | None = None  # the last publish (location, version, checksum), for restarted workers
     placement: Placement | None = None
-    unavailable: set[int] = field(default_factory=set)  # rollout workers (by index) whose calls died, not back yet
+    availability: Availability | None = None  # which rollout workers answer (the driver's Flight keeps it)
     metrics: MetricsTargets | None = None  # where Prometheus finds each component's endpoint
     paths: NodePaths = field(default_factory=NodePaths)  # the folders shipped to the nodes (common/node_files.py)
+
+    @property
+    def unavailable(self) -> set[int]:
+        """Rollout workers (by index) whose calls died, not back yet."""
+        return set(self.availability.away) if self.availability is not None else set()
 
     def available_workers(self) -> list:
         return [w for i, w in enumerate(self.workers) if i not in self.unavailable]

@@ -124,6 +124,8 @@ class Flight:
         self.rollouts: dict = {}  # ObjectRef -> (tasks, worker index)
         names = [f"rollout-{i}" for i in range(len(comps.workers))] if comps is not None else []
         self.workers = Availability(names, worker_wait_s)
+        if comps is not None:  # evaluate and stop skip the away workers too
+            comps.availability = self.workers
         self.probes: dict[int, tuple] = {}  # away worker index -> (its pending version() call, when sent)
         self.unassigned: list[PromptTask] = []  # handed out, waiting for a worker that answers
         self.retries = ScoringRetries()
@@ -222,7 +224,6 @@ class Flight:
         name = self.workers.names[i]
         if self.workers.lost(i):
             self.state.bump("rollout_workers_lost")
-            self.comps.unavailable.add(i)
             self.probes[i] = (self.comps.workers[i].version.remote(), time.monotonic())
             live = [self.workers.names[j] for j in self.workers.live()]
             log.warning(f"{name} is gone ({type(exc).__name__}: its process or its node died); Ray restarts it "
@@ -246,10 +247,10 @@ class Flight:
                     self.probes[i] = (self.comps.workers[i].version.remote(), time.monotonic())
                 continue
             del self.probes[i]
-            self.comps.unavailable.discard(i)
+            away_s = self.workers.back(i)
             self.comps.refresh_metrics_targets(only={self.workers.names[i]})  # back on a new port, maybe another node
             self.state.bump("rollout_workers_back")
-            log.warning(f"{self.workers.names[i]} answers again after {self.workers.back(i):.1f} s: it gets "
+            log.warning(f"{self.workers.names[i]} answers again after {away_s:.1f} s: it gets "
                         "tasks again (and the current weights with its next call)")
         if self.unassigned and self.workers.live():
             tasks, self.unassigned = self.unassigned, []

@@ -9,13 +9,12 @@ new port, so no fixed port is needed and several jobs can run.
 from __future__ import annotations
 
 import json
-import logging
 import os
 from pathlib import Path
 
 from common.metrics import ComponentEndpoint, Sample
 
-log = logging.getLogger(__name__)
+TARGETS_FILE = "prometheus_targets.json"
 
 
 class DriverMetrics:
@@ -41,7 +40,7 @@ class MetricsTargets:
     its name (rollout-0, reward-1, ...) and the id of the Ray node it runs on."""
 
     def __init__(self, run_dir: Path, job: str):
-        self.path = run_dir / "prometheus_targets.json"
+        self.path = run_dir / TARGETS_FILE
         self.job = job
         self.targets: dict[str, dict] = {}  # name -> {"address", "role", "node"}
 
@@ -59,7 +58,7 @@ class MetricsTargets:
 
 def write_scrape_config(run_dir: Path) -> Path:
     """prometheus.yml in run_dir, reading the target file: `prometheus --config.file=run_dir/prometheus.yml`."""
-    targets = run_dir / "prometheus_targets.json"
+    targets = run_dir / TARGETS_FILE
     config = run_dir / "prometheus.yml"
     config.write_text(
         "global:\n  scrape_interval: 2s\n"

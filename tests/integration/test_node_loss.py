@@ -14,6 +14,7 @@ rollout node's raylet and every process of it are SIGKILLed by PID mid-run (clus
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
@@ -143,6 +144,10 @@ def test_a_rollout_node_dies_and_joins_again(tmp_path):
             assert row["rollout_workers"][victim]["version"] >= published > 0, (published, row["rollout_workers"])
             assert _log_has(log, f"{victim} answers again")
             assert h.finish(job, log, 400) == 0, log.read_text()[-4000:]
+            # Prometheus finds the worker where it came back: the target file lists it on the new node
+            targets = {t["labels"]["component"]: t["labels"]["node"]
+                       for t in json.loads((run_dir / "prometheus_targets.json").read_text())}
+            assert targets[victim] == node["node_id"], targets
         finally:
             if job.poll() is None:
                 os.killpg(job.pid, signal.SIGKILL)
