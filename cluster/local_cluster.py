@@ -39,6 +39,8 @@ from pathlib import Path
 
 import psutil
 
+from .config import RAY_BUILTIN_RESOURCES
+
 log = logging.getLogger(__name__)
 
 RECORD = "cluster.json"
@@ -85,7 +87,7 @@ def parse_node(text: str, index: int) -> NodeSpec:
         key = key.strip()
         if not eq or not key:
             raise NodeSpecError(f"node '{text}': '{item}' is not KEY=VALUE")
-        if key in ("CPU", "GPU", "memory", "object_store_memory"):
+        if key in RAY_BUILTIN_RESOURCES:
             raise NodeSpecError(f"node '{text}': '{key}' is Ray's own resource: use cpus=, gpus= or object_store_mb=")
         try:
             number = float(raw)
