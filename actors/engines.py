@@ -252,7 +252,7 @@ class _EngineBase:
 
 def _vllm_reload(worker, path: str | None, model_dir: str) -> None:
     """Runs inside vLLM's worker (collective_rpc): reload weights from a published file, or from the model
-    folder when path is None, and refresh a tied lm_head (STACK.md: otherwise the logits stay stale)."""
+    folder when path is None, and refresh a tied lm_head (docs/architecture.md, "vLLM on CPU": otherwise the logits stay stale)."""
     weights = iter(load_file(path).items()) if path else checkpoint_weights(model_dir)
     worker.reload_weights(weights_iterator=weights)
     model = worker.model_runner.model

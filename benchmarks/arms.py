@@ -1,4 +1,4 @@
-"""The arms of AVATAR's component ablation (AVATAR.md section 7), in one place: each arm's config file under
+"""The arms of AVATAR's component ablation (docs/method.md section 7), in one place: each arm's config file under
 configs/ and the keys of the resolved config in which it may differ from configs/avatar_base.yaml (besides
 `name`). benchmarks/sample_efficiency.py runs these files; tests/unit/test_ablation_configs.py fails when a
 file differs from avatar_base.yaml in anything else, or does not change every key it names."""

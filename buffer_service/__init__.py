@@ -1,4 +1,4 @@
-"""buffer_service: the Redis-backed stratified replay service (AVATAR.md section 3).
+"""buffer_service: the Redis-backed stratified replay service (docs/method.md section 3).
 
 The record schema (the contract with rollout workers, reward workers and the learner), the private/external
 Redis helpers, and ReplayService (service.py), the facade over one module per job: the fresh stream

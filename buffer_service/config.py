@@ -1,4 +1,4 @@
-"""Configuration of the Redis-backed stratified replay service. Defaults are AVATAR.md section 3."""
+"""Configuration of the Redis-backed stratified replay service. Defaults are docs/method.md section 3."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ class RedisConfig(StrictConfig):
 
 
 class HintConfig(StrictConfig):
-    """When a prompt gets its hint (AVATAR.md section 4). One rule, evaluated in the replay service whenever the
+    """When a prompt gets its hint (docs/method.md section 4). One rule, evaluated in the replay service whenever the
     prompt's statistics change or its state is read (buffer_service/lua/helpers.lua, update_hint)."""
 
     enabled: bool = True

@@ -57,7 +57,7 @@ Public API
 - tier_sizes() -> dict[str, int]; tier_capacities() -> dict[str, int]; dead_letters(count) -> list[dict];
   entries() -> list[dict] (the metadata of every tier entry); clear() deletes every key of this prefix.
 
-Tier rule (AVATAR.md §3): a new entry's prompt R(q) is compared with the R(q) of every prompt seen so far:
+Tier rule (docs/method.md section 3): a new entry's prompt R(q) is compared with the R(q) of every prompt seen so far:
 at or below the hard_quantile (0.40) quantile -> hard, at or below medium_quantile (0.75) -> medium, else easy,
 quantile = sorted_values[round(p * (n - 1))] with Python's round (half to even).
 """

@@ -1,5 +1,5 @@
 """The driver loop of an RL stage: the control plane. It moves task keys, counts and versions; the data plane
-moves the trajectories without it (DESIGN.md, "receipts, not payloads"):
+moves the trajectories without it (docs/architecture.md, "Receipts, not payloads"):
 
   rollout worker --group (object ref)--> reward worker --scored group--> Redis fresh stream --> learner
   driver: which prompts to submit (hint flags, within the staleness bound), one report back per rollout call

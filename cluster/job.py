@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 
 
 def evaluate(comps: Components, samples, cfg: JobConfig) -> dict:
-    """Greedy decoding on the eval prompts; the answer parsed from <answer> (AVATAR.md section 6). Each worker
+    """Greedy decoding on the eval prompts; the answer parsed from <answer> (docs/method.md section 6). Each worker
     hands its completions to the reward workers, which return the accuracy and format values only."""
     if not samples:
         return {"accuracy": None, "format": None, "n": 0}

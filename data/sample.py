@@ -1,4 +1,4 @@
-"""One prompt of the dataset, as a manifest row describes it (schema in DESIGN.md)."""
+"""One prompt of the dataset, as a manifest row describes it (schema in docs/configuration.md, "Data")."""
 
 from __future__ import annotations
 

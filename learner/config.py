@@ -20,7 +20,7 @@ class ObjectiveConfig(StrictConfig):
     adv_eps: float = Field(1e-4, gt=0)
     vcrs_std: Literal["none", "replay_batch"] = Field(
         "none", description="replayed advantages divided by: none = 1 (the release's effective behaviour, a "
-        "per-device batch of one sample), replay_batch = the std of the replayed batch's rewards (AVATAR.md 3)")
+        "per-device batch of one sample), replay_batch = the std of the replayed batch's rewards (docs/method.md section 3)")
     vcrs_guard_zero_std: bool = Field(
         True, description="std_off 1.0 when all replayed rewards are equal (AVATAR: only for a single sample)"
     )

@@ -1,4 +1,4 @@
-"""The AVATAR objective as pure functions over per-token tensors (AVATAR.md sections 1-3).
+"""The AVATAR objective as pure functions over per-token tensors (docs/method.md sections 1-3).
 
 Conventions: per-token tensors are [B, T] with a 0/1 `mask` marking completion tokens (padding and prompt
 positions are 0); per-sequence tensors are [B]. Nothing here knows about models, DeepSpeed or Ray.

@@ -2,7 +2,7 @@
 
 - SafetensorsTransport (CPU, or any shared filesystem): one safetensors file per version, written atomically,
   with the version and a checksum in its metadata, and a LATEST pointer. Receivers read it with
-  load_published() and apply it with the vLLM reload recipe (STACK.md).
+  load_published() and apply it with the vLLM reload recipe (docs/architecture.md, "vLLM on CPU").
 - CollectiveTransport (NCCL on GPU, gloo on CPU): a private process group between the learner (rank 0) and
   the receivers, outside DeepSpeed's default group; a JSON header then the tensors in flat byte buckets.
   receive_broadcast() is the receiving side. NOT WIRED INTO THE JOB: no option selects it

@@ -37,7 +37,7 @@ class ModelConfig(StrictConfig):
 
 
 class ProcessorConfig(StrictConfig):
-    """How a prompt becomes model inputs; defaults follow AVATAR.md (16 frames at 224x224, 16 kHz audio)."""
+    """How a prompt becomes model inputs; defaults follow the release (docs/method.md section 8) (16 frames at 224x224, 16 kHz audio)."""
 
     system_prompt: str = SYSTEM_PROMPT
     fps: float = Field(2.0, gt=0)

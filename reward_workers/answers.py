@@ -5,7 +5,7 @@ only when it is, as a whole (trimmed, case-folded, NFKC), the option's letter ("
 the letter and the option's own text ("A) red", "A. red", "(A) red") or the option's text alone ("red"): "a red
 cube", "C is wrong, B" and "A or B" name no option (issue 15, item 4).
 
-AVATAR.md section 6 describes an evaluation fallback (the last standalone capital letter of a completion
+docs/method.md section 6 describes an evaluation fallback (the last standalone capital letter of a completion
 without <answer>). It is not implemented: evaluation (cluster/job.py `evaluate`) scores with
 `rewards.accuracy_reward`, on the <answer> block only, and a last-capital-letter rule would name B in "C is
 wrong, B" and in "A or B", the leaks the strict rule closes."""

@@ -207,7 +207,7 @@ class JudgeEngineActor:
         return dict(self.counts)
 
     def shutdown(self) -> None:
-        """Stop the engine inside this actor (before ray.shutdown, see STACK.md)."""
+        """Stop the engine inside this actor (before ray.shutdown: otherwise vLLM leaks its shared memory)."""
         self.engine.shutdown()
 
 

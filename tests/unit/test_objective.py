@@ -1,4 +1,4 @@
-"""Hand-computed checks of every formula in learner/objective.py (AVATAR.md sections 1-3)."""
+"""Hand-computed checks of every formula in learner/objective.py (docs/method.md sections 1-3)."""
 
 import math
 

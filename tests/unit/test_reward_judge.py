@@ -142,7 +142,7 @@ def test_judge_without_retries_falls_back_at_once():
 
 
 def test_the_judge_sees_8_frames_by_default():
-    assert JudgeConfig().num_frames == 8  # AVATAR.md: the release's judge sees 8 frames
+    assert JudgeConfig().num_frames == 8  # docs/method.md: the release's judge sees 8 frames
 
 
 def test_the_request_says_what_of_the_video_is_shown():

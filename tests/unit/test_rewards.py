@@ -62,7 +62,7 @@ def test_extract_answer_last_block_and_strip():
 
 
 def test_extract_answer_has_no_capital_letter_fallback():
-    # AVATAR.md section 6's evaluation fallback (last standalone capital letter) is not implemented: nothing
+    # docs/method.md section 6's evaluation fallback (last standalone capital letter) is not implemented: nothing
     # evaluates with it (cluster/job.py scores <answer> only) and it would read B out of these
     for text in ["I think A is wrong, so the answer is B.", "C is wrong, B", "A or B"]:
         assert extract_answer(text) is None
