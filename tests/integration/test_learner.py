@@ -259,7 +259,7 @@ def test_export_hf_text_and_transformers_greedy(text_model, tmp_path):
 
 def test_safetensors_publish_bumps_version_and_verifies(text_model, tmp_path):
     learner = Learner(cfg(), text_model, total_steps=20)
-    transport = SafetensorsTransport(tmp_path / "pub", keep=2)
+    transport = SafetensorsTransport(tmp_path / "pub", timeout_s=60, keep=2)
     infos = [learner.publish(transport) for _ in range(3)]
     assert [i.version for i in infos] == [1, 2, 3] and learner.policy_version == 3
     version, path = latest_published(tmp_path / "pub")

@@ -72,7 +72,7 @@ def test_export_and_published_weights_in_vllm(tmp_path):
     export = learner.export_hf(tmp_path / "export")
     for step in range(2):  # move on, then publish the newer weights
         learner.train_step([make_group(learner.completion_logprobs, prompt, comps, [0, 0, 1.0, 0], f"b{step}")])
-    info = learner.publish(SafetensorsTransport(tmp_path / "pub"))
+    info = learner.publish(SafetensorsTransport(tmp_path / "pub", timeout_s=60))
     learner.close()
 
     env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", VLLM_ALLOW_INSECURE_SERIALIZATION="1",
