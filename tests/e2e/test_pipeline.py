@@ -50,7 +50,7 @@ def test_synchronous_stage_with_judge_scraped_by_prometheus(tmp_path):
                                                          "reward.weights": {"format": 0.5, "judge": 1.0}})
     run_dir = tmp_path / "runs" / "sync"
     log = tmp_path / "sync.log"
-    audit = tmp_path / "received.txt"  # what the driver process got from every ray.get (cluster/audit.py)
+    audit = tmp_path / "received.txt"  # what the driver process got from every ray.get (common/testhooks.py)
     job = start_job(config, log, env={"AVATAR_AUDIT_RECEIVED": str(audit)})
     prom_port = _free_port()
     prometheus = None
