@@ -64,7 +64,6 @@ def hf_greedy(model, prompt, n=12):
 
 
 def test_export_and_published_weights_in_vllm(tmp_path):
-    pytest.importorskip("vllm")
     model = ensure_tiny_model(TinyModelConfig(kind="text"), tmp_path / "models")
     learner = Learner(LearnerConfig(zero_stage=1, lr=3e-2, warmup_ratio=0.0), model, total_steps=10)
     prompt, comps = problem(seed=7)
