@@ -110,6 +110,24 @@ def test_learner_raises_logprob_of_rewarded_completion(text_model, zero_stage):
     learner.close()
 
 
+@pytest.mark.gpu
+def test_learner_steps_in_bf16_on_cuda(text_model):
+    """The release's precision on its hardware: bf16 weights in the DeepSpeed engine on a CUDA device; the
+    rewarded completion becomes more likely than the others."""
+    learner = Learner(cfg(precision="bf16", zero_stage=2), text_model, total_steps=20)
+    assert learner.device.type == "cuda"
+    assert {p.dtype for p in learner.engine.module.parameters()} == {torch.bfloat16}
+    prompt, comps = problem()
+    before = seq_logps(learner, prompt, comps)
+    for step in range(4):
+        group = make_group(learner.completion_logprobs, prompt, comps, [1.0, 0.0, 0.0, 0.0], f"g{step}")
+        out = learner.train_step([group])
+        assert out["step"] == step + 1 and math.isfinite(out["loss"]) and math.isfinite(out["grad_norm"])
+    gains = [a - b for a, b in zip(seq_logps(learner, prompt, comps), before)]
+    assert gains[0] > 1.0 and gains[0] > max(gains[1:]), gains
+    learner.close()
+
+
 def test_train_step_is_the_objectives_composition(text_model, monkeypatch):
     """The learner's loss is learner.objective's, the path the hand-computed and GRPO-reduction tests check:
     step_advantages once per step, avatar_loss once per micro-batch. A learner that built its loss any other way
