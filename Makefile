@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 export VENV
 
-.PHONY: setup run test test-unit lint bench clean
+.PHONY: setup run test test-unit test-integration test-e2e lint bench clean
 
 setup:
 	@bash scripts/setup.sh
@@ -12,12 +12,19 @@ setup:
 run: setup
 	$(PY) -m cluster.cli demo
 
-test: setup
-	$(PY) -m pytest tests -m "not isolated" $(PYTEST_ARGS)
-	$(PY) -m pytest tests -m isolated $(PYTEST_ARGS)
+# Three tiers (their times on 2 cores are in the README); `make test` runs them all, and is what CI runs. The
+# integration tests marked `isolated` (each starts its own Ray or cluster) run in a pytest process apart.
+test: test-unit test-integration test-e2e
 
 test-unit: setup
 	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
+
+test-integration: setup
+	$(PY) -m pytest tests/integration -m "not isolated" $(PYTEST_ARGS)
+	$(PY) -m pytest tests/integration -m isolated $(PYTEST_ARGS)
+
+test-e2e: setup
+	$(PY) -m pytest tests/e2e tests/faults $(PYTEST_ARGS)
 
 lint: setup
 	$(PY) -m ruff check .

@@ -240,7 +240,7 @@ def run_fleet(n_workers: int, per_call: float, templates, samples, args, work: P
 
         sampler = threading.Thread(target=sample, daemon=True)
         sampler.start()
-        train_rl(cfg, run_dir, comps, PromptOrder(samples, 0), RunState(), DriverMetrics(), history)
+        train_rl(cfg, run_dir, comps, PromptOrder(samples, 0, shuffle=True), RunState(), DriverMetrics(), history)
         done.set()
         sampler.join()
         rows = [json.loads(line) for line in history.read_text().splitlines()]

@@ -10,7 +10,7 @@ behaviour log-probs the current policy's.
 
 Project: learner.Learner.train_step with the demo's learner settings (ZeRO 1, fp32, micro-batch 8; `--set`
 overrides LearnerConfig keys). Floor: the least work the same update needs, in bare torch: the same model and
-inputs, learner.objective.policy_loss, torch AdamW (clipped to the same norm), no DeepSpeed, each prompt's
+inputs, learner.objective.avatar_loss, torch AdamW (clipped to the same norm), no DeepSpeed, each prompt's
 media encoded once per step, all prompts in one call per tower (frozen towers: once, under no_grad, kept across
 steps and shared by the reference), the reference forward only on the trajectories that lack ref log-probs,
 all 32 sequences in one forward pass, the lm_head and log-softmax only from the shortest prompt's end on. (One
@@ -39,7 +39,7 @@ import torch
 from buffer_service.records import ReplaySample, Trajectory
 from learner.config import LearnerConfig
 from learner.learner import Learner
-from learner.objective import mixed_advantages, policy_loss
+from learner.objective import ObjectiveInputs, avatar_loss, step_advantages
 from policy.config import ProcessorConfig, TinyModelConfig
 from policy.logprobs import encode_media, gather_logprobs
 from policy.model import load_policy
@@ -201,11 +201,10 @@ class Floor:
         n_fresh = len(trajs) - len(replayed)
         obj = self.cfg.objective
         group_ids = {gid: i for i, gid in enumerate(dict.fromkeys(x.group_id for x in trajs))}
-        adv = mixed_advantages(
+        adv = step_advantages(
             torch.tensor([x.reward for x in trajs]), torch.tensor([group_ids[x.group_id] for x in trajs]),
             torch.tensor([i >= n_fresh for i in range(len(trajs))]),
-            torch.tensor([0.0] * n_fresh + [s.rbar for s in replayed]), obj.vcrs_alpha, obj.adv_eps,
-            obj.vcrs_guard_zero_std, obj.vcrs_std)
+            torch.tensor([0.0] * n_fresh + [s.rbar for s in replayed]), obj)
         t.push("host copies")
         seqs = [x.prompt_token_ids + x.completion_token_ids for x in trajs]
         width = max(map(len, seqs))
@@ -247,9 +246,7 @@ class Floor:
         emb = self._embeds(self.model, ids, pids, feats)
         logits = self._logits(self.model, emb, attn, positions, first)
         lp = torch.cat([torch.zeros(len(trajs), first + 1), gather_logprobs(logits[:, :-1], ids[:, first + 1:])], 1)
-        out = policy_loss(lp, old, ref, mask, adv, clip_eps=obj.clip_eps, kl_beta=obj.kl_beta,
-                          tas_shape=obj.tas_shape, tas_lambda=obj.tas_lambda, aggregation=obj.aggregation,
-                          num_sequences=len(trajs), num_tokens=int(mask.sum()))
+        out = avatar_loss(ObjectiveInputs(lp, old, ref, mask, adv, len(trajs), int(mask.sum())), obj)
         t.pop()
         self.losses.append(out.loss.item())
         t.push("backward")

@@ -37,6 +37,7 @@ def main() -> None:
     from data.config import SynthConfig
     from data.manifest import load_manifest
     from data.synth import generate
+    from learner.config import LearnerConfig
     from learner.transport import SafetensorsTransport
     from policy.config import ProcessorConfig, TinyModelConfig
     from policy.model import load_policy
@@ -62,7 +63,7 @@ def main() -> None:
         for p in policy.model.parameters():
             p.add_(torch.randn_like(p) * 0.01)
     state = {("thinker." if policy.multimodal else "") + k: v for k, v in policy.model.state_dict().items()}
-    published = SafetensorsTransport(work / "weights").publish(state, version=1)
+    published = SafetensorsTransport(work / "weights", timeout_s=LearnerConfig().publish_timeout_s).publish(state, version=1)
     del policy
 
     cfg = RolloutConfig(max_new_tokens=args.max_new_tokens, max_model_len=4096)

@@ -35,6 +35,11 @@ class PipelineConfig(StrictConfig):
     worker_wait_s: float = Field(600.0, gt=0, description="a rollout worker whose process or node died is waited "
                                  "for while the others take its tasks; with no worker answering, the job stops "
                                  "(exit 3, resumable) after this many seconds")
+    max_scoring_retries: int = Field(3, ge=0, description="a group whose scoring failed (its scorer names the error) "
+                                     "is generated and scored again this many times, then left for the next resume")
+    max_weight_load_failures: int = Field(3, ge=0, description="a rollout worker may fail to load the published "
+                                          "weights this many times in a row (it generates with the weights it has "
+                                          "meanwhile); one more stops the job")
     metrics_port: int = Field(0, ge=0, description="Port of the driver's /metrics (0 = a free one); the components' endpoints always take free ones")
 
 

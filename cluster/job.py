@@ -13,13 +13,13 @@ import ray
 from tqdm import tqdm
 
 from actors.tasks import PromptTask
+from common.testhooks import install_audit_from_env
 from learner.learner import SFTExample
 from policy.media import MediaError
 from policy.model import resolve_model_path
 from policy.processor import PromptProcessor
 
 from . import launcher
-from .audit import install_from_env as install_audit_from_env
 from .availability import WorkersLost
 from .components import Components, start_components
 from .config import JobConfig, check_config_paths, dump_config
@@ -124,7 +124,7 @@ def run_stage(cfg: JobConfig, resume: bool = True) -> dict:
     if not resume:  # --fresh: a later resume must not find the previous run's checkpoints or weights
         for old in ("checkpoints", "published"):
             shutil.rmtree(run_dir / old, ignore_errors=True)
-    install_audit_from_env()  # tests: what the driver receives (cluster/audit.py)
+    install_audit_from_env()  # tests: what the driver receives (common/testhooks.py)
     launch = launcher.start(run_dir, cfg.buffer.redis)
     metrics = DriverMetrics(cfg.pipeline.metrics_port)
     targets = MetricsTargets(run_dir, cfg.name)

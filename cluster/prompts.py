@@ -123,7 +123,7 @@ def check_skipped(skipped: int, handed_out: int, last_reason: str) -> None:
 class PromptOrder:
     """Pass p visits every prompt once in an order seeded by (seed, p); task i is the cursor's i-th."""
 
-    def __init__(self, samples: list[PromptSample], seed: int, shuffle: bool = True):
+    def __init__(self, samples: list[PromptSample], seed: int, shuffle: bool):
         if not samples:
             raise ValueError("no prompts to train on")
         self.samples, self.seed, self.shuffle = samples, seed, shuffle

@@ -6,7 +6,7 @@
   ObjectLostError (OwnerDiedError, ...)                   the data is gone with its owner: generate it again
   anything else                                           not the driver's to fix: raised (the job decides)
 A group whose scoring itself failed (the scorer's answer names the error) is scored again up to
-`max_scoring_retries` times, then given up for this run."""
+pipeline.max_scoring_retries times, then given up for this run."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ def classify(exc: BaseException) -> str | None:
 
 
 class ScoringRetries:
-    def __init__(self, max_retries: int = 3):
+    def __init__(self, max_retries: int):
         self.max_retries = max_retries
         self.failures: dict[str, int] = {}
 

@@ -6,17 +6,17 @@ Config names are imported eagerly; the rest (torch, transformers, DeepSpeed) loa
 from .config import LearnerConfig, LoraConfig, ObjectiveConfig
 
 _LAZY = {"Learner": "learner", "SFTExample": "learner", "LearnerGroup": "actor", "LearnerWorker": "actor"}
-_LAZY.update({n: "objective" for n in ("avatar_loss", "group_advantages", "mixed_advantages", "policy_loss",
-                                       "sft_loss", "tas_weights")})
+_LAZY.update({n: "objective" for n in ("ObjectiveInputs", "avatar_loss", "group_advantages", "sft_loss",
+                                       "step_advantages", "tas_weights")})
 _LAZY.update({n: "transport" for n in ("CollectiveTransport", "PublishedWeights", "SafetensorsTransport",
                                        "WeightTransport", "init_weight_group", "latest_published", "load_published",
                                        "receive_broadcast", "state_dict_checksum")})
 
 __all__ = [
     "CollectiveTransport", "Learner", "LearnerConfig", "LearnerGroup", "LearnerWorker", "LoraConfig",
-    "ObjectiveConfig", "PublishedWeights", "SFTExample", "SafetensorsTransport", "WeightTransport",
+    "ObjectiveConfig", "ObjectiveInputs", "PublishedWeights", "SFTExample", "SafetensorsTransport", "WeightTransport",
     "avatar_loss", "group_advantages", "init_weight_group", "latest_published", "load_published",
-    "mixed_advantages", "policy_loss", "receive_broadcast", "sft_loss", "state_dict_checksum", "tas_weights",
+    "receive_broadcast", "sft_loss", "state_dict_checksum", "step_advantages", "tas_weights",
 ]
 
 

@@ -37,7 +37,7 @@ from policy.model import is_omni, load_policy
 
 from .config import LearnerConfig
 from .distributed import init_distributed, setup_accelerator_env
-from .objective import k3_kl, mixed_advantages, policy_loss, sft_loss
+from .objective import ObjectiveInputs, avatar_loss, k3_kl, sft_loss, step_advantages
 from .transport import PublishedWeights, WeightTransport
 
 MediaProvider = Callable[[str], Mapping[str, torch.Tensor] | None]
@@ -363,20 +363,16 @@ class Learner:
                                  f"but {len(t.behaviour_logprobs)} behaviour log-probs (need equal, non-zero)")
         n_fresh = len(trajs) - len(replay_samples)
         group_ids = {gid: i for i, gid in enumerate(dict.fromkeys(t.group_id for t in trajs))}
-        adv = mixed_advantages(
+        adv = step_advantages(
             torch.tensor([t.reward for t in trajs], dtype=torch.float32),
             torch.tensor([group_ids[t.group_id] for t in trajs]),
             torch.tensor([i >= n_fresh for i in range(len(trajs))]),
             torch.tensor([0.0] * n_fresh + [s.rbar for s in replay_samples], dtype=torch.float32),
-            self.cfg.objective.vcrs_alpha, self.cfg.objective.adv_eps, self.cfg.objective.vcrs_guard_zero_std,
-            self.cfg.objective.vcrs_std,
-        )
+            self.cfg.objective)
         rows = [_to_row(t) for t in trajs]
-        obj = self.cfg.objective
-        totals = self._accumulate(rows, lambda logp, old, ref, mask, idx, n_seq, n_tok: policy_loss(
-            logp, old, ref, mask, adv[idx].to(logp.device), clip_eps=obj.clip_eps, kl_beta=obj.kl_beta,
-            tas_shape=obj.tas_shape, tas_lambda=obj.tas_lambda, aggregation=obj.aggregation,
-            num_sequences=n_seq, num_tokens=n_tok))
+        totals = self._accumulate(rows, lambda logp, old, ref, mask, idx, n_seq, n_tok: avatar_loss(
+            ObjectiveInputs(logp, old, ref, mask, adv[idx], num_sequences=n_seq, num_tokens=n_tok),
+            self.cfg.objective))
         gap, kl_seq = totals.pop("old_minus_ref"), totals.pop("kl_per_sequence")
         computed_ref = totals.pop("ref_computed")
         return {

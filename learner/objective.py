@@ -2,6 +2,10 @@
 
 Conventions: per-token tensors are [B, T] with a 0/1 `mask` marking completion tokens (padding and prompt
 positions are 0); per-sequence tensors are [B]. Nothing here knows about models, DeepSpeed or Ray.
+
+The pieces take their settings as plain arguments; the learner calls only the two compositions at the end,
+which read them from an ObjectiveConfig (the settings' one home and their defaults): `step_advantages` once
+per step, `avatar_loss` once per micro-batch.
 """
 
 from __future__ import annotations
@@ -9,6 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+
+from .config import ObjectiveConfig
 
 TAS_SHAPES = ("parabola", "uniform", "linear_decay", "linear_incline", "inverse_parabola")
 
@@ -24,7 +30,7 @@ def token_positions(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return position, length
 
 
-def tas_weights(mask: torch.Tensor, lam: float = 0.3, shape: str = "parabola") -> torch.Tensor:
+def tas_weights(mask: torch.Tensor, lam: float, shape: str) -> torch.Tensor:
     """Per-token weights from each completion's own length L: t~ = t / (L - 1) (t~ = 0 when L = 1, as
     linspace(0, 1, 1) gives), then
       parabola          1 + lam * (2 t~ - 1)^2      1+lam at both ends, 1 in the middle (AVATAR's default)
@@ -53,7 +59,7 @@ def tas_weights(mask: torch.Tensor, lam: float = 0.3, shape: str = "parabola") -
 # --- Advantages -----------------------------------------------------------------------------------------------
 
 
-def group_advantages(rewards: torch.Tensor, group_index: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
+def group_advantages(rewards: torch.Tensor, group_index: torch.Tensor, eps: float) -> torch.Tensor:
     """GRPO: A_i = (R_i - mean_G R) / (std_G R + eps) within each group. std is the sample std (n - 1), as
     torch.std and the TRL-style released trainer compute it; a group of one gets advantage 0."""
     rewards = rewards.float()
@@ -68,8 +74,7 @@ def group_advantages(rewards: torch.Tensor, group_index: torch.Tensor, eps: floa
 
 
 def vcrs_advantages(
-    rewards: torch.Tensor, rbar: torch.Tensor, alpha: float = 1.0, eps: float = 1e-4, guard_zero_std: bool = True,
-    std: str = "none",
+    rewards: torch.Tensor, rbar: torch.Tensor, alpha: float, eps: float, guard_zero_std: bool, std: str
 ) -> torch.Tensor:
     """Replayed samples against their prompt's VCRS baseline R(q): A = alpha (R - R(q)) / (std_off + eps).
     std "none" (the release's effective behaviour: it normalises over a per-device batch of one sample):
@@ -89,26 +94,6 @@ def vcrs_advantages(
     return alpha * (rewards - rbar.float()) / (std + eps)
 
 
-def mixed_advantages(
-    rewards: torch.Tensor,
-    group_index: torch.Tensor,
-    is_replay: torch.Tensor,
-    rbar: torch.Tensor,
-    alpha: float = 1.0,
-    eps: float = 1e-4,
-    guard_zero_std: bool = True,
-    vcrs_std: str = "none",
-) -> torch.Tensor:
-    """Advantages of a mixed batch: group-normalised for fresh samples, VCRS for replayed ones."""
-    adv = torch.zeros(rewards.shape, dtype=torch.float32)
-    fresh = ~is_replay.bool()
-    if fresh.any():
-        adv[fresh] = group_advantages(rewards[fresh], group_index[fresh], eps)
-    if (~fresh).any():
-        adv[~fresh] = vcrs_advantages(rewards[~fresh], rbar[~fresh], alpha, eps, guard_zero_std, vcrs_std)
-    return adv
-
-
 # --- Per-token terms ------------------------------------------------------------------------------------------
 
 
@@ -119,7 +104,7 @@ def k3_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
 
 
 def clipped_surrogate(
-    logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, clip_eps: float = 0.2
+    logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, clip_eps: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """PPO's min(rho A, clip(rho, 1-eps, 1+eps) A) per token, rho = exp(logp - old) against the behaviour
     log-probs. `advantages` is [B] (broadcast over tokens). Returns the surrogate (to maximise), the ratio and
@@ -134,7 +119,7 @@ def clipped_surrogate(
 def aggregate(
     per_token: torch.Tensor,
     mask: torch.Tensor,
-    aggregation: str = "sequence_mean",
+    aggregation: str,
     num_sequences: int | None = None,
     num_tokens: int | None = None,
 ) -> torch.Tensor:
@@ -150,41 +135,57 @@ def aggregate(
     raise ValueError(f"aggregation: unknown {aggregation!r}, expected sequence_mean or token_mean")
 
 
-# --- The loss -------------------------------------------------------------------------------------------------
+# --- The compositions the learner calls -------------------------------------------------------------------------
+
+
+def step_advantages(rewards: torch.Tensor, group_index: torch.Tensor, is_replay: torch.Tensor, rbar: torch.Tensor,
+                    cfg: ObjectiveConfig) -> torch.Tensor:
+    """The advantages of one step's mixed batch ([B] each): group-normalised for fresh samples (is_replay
+    False), VCRS against their rbar for replayed ones (rbar is ignored for fresh rows)."""
+    adv = torch.zeros(rewards.shape, dtype=torch.float32)
+    fresh = ~is_replay.bool()
+    if fresh.any():
+        adv[fresh] = group_advantages(rewards[fresh], group_index[fresh], cfg.adv_eps)
+    if (~fresh).any():
+        adv[~fresh] = vcrs_advantages(rewards[~fresh], rbar[~fresh], cfg.vcrs_alpha, cfg.adv_eps,
+                                      cfg.vcrs_guard_zero_std, cfg.vcrs_std)
+    return adv
+
+
+@dataclass
+class ObjectiveInputs:
+    """One micro-batch: per-token [B, T] log-probs of the policy being trained, of the behaviour policy that
+    generated the tokens and of the reference (None: no KL term), the completion mask, and each sequence's
+    advantage [B]. num_sequences / num_tokens: the whole step's counts (None: this micro-batch's), so that the
+    micro-batches of a step (and the ranks) sum to the step's loss."""
+
+    logprobs: torch.Tensor
+    old_logprobs: torch.Tensor
+    ref_logprobs: torch.Tensor | None
+    mask: torch.Tensor
+    advantages: torch.Tensor
+    num_sequences: int | None = None
+    num_tokens: int | None = None
 
 
 @dataclass
 class LossOutput:
     loss: torch.Tensor
     stats: dict[str, float] = field(default_factory=dict)
-    advantages: torch.Tensor | None = None
 
 
-def policy_loss(
-    logprobs: torch.Tensor,
-    old_logprobs: torch.Tensor,
-    ref_logprobs: torch.Tensor | None,
-    mask: torch.Tensor,
-    advantages: torch.Tensor,
-    *,
-    clip_eps: float = 0.2,
-    kl_beta: float = 0.1,
-    tas_shape: str = "parabola",
-    tas_lambda: float = 0.3,
-    aggregation: str = "sequence_mean",
-    num_sequences: int | None = None,
-    num_tokens: int | None = None,
-) -> LossOutput:
-    """l_t = -w_t min(rho A, clip(rho) A) + beta KL_t, TAS weight w on the policy term only, aggregated.
-    Stats are over this batch's valid tokens; `tokens` lets callers combine micro-batches."""
-    mask = mask.float()
-    weights = tas_weights(mask, tas_lambda, tas_shape)
-    surrogate, ratio, clipped = clipped_surrogate(logprobs, old_logprobs, advantages, clip_eps)
+def avatar_loss(x: ObjectiveInputs, cfg: ObjectiveConfig) -> LossOutput:
+    """l_t = -w_t min(rho A, clip(rho) A) + beta KL_t, the TAS weight w on the policy term only, aggregated.
+    Stats are over this micro-batch's valid tokens; `tokens` lets callers combine micro-batches."""
+    mask = x.mask.float()
+    advantages = x.advantages.to(x.logprobs.device)
+    weights = tas_weights(mask, cfg.tas_lambda, cfg.tas_shape)
+    surrogate, ratio, clipped = clipped_surrogate(x.logprobs, x.old_logprobs, advantages, cfg.clip_eps)
     per_token = -weights * surrogate
-    kl = k3_kl(logprobs, ref_logprobs) if ref_logprobs is not None else torch.zeros_like(logprobs)
-    if ref_logprobs is not None and kl_beta > 0:
-        per_token = per_token + kl_beta * kl
-    loss = aggregate(per_token, mask, aggregation, num_sequences, num_tokens)
+    kl = k3_kl(x.logprobs, x.ref_logprobs) if x.ref_logprobs is not None else torch.zeros_like(x.logprobs)
+    if x.ref_logprobs is not None and cfg.kl_beta > 0:
+        per_token = per_token + cfg.kl_beta * kl
+    loss = aggregate(per_token, mask, cfg.aggregation, x.num_sequences, x.num_tokens)
 
     with torch.no_grad():
         valid = mask.bool()
@@ -199,43 +200,11 @@ def policy_loss(
             "zero_adv_token_fraction": (adv_tokens == 0).float().mean().item() if n else 0.0,
             "ratio_max": ratio[valid].max().item() if n else 1.0,
         }
-    return LossOutput(loss=loss, stats=stats, advantages=advantages)
-
-
-def avatar_loss(
-    logprobs: torch.Tensor,
-    old_logprobs: torch.Tensor,
-    ref_logprobs: torch.Tensor | None,
-    mask: torch.Tensor,
-    rewards: torch.Tensor,
-    group_index: torch.Tensor,
-    is_replay: torch.Tensor,
-    rbar: torch.Tensor,
-    *,
-    clip_eps: float = 0.2,
-    kl_beta: float = 0.1,
-    tas_shape: str = "parabola",
-    tas_lambda: float = 0.3,
-    vcrs_alpha: float = 1.0,
-    aggregation: str = "sequence_mean",
-    adv_eps: float = 1e-4,
-    vcrs_guard_zero_std: bool = True,
-    vcrs_std: str = "none",
-) -> LossOutput:
-    """The whole AVATAR loss of one mixed batch: fresh samples (is_replay False) get group advantages,
-    replayed ones VCRS advantages against rbar (ignored for fresh rows); then the TAS-weighted clipped loss
-    with k3 KL. Returns the loss, the stats and the per-sequence advantages."""
-    adv = mixed_advantages(rewards, group_index, is_replay, rbar, vcrs_alpha, adv_eps, vcrs_guard_zero_std, vcrs_std)
-    out = policy_loss(
-        logprobs, old_logprobs, ref_logprobs, mask, adv.to(logprobs.device),
-        clip_eps=clip_eps, kl_beta=kl_beta, tas_shape=tas_shape, tas_lambda=tas_lambda, aggregation=aggregation,
-    )
-    out.stats["replay_fraction"] = is_replay.float().mean().item() if is_replay.numel() else 0.0
-    return out
+    return LossOutput(loss=loss, stats=stats)
 
 
 def sft_loss(
-    logprobs: torch.Tensor, mask: torch.Tensor, aggregation: str = "token_mean",
+    logprobs: torch.Tensor, mask: torch.Tensor, aggregation: str,
     num_sequences: int | None = None, num_tokens: int | None = None,
 ) -> torch.Tensor:
     """Stage 0: negative log-likelihood of the chain-of-thought target tokens."""

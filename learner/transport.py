@@ -88,7 +88,7 @@ def _with_timeout(fn, timeout_s: float, what: str):
 class SafetensorsTransport:
     """Publishes `weights-v<version>.safetensors` into `directory`, keeping the last `keep` versions."""
 
-    def __init__(self, directory: str | Path, timeout_s: float = 120.0, keep: int = 2):
+    def __init__(self, directory: str | Path, timeout_s: float, keep: int = 2):
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         self.timeout_s = timeout_s
@@ -144,7 +144,7 @@ def load_published(path: str | Path, verify: bool = True) -> tuple[int, dict[str
 
 
 def init_weight_group(
-    host: str, port: int, rank: int, world_size: int, backend: str, timeout_s: float = 120.0
+    host: str, port: int, rank: int, world_size: int, backend: str, timeout_s: float
 ) -> torch.distributed.ProcessGroup:
     """A process group of its own (learner = rank 0, receivers 1..n-1) built on a TCPStore, so that it does
     not touch DeepSpeed's default group on the learner or vLLM's groups on the receivers."""
@@ -188,8 +188,8 @@ class CollectiveTransport:
     """Broadcasts the weights from rank `src` of `group` in buckets of about `bucket_bytes`. Not used by the
     job yet (see the module docstring): only safetensors reaches the rollout workers."""
 
-    def __init__(self, group, src: int = 0, device: str | torch.device = "cpu", bucket_bytes: int = 256 << 20,
-                 timeout_s: float = 120.0):
+    def __init__(self, group, timeout_s: float, src: int = 0, device: str | torch.device = "cpu",
+                 bucket_bytes: int = 256 << 20):
         self.group, self.src, self.device = group, src, torch.device(device)
         self.bucket_bytes, self.timeout_s = bucket_bytes, timeout_s
 
@@ -213,7 +213,7 @@ class CollectiveTransport:
         return PublishedWeights(version, checksum, "broadcast", sum(sizes), time.perf_counter() - start)
 
 
-def receive_broadcast(group, src: int = 0, device: str | torch.device = "cpu", timeout_s: float = 120.0,
+def receive_broadcast(group, timeout_s: float, src: int = 0, device: str | torch.device = "cpu",
                       verify: bool = True) -> tuple[int, dict[str, torch.Tensor], str]:
     """The receiving side of CollectiveTransport.publish: (version, state_dict, checksum)."""
     device = torch.device(device)

@@ -152,19 +152,19 @@ class JudgeEngineActor:
     def __init__(
         self,
         model_path: str,
-        max_model_len: int = 4096,
-        engine: str = "vllm",
-        cpu_kvcache_gib: int = 1,
-        num_frames: int = 0,
-        max_pixels: int = 448 * 448,
+        max_model_len: int,
+        engine: str,
+        num_frames: int,
+        max_pixels: int,
         paths: NodePaths | None = None,
     ):
+        """The settings are reward.judge's (start_judge_engine passes them)."""
         from actors.config import RolloutConfig
         from actors.engines import VIDEO_TOKEN, create_engine
 
         model_path = str((paths or NodePaths()).path(model_path))  # this node's copy, when shipped
         self.vision = check_judge_model(model_path, num_frames)
-        cfg = RolloutConfig(engine=engine, max_model_len=max_model_len, cpu_kvcache_gib=cpu_kvcache_gib)
+        cfg = RolloutConfig(engine=engine, max_model_len=max_model_len)
         self.engine = create_engine(cfg, model_path)
         self.max_pixels = max_pixels
         self._video_id = self.engine.tokenizer.convert_tokens_to_ids(VIDEO_TOKEN) if self.vision else None

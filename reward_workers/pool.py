@@ -19,29 +19,13 @@ import ray
 from buffer_service.records import Trajectory
 from common.metrics import ComponentEndpoint, Sample
 from common.node_files import NodePaths
+from common.testhooks import failpoint
 from data.sample import PromptSample
 
 from .config import STAGE_WEIGHTS, RewardConfig
 from .judge import Judge, OpenAIJudgeBackend
 from .judge_engine import LocalJudgeBackend, start_judge_engine
 from .scoring import score_group
-
-
-def failpoint(name: str) -> None:
-    """Fault injection for the fault suite (tests/faults): with AVATAR_FAILPOINT=<name> and AVATAR_FAILPOINT_FILE
-    set, the first process to reach the point claims the file and exits at once (as a SIGKILL would); nothing
-    happens otherwise."""
-    if os.environ.get("AVATAR_FAILPOINT") != name:
-        return
-    marker = os.environ.get("AVATAR_FAILPOINT_FILE")
-    try:
-        fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY) if marker else None
-    except FileExistsError:
-        return  # fired once already
-    if fd is not None:
-        os.write(fd, str(os.getpid()).encode())
-        os.close(fd)
-        os._exit(1)
 
 
 def sum_worker_stats(answers) -> dict[str, float]:

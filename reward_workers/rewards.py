@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import cached_property
 
 import jiwer
@@ -38,12 +38,12 @@ class GroupContext:
     """The completions of one group, for rewards that look across the group (self-consistency)."""
 
     completions: list[str]
-    problem_type: str = ""
-    options: list[str] = field(default_factory=list)
-    numerical: str = "binary"  # "binary" or "dense": the R_acc variant for numerical problems
+    problem_type: str
+    options: list[str]
+    numerical: str  # reward.numerical, "binary" or "dense": the R_acc variant for numerical problems
 
     @classmethod
-    def of(cls, completions: list[str], sample: PromptSample, numerical: str = "binary") -> GroupContext:
+    def of(cls, completions: list[str], sample: PromptSample, numerical: str) -> GroupContext:
         return cls(list(completions), sample.problem_type, list(sample.options), numerical)
 
     @cached_property

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs whatever is missing for this project: system packages (redis-server, prometheus), a virtual
-# environment with the CPU or GPU Python stack, and the project itself in editable mode.
+# environment with the CPU or GPU Python stack and the development tools (requirements/dev.txt), and the project
+# itself in editable mode.
 # Idempotent: a stamp file records what was installed, so a second run does nothing.
 #   AVATAR_STACK=cpu|gpu   force a stack (default: gpu when nvidia-smi sees a GPU, else cpu)
 #   VENV=path              where the virtual environment lives (default .venv)
@@ -29,7 +30,7 @@ fi
 
 # --- python environment ------------------------------------------------------------------------------
 stamp="$VENV/.avatar-installed"
-want="$stack $(cat requirements/common.txt requirements/$stack.txt scripts/setup.sh pyproject.toml | sha256sum | cut -c1-16)"
+want="$stack $(cat requirements/common.txt requirements/$stack.txt requirements/dev.txt scripts/setup.sh pyproject.toml | sha256sum | cut -c1-16)"
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
   exit 0
 fi
@@ -37,7 +38,7 @@ fi
 PIP="$VENV/bin/python -m pip"
 $PIP install -q --upgrade pip
 echo "[setup] installing the $stack stack (a few minutes on a fresh machine)"
-$PIP install -q -r requirements/$stack.txt -r requirements/common.txt
+$PIP install -q -r requirements/$stack.txt -r requirements/common.txt -r requirements/dev.txt
 if [ "$stack" = cpu ]; then
   # PyPI's torchvision/torchaudio/torchcodec link CUDA libraries and break transformers and vLLM beside the
   # CPU torch; triton is useless without a GPU. The processor builds video patches without torchvision.

@@ -16,10 +16,22 @@ from cluster.local_cluster import keep_ray_on_loopback
 keep_ray_on_loopback()  # every Ray the tests start registers and listens on 127.0.0.1 only
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `gpu` need a CUDA device: skipped (and counted as skipped) on machines without one."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    no_cuda = pytest.mark.skip(reason="needs a CUDA device (marker gpu)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(no_cuda)
+
+
 @pytest.fixture
 def redis_server(tmp_path):
-    if shutil.which("redis-server") is None:
-        pytest.skip("redis-server is not installed")
+    if shutil.which("redis-server") is None:  # a missing service is a failure, never a skip
+        pytest.fail("redis-server is not installed (make setup, scripts/setup.sh, installs it)")
     folder = tmp_path / "redis"
     server = start_redis(folder, appendfsync="always")
     try:

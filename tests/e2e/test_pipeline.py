@@ -13,6 +13,7 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
+import psutil
 import pytest
 
 from buffer_service.config import BufferConfig
@@ -50,7 +51,7 @@ def test_synchronous_stage_with_judge_scraped_by_prometheus(tmp_path):
                                                          "reward.weights": {"format": 0.5, "judge": 1.0}})
     run_dir = tmp_path / "runs" / "sync"
     log = tmp_path / "sync.log"
-    audit = tmp_path / "received.txt"  # what the driver process got from every ray.get (cluster/audit.py)
+    audit = tmp_path / "received.txt"  # what the driver process got from every ray.get (common/testhooks.py)
     job = start_job(config, log, env={"AVATAR_AUDIT_RECEIVED": str(audit)})
     prom_port = _free_port()
     prometheus = None
@@ -122,7 +123,8 @@ def _manifest_with_bad_input(config: Path, folder: Path) -> tuple[set[str], int]
 
 def test_async_stage_killed_and_resumed_trains_each_group_once(tmp_path):
     """Staleness 2: generation runs ahead of training by up to two versions. The driver is killed (SIGKILL)
-    mid-run and started again: no prompt is skipped and no group is trained twice. The manifest holds bad
+    mid-run and started again: the resumed job stops the killed one's orphaned Ray and redis-server by PID, no
+    prompt is skipped and no group is trained twice. The manifest holds bad
     input: prompts with unreadable media are skipped and a malformed row left out, each reason in the
     dead-letter stream exactly once across the kill and resume."""
     steps = 8
@@ -135,11 +137,13 @@ def test_async_stage_killed_and_resumed_trains_each_group_once(tmp_path):
     try:
         wait_for(lambda: len(history(run_dir)) >= 3 or job.poll() is not None, 400, "three trained steps")
         assert job.poll() is None, f"job ended early:\n{log.read_text()[-3000:]}"
+        orphans = psutil.Process(job.pid).children(recursive=True)
         os.kill(job.pid, signal.SIGKILL)  # the driver only: its Ray and redis-server are orphaned
         job.wait(30)
         killed_at = len(history(run_dir))
         job = start_job(config, log)
         wait_job(job, log)
+        assert orphans and not [p for p in orphans if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
     finally:
         if job.poll() is None:
             os.killpg(job.pid, signal.SIGKILL)

@@ -44,7 +44,7 @@ def test_a_redis_without_password_is_refused_unless_declared_throwaway(tmp_path)
     from buffer_service.redis_server import _free_port
 
     if shutil.which("redis-server") is None:
-        pytest.skip("redis-server is not installed")
+        pytest.fail("redis-server is not installed (make setup, scripts/setup.sh, installs it)")
     port = _free_port()
     proc = subprocess.Popen(["redis-server", "--bind", "127.0.0.1", "--port", str(port), "--save", "",
                              "--appendonly", "no", "--dir", str(tmp_path)], stdout=subprocess.DEVNULL)

@@ -103,7 +103,7 @@ def test_calls_past_their_deadline_are_dropped_by_the_engine(ray_local, tmp_path
     """A burst of calls that time out must not be generated later, ahead of new calls (a queued actor call
     cannot be taken back safely): the engine skips those whose deadline has passed, and a new call is answered."""
     model = ensure_tiny_model(TinyModelConfig(kind="text"), tmp_path)
-    engine = JudgeEngineActor.remote(str(model), 1024, "vllm")
+    engine = JudgeEngineActor.remote(str(model), 1024, "vllm", 0, 448 * 448)
     messages = [build_judge_messages(JudgeRequest.of(t, SAMPLE)) for t in TEXTS]
     try:
         ray.get(engine.chat.remote(messages, 8))  # the engine is up
@@ -138,7 +138,7 @@ def test_transformers_fallback_engine_as_judge(ray_local, tmp_path):
         retries=2,
         fallback=0.0,
     )
-    engine = JudgeEngineActor.remote(str(model), 4096, "hf")
+    engine = JudgeEngineActor.remote(str(model), 4096, "hf", 0, 448 * 448)
     try:
         judge = Judge(jc, LocalJudgeBackend(jc, engine))
         results = judge.score([JudgeRequest.of(t, SAMPLE) for t in TEXTS])
@@ -217,7 +217,7 @@ def test_a_text_only_judge_model_is_refused_frames(ray_local, tmp_path):
     finally:
         unjudged.shutdown()
     # and the engine actor itself refuses at start (it dies with the reason instead of judging blind)
-    engine = JudgeEngineActor.remote(str(model), 1024, "vllm", num_frames=8)
+    engine = JudgeEngineActor.remote(str(model), 1024, "vllm", 8, 448 * 448)
     with pytest.raises(ray.exceptions.RayActorError, match="reward.judge.num_frames"):
         ray.get(engine.stats.remote(), timeout=120)
     ray.kill(engine)

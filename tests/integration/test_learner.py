@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from buffer_service.records import ReplaySample, Trajectory
+from learner import objective
 from learner.config import LearnerConfig, LoraConfig
 from learner.learner import Learner, SFTExample
 from learner.transport import (
@@ -106,6 +107,76 @@ def test_learner_raises_logprob_of_rewarded_completion(text_model, zero_stage):
     assert set(out["advantages"]) == {f"g3/{i}" for i in range(4)}
     assert out["advantages"]["g3/0"] > 0 > out["advantages"]["g3/1"]
     assert out["mean_logratio_old_ref"]["g3/0"] > 0  # the policy moved away from the reference on it
+    learner.close()
+
+
+@pytest.mark.gpu
+def test_learner_steps_in_bf16_on_cuda(text_model):
+    """The release's precision on its hardware: bf16 weights in the DeepSpeed engine on a CUDA device; the
+    rewarded completion becomes more likely than the others."""
+    learner = Learner(cfg(precision="bf16", zero_stage=2), text_model, total_steps=20)
+    assert learner.device.type == "cuda"
+    assert {p.dtype for p in learner.engine.module.parameters()} == {torch.bfloat16}
+    prompt, comps = problem()
+    before = seq_logps(learner, prompt, comps)
+    for step in range(4):
+        group = make_group(learner.completion_logprobs, prompt, comps, [1.0, 0.0, 0.0, 0.0], f"g{step}")
+        out = learner.train_step([group])
+        assert out["step"] == step + 1 and math.isfinite(out["loss"]) and math.isfinite(out["grad_norm"])
+    gains = [a - b for a, b in zip(seq_logps(learner, prompt, comps), before)]
+    assert gains[0] > 1.0 and gains[0] > max(gains[1:]), gains
+    learner.close()
+
+
+def test_train_step_is_the_objectives_composition(text_model, monkeypatch):
+    """The learner's loss is learner.objective's, the path the hand-computed and GRPO-reduction tests check:
+    step_advantages once per step, avatar_loss once per micro-batch. A learner that built its loss any other way
+    would not call them; and its reported loss equals avatar_loss on the whole batch, computed here from the
+    model's log-probs before the step (the reference is the starting model; a replayed trajectory brings its own
+    reference log-probs, so the KL term is not 0)."""
+    import learner.learner as learner_module
+
+    calls = {"step_advantages": 0, "avatar_loss": 0}
+
+    def spy(name):
+        def call(*args):
+            calls[name] += 1
+            return getattr(objective, name)(*args)
+        return call
+
+    for name in calls:
+        monkeypatch.setattr(learner_module, name, spy(name))
+    lcfg = cfg(micro_batch_size=2)
+    learner = Learner(lcfg, text_model, total_steps=20)
+    prompt, comps = problem(seed=3)
+    fresh = make_group(learner.completion_logprobs, prompt, comps, [1.0, 0.0, 0.5, 0.0], "f")
+    fresh[1].behaviour_logprobs = [x + 0.3 for x in fresh[1].behaviour_logprobs]  # A < 0, ratio exp(-0.3): clipped
+    old = make_group(learner.completion_logprobs, prompt, comps[:2], [1.0, 0.0], "r", prompt_id="p1")
+    old[0].ref_logprobs = [x + 0.2 for x in old[0].behaviour_logprobs]
+    replay = [ReplaySample(t, rbar=0.25, tier="hard") for t in old]
+    trajs = fresh + old
+    current = learner.completion_logprobs(trajs)  # the policy before the step = the reference
+    out = learner.train_step([fresh], replay)
+    assert calls == {"step_advantages": 1, "avatar_loss": 3}  # 6 sequences in micro-batches of 2
+
+    width = max(len(t.completion_token_ids) for t in trajs)
+
+    def rows(values):
+        return torch.stack([torch.nn.functional.pad(torch.tensor(v, dtype=torch.float32), (0, width - len(v)))
+                            for v in values])
+
+    mask = rows([[1.0] * len(t.completion_token_ids) for t in trajs])
+    adv = objective.step_advantages(torch.tensor([t.reward for t in trajs]), torch.tensor([0, 0, 0, 0, 1, 2]),
+                                    torch.tensor([False] * 4 + [True] * 2), torch.tensor([0.0] * 4 + [0.25] * 2),
+                                    lcfg.objective)
+    ref = [t.ref_logprobs if t.ref_logprobs is not None else lp.tolist() for t, lp in zip(trajs, current)]
+    by_hand = objective.avatar_loss(objective.ObjectiveInputs(
+        rows([lp.tolist() for lp in current]), rows([t.behaviour_logprobs for t in trajs]), rows(ref), mask, adv),
+        lcfg.objective)
+    assert out["advantages"] == pytest.approx({t.trajectory_id: a for t, a in zip(trajs, adv.tolist())})
+    assert out["loss"] == pytest.approx(by_hand.loss.item(), rel=1e-4, abs=1e-6)
+    assert out["kl"] == pytest.approx(by_hand.stats["kl"], rel=1e-3) and out["kl"] > 0
+    assert out["clip_fraction"] == pytest.approx(by_hand.stats["clip_fraction"]) and out["clip_fraction"] > 0
     learner.close()
 
 
@@ -206,7 +277,7 @@ def test_export_hf_text_and_transformers_greedy(text_model, tmp_path):
 
 def test_safetensors_publish_bumps_version_and_verifies(text_model, tmp_path):
     learner = Learner(cfg(), text_model, total_steps=20)
-    transport = SafetensorsTransport(tmp_path / "pub", keep=2)
+    transport = SafetensorsTransport(tmp_path / "pub", timeout_s=60, keep=2)
     infos = [learner.publish(transport) for _ in range(3)]
     assert [i.version for i in infos] == [1, 2, 3] and learner.policy_version == 3
     version, path = latest_published(tmp_path / "pub")

@@ -64,7 +64,6 @@ def hf_greedy(model, prompt, n=12):
 
 
 def test_export_and_published_weights_in_vllm(tmp_path):
-    pytest.importorskip("vllm")
     model = ensure_tiny_model(TinyModelConfig(kind="text"), tmp_path / "models")
     learner = Learner(LearnerConfig(zero_stage=1, lr=3e-2, warmup_ratio=0.0), model, total_steps=10)
     prompt, comps = problem(seed=7)
@@ -72,7 +71,7 @@ def test_export_and_published_weights_in_vllm(tmp_path):
     export = learner.export_hf(tmp_path / "export")
     for step in range(2):  # move on, then publish the newer weights
         learner.train_step([make_group(learner.completion_logprobs, prompt, comps, [0, 0, 1.0, 0], f"b{step}")])
-    info = learner.publish(SafetensorsTransport(tmp_path / "pub"))
+    info = learner.publish(SafetensorsTransport(tmp_path / "pub", timeout_s=60))
     learner.close()
 
     env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", VLLM_ALLOW_INSECURE_SERIALIZATION="1",

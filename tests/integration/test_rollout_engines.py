@@ -117,7 +117,7 @@ def test_weight_update_changes_output_to_the_new_weights_and_bad_loads_keep_the_
     before = engine.generate(prompt, greedy)[0].completions[0]
 
     new_model, state = perturbed_state_dict(setup["model_dir"])
-    transport = SafetensorsTransport(setup["root"] / "weights", keep=5)
+    transport = SafetensorsTransport(setup["root"] / "weights", timeout_s=60, keep=5)
     published = transport.publish(state, version=1)
     seconds = engine.load_weights(published.location, 1, published.checksum)
     assert engine.version == 1 and seconds > 0

@@ -39,7 +39,7 @@ def letter_forms(letter: str) -> list[str]:
 def score(answer: str, options: list[str], gt: str) -> float:
     s = PromptSample(id="q", question="q?", problem_type="multiple_choice", answer=gt, options=options)
     c = f"<think>1. look.</think><answer>{answer}</answer>"
-    return accuracy_reward(c, s, GroupContext.of([c], s))
+    return accuracy_reward(c, s, GroupContext.of([c], s, "binary"))
 
 
 def assert_names(answer: str, options: list[str], index: int) -> None:
@@ -140,7 +140,7 @@ def test_self_consistency_counts_only_strict_answers():
     options = ["A. red", "B. green", "C. blue"]
     s = PromptSample(id="q", question="q?", problem_type="multiple_choice", answer="B", options=options)
     comps = [f"<think>x</think><answer>{a}</answer>" for a in ["A or B", "C is wrong, B", "a red cube", "(b)"]]
-    g = GroupContext.of(comps, s)
+    g = GroupContext.of(comps, s, "binary")
     assert g.answers == [None, None, None, "B"]
     assert g.majority == "B"
     assert [self_consistency_reward(c, s, g) for c in comps] == [0.0, 0.0, 0.0, 1.0]

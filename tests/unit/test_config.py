@@ -1,14 +1,29 @@
+from pathlib import Path
+
 import pytest
+import yaml
 
 from cluster.config import ConfigError, load_config
+from learner.config import ObjectiveConfig
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_defaults_follow_avatar_md():
+def test_defaults_are_the_releases():
     cfg = load_config()
     assert cfg.learner.objective.clip_eps == 0.2 and cfg.learner.objective.kl_beta == 0.1
     assert cfg.learner.objective.tas_lambda == 0.3 and cfg.learner.objective.tas_shape == "parabola"
     assert cfg.buffer.capacity == 10_000 and cfg.buffer.tier_ratios == {"easy": 0.25, "medium": 0.35, "hard": 0.40}
     assert cfg.processor.max_frames == 16 and cfg.processor.max_pixels == 224 * 224
+
+
+def test_avatar_base_spells_out_the_objectives_defaults_and_agrees_with_them():
+    """configs/avatar_base.yaml names the release's objective for its readers; the defaults live in
+    ObjectiveConfig, so the file must repeat them exactly (a default changed in one place only fails here)."""
+    written = yaml.safe_load((ROOT / "configs" / "avatar_base.yaml").read_text())["learner"]["objective"]
+    assert {"clip_eps", "kl_beta", "tas_shape", "tas_lambda", "vcrs_alpha"} <= set(written)
+    defaults = ObjectiveConfig().model_dump()
+    assert {k: defaults[k] for k in written} == written
 
 
 def test_yaml_and_typed_overrides(tmp_path):

@@ -1,19 +1,23 @@
-"""The driver's parts, each alone: the task ledger (staleness bound, cursor), the retry policy (by exception
-type), the learner's step summary, the version a resumed job publishes under, and the mechanism summary."""
+"""The driver's parts, each alone: the task ledger (staleness bound, cursor), the task hand-out, the rollout
+workers' health, the stream's and the workers' accounting, the retry policy (by exception type), the learner's
+step summary, the version a resumed job publishes under, and the mechanism summary."""
 
 from __future__ import annotations
 
 import pytest
 import ray
 
+from actors.tasks import PromptTask
 from buffer_service.records import ReplaySample
+from cluster.accounting import StreamAccounting, WorkerCounters, newer_counters
 from cluster.committer import Committer
-from cluster.driver import Flight, newer_counters
+from cluster.handout import TaskHandout
 from cluster.job import resume_version
 from cluster.ledger import TaskLedger
 from cluster.report import format_mechanisms, mechanism_summary
 from cluster.retry import DATA_LOST, WORKER_LOST, ScoringRetries, classify
 from cluster.state import RunState
+from cluster.worker_health import WorkerHealth
 from learner.summary import step_summary
 from learner.transport import SafetensorsTransport
 from tests.conftest import make_traj
@@ -71,18 +75,75 @@ def test_a_reward_workers_older_counters_never_replace_newer_ones():
 
 def test_groups_pushed_past_the_learners_read_still_count_toward_the_next_batch(tmp_path):
     state = RunState()
-    flight = Flight(None, None, None, state)
+    stream = StreamAccounting(state)
     committer = Committer(tmp_path, state, None, lambda ids: None)
-    flight.pushed = 8  # one rollout call's report: 8 groups in the stream
+    stream.pushed = 8  # one rollout call's report: 8 groups in the stream
     # the learner reads a batch (4) and trains it: the other 4 are still in the stream, a batch for the next step
-    flight.learner_read({"trained": True, "entry_ids": ["1-0", "2-0", "3-0", "4-0"], "stale": [], "held": 0}, committer)
-    assert (flight.pushed, flight.learner_held) == (4, 0) and flight.batch_may_be_ready(4)
+    stream.learner_read({"trained": True, "entry_ids": ["1-0", "2-0", "3-0", "4-0"], "stale": [], "held": 0}, committer)
+    assert (stream.pushed, stream.learner_held) == (4, 0) and stream.batch_may_be_ready(4)
     # it reads 3 (one stale, dropped) and holds 2 without training; one more push makes a batch
     stale = [("5-0", "p5#0", 0)]
-    assert flight.learner_read({"trained": False, "stale": stale, "held": 2}, committer) == ["p5#0"]
-    assert (flight.pushed, flight.learner_held) == (1, 2) and not flight.batch_may_be_ready(4)
-    flight.pushed += 1
-    assert flight.batch_may_be_ready(4) and state.counters["stale_dropped"] == 1
+    assert stream.learner_read({"trained": False, "stale": stale, "held": 2}, committer) == ["p5#0"]
+    assert (stream.pushed, stream.learner_held) == (1, 2) and not stream.batch_may_be_ready(4)
+    stream.pushed += 1
+    assert stream.batch_may_be_ready(4) and state.counters["stale_dropped"] == 1
+    assert state.pending_ack == ["5-0"]  # the stale group is acknowledged with the next checkpoint
+
+
+def _tasks(*keys):
+    return [PromptTask(key=k, sample=None) for k in keys]
+
+
+def test_handout_deals_round_robin_over_the_workers_that_answer_and_keeps_the_rest_waiting():
+    sent = []
+
+    def call(i, tasks):
+        sent.append((i, [t.key for t in tasks]))
+        return f"ref{len(sent)}"  # stands in for the call's ObjectRef
+
+    handout = TaskHandout(call)
+    handout.give(_tasks("a", "b", "c"), live=[0, 2])
+    assert sent == [(0, ["a", "c"]), (2, ["b"])]  # one call per worker
+    assert handout.tasks_in_flight == 3 and not handout.idle
+    handout.give(_tasks("d"), live=[0, 2])  # the deal goes on where it stopped
+    assert sent[-1] == (2, ["d"])
+    handout.give(_tasks("e", "f"), live=[])  # nobody answers: the tasks wait, still counted in flight
+    assert handout.unassigned and handout.tasks_in_flight == 6 and len(sent) == 3
+    handout.give_waiting(live=[])
+    assert len(sent) == 3
+    handout.give_waiting(live=[1])
+    assert sent[-1] == (1, ["e", "f"]) and handout.unassigned == [] and handout.tasks_in_flight == 6
+
+
+def test_worker_health_probes_a_lost_worker_once_and_counts_failed_weight_loads():
+    probed = []
+    health = WorkerHealth(["rollout-0", "rollout-1"], wait_s=60, max_load_failures=2,
+                          probe=lambda i: probed.append(i) or f"probe{i}")
+    assert health.lost(1) and not health.lost(1)  # its second failed call while away is not a new loss
+    assert probed == [1] and health.live() == [0] and health.away_names() == ["rollout-1"]
+    assert health.availability.away and set(health.probes) == {1}
+    assert [health.weight_load("w0", "bad file"), health.weight_load("w0", "bad file")] == [1, 2]
+    assert health.weight_load("w0", None) == 0  # a good load resets the count
+    assert [health.weight_load("w0", "x"), health.weight_load("w0", "x")] == [1, 2]
+    with pytest.raises(RuntimeError, match="w0 failed to load the published weights 3 times in a row "
+                                           r"\(pipeline.max_weight_load_failures 2\): x"):
+        health.weight_load("w0", "x")
+
+
+def test_worker_counters_keep_each_workers_latest_and_take_load_seconds_once():
+    counters = WorkerCounters()
+    counters.rollout_report("w0", {"node_id": "n1", "completions": 8, "version": 2, "groups_scoring": 1}, 0.5)
+    counters.rollout_report("w1", {"node_id": "n2", "completions": 4, "version": 1, "groups_scoring": 2}, 0.25)
+    counters.rollout_report("w0", {"node_id": "n1", "completions": 12, "version": 3, "groups_scoring": 0}, 0.0)
+    counters.reward_receipt(0, {"groups_scored": 2, "judge_requests": 2})
+    counters.reward_receipt(0, {"groups_scored": 1, "judge_requests": 1})  # an older reply read late
+    counters.reward_receipt(1, {"groups_scored": 3, "judge_requests": 3})
+    assert counters.groups_scoring == 2
+    assert counters.rollout_summary() == {"w0": {"node": "n1", "completions": 12, "version": 3},
+                                          "w1": {"node": "n2", "completions": 4, "version": 1}}
+    reward, rollout, load_s = counters.take()
+    assert reward["groups_scored"] == 5 and reward["judge_requests"] == 5 and load_s == 0.75 and len(rollout) == 2
+    assert counters.take()[2] == 0.0
 
 
 def test_step_summary_by_hand():
@@ -111,7 +172,7 @@ def test_resume_version_stays_monotonic(tmp_path):
 
     run_dir = tmp_path
     assert resume_version(run_dir, 4) == 4  # nothing published yet: the checkpoint's version
-    transport = SafetensorsTransport(run_dir / "published")
+    transport = SafetensorsTransport(run_dir / "published", timeout_s=60)
     w = {"x": torch.zeros(2)}
     transport.publish(w, 4)
     assert resume_version(run_dir, 4) == 4  # the lost run published nothing past the checkpoint

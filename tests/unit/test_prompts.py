@@ -19,7 +19,7 @@ def test_a_few_unreadable_prompts_pass_most_stop_the_job():
 
 def test_each_pass_visits_every_prompt_once_with_pass_numbered_keys():
     samples = [PromptSample(id=f"p{i}", question="q", problem_type="numerical", answer="1") for i in range(5)]
-    order = PromptOrder(samples, seed=3)
+    order = PromptOrder(samples, seed=3, shuffle=True)
     keys = [order.task(i)[0] for i in range(10)]
     assert sorted(keys[:5]) == [f"p{i}#0" for i in range(5)] and sorted(keys[5:]) == [f"p{i}#1" for i in range(5)]
     assert [order.task(i)[0] for i in range(10)] == keys  # deterministic

@@ -133,7 +133,7 @@ def test_multiple_choice(pred, expected):
 def test_multiple_choice_needs_answer_block():
     s = sample("multiple_choice", "B", OPTIONS)
     for c in ["The answer is B", "<answer>B", "", "<think>B</think>"]:
-        assert accuracy_reward(c, s, GroupContext.of([c], s)) == 0.0
+        assert accuracy_reward(c, s, GroupContext.of([c], s, "binary")) == 0.0
     # text outside the tags does not matter to R_acc (R_format takes care of it)
     assert accuracy_reward("blah <answer>B</answer> blah", s, None) == 1.0
 
@@ -224,7 +224,7 @@ def test_default_exact_match():
 
 def self_rewards(answers, s):
     comps = [done(a) if a is not None else "no answer here" for a in answers]
-    g = GroupContext.of(comps, s)
+    g = GroupContext.of(comps, s, "binary")
     return [self_consistency_reward(c, s, g) for c in comps], g.majority
 
 

@@ -1,7 +1,13 @@
-"""What the driver receives, audited: with AVATAR_AUDIT_RECEIVED=<file>, every object that a `ray.get` in the
-driver process returns is walked (dataclasses, lists, tuples, dicts) and each type found in it is written to
-the file once, with the largest size in bytes seen for `bytes` values. The data plane's test reads the file:
-receipts, counts and ids may reach the driver; a trajectory (or its Arrow bytes) must not."""
+"""Hooks for the test suites, off unless their environment variable is set; the product calls them at the two
+points the tests watch and nowhere else.
+
+- failpoint(name) (tests/faults): with AVATAR_FAILPOINT=<name> and AVATAR_FAILPOINT_FILE set, the first process
+  to reach the point claims the file and exits at once (as a SIGKILL would).
+- install_audit_from_env() (tests/e2e, the data plane's test): with AVATAR_AUDIT_RECEIVED=<file>, every object that
+  a `ray.get` in the driver process returns is walked (dataclasses, lists, tuples, dicts) and each type found in
+  it is written to the file once, with the largest size in bytes seen for `bytes` values: receipts, counts and ids
+  may reach the driver; a trajectory (or its Arrow bytes) must not.
+"""
 
 from __future__ import annotations
 
@@ -35,7 +41,7 @@ def _walk(obj, found: dict, depth: int = 0) -> None:
             _walk(item, found, depth + 1)
 
 
-def install_from_env() -> None:
+def install_audit_from_env() -> None:
     """Wrap ray.get in this process when AVATAR_AUDIT_RECEIVED names a file (idempotent)."""
     path = os.environ.get("AVATAR_AUDIT_RECEIVED")
     if not path:
@@ -63,3 +69,19 @@ def install_from_env() -> None:
 
     audited_get._avatar_audit = True
     ray.get = audited_get
+
+
+def failpoint(name: str) -> None:
+    """Exit this process at once if AVATAR_FAILPOINT names this point and no process has fired it yet (the
+    AVATAR_FAILPOINT_FILE marker, created exclusively, holds the pid that did); nothing happens otherwise."""
+    if os.environ.get("AVATAR_FAILPOINT") != name:
+        return
+    marker = os.environ.get("AVATAR_FAILPOINT_FILE")
+    try:
+        fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY) if marker else None
+    except FileExistsError:
+        return  # fired once already
+    if fd is not None:
+        os.write(fd, str(os.getpid()).encode())
+        os.close(fd)
+        os._exit(1)
