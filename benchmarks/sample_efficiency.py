@@ -54,7 +54,7 @@ from cluster.config import load_config, parse_override
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
-CORE_ARMS = "grpo,avatar"
+CORE_ARMS = "grpo,grpo4,avatar"
 ABLATION_ARMS = "tas_only,replay_only,no_hints"
 
 # The same for every arm (none of them may touch an arm's keys; checked): the stage the paper's ablations run
@@ -71,7 +71,6 @@ SCALE = [
     "pipeline.prompts_per_step=4", "pipeline.max_staleness=0", "pipeline.checkpoint_every=1",
 ]
 MANIFEST_KEYS = ("data.manifest", "data.eval_manifest")
-SHORT_REASONING = "<think>I watch and listen.</think>"
 
 
 @dataclass(frozen=True)
@@ -105,40 +104,58 @@ def task_paths(out: Path) -> Task:
                 out / "task" / "heldout" / "manifest.jsonl")
 
 
+def demo_synth():
+    """The demo's question family (configs/demo_stage0.yaml's data.synth): the benchmark asks its question there."""
+    return load_config(ROOT / "configs" / "demo_stage0.yaml").data.synth
+
+
 def prepare_task(out: Path, plan: Plan) -> Task:
-    """The synthetic stage-2 prompts (training seed 0, held-out seed 1000: disjoint by construction), and the
-    stage-0 subset. Generated once; a folder made for another plan is made again."""
-    from data.config import SynthConfig
+    """The demo's synthetic family: plan.train_items prompts to train on (seed 0), plan.heldout_items held out
+    (seed 1000: disjoint by construction), and the stage-0 subset (the first plan.sft_items training prompts).
+    Generated once; a folder made for another plan or family is made again."""
     from data.synth import generate
 
+    synth = demo_synth()
     task = task_paths(out)
     stamp = out / "task" / "plan.json"
-    want = json.dumps([plan.train_items, plan.sft_items, plan.heldout_items, SHORT_REASONING])
+    want = json.dumps([plan.train_items, plan.sft_items, plan.heldout_items, synth.model_dump()])
     if stamp.is_file() and stamp.read_text() == want and all(p.is_file() for p in (task.train, task.sft, task.heldout)):
         return task
     print(f"[bench] generating the task: {plan.train_items} training prompts, {plan.heldout_items} held out",
           flush=True)
-    generate(SynthConfig(num_items=plan.train_items, stage=2, seed=0), task.train.parent)
-    generate(SynthConfig(num_items=plan.heldout_items, stage=2, seed=1000), task.heldout.parent)
-    rows = [json.loads(line) for line in task.train.read_text().splitlines()[: plan.sft_items]]
-    for row in rows:  # the RL stage never reads `cot`; stage 0 learns this short form from it
-        row["cot"] = f"{SHORT_REASONING}<answer>{row['answer']}</answer>"
-    task.sft.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    generate(synth.model_copy(update={"num_items": plan.train_items, "seed": 0}), task.train.parent)
+    generate(synth.model_copy(update={"num_items": plan.heldout_items, "seed": 1000}), task.heldout.parent)
+    rows = task.train.read_text().splitlines()[: plan.sft_items]
+    task.sft.write_text("".join(row + "\n" for row in rows))
     stamp.write_text(want)
     return task
+
 
 def _python() -> str:
     venv = ROOT / ".venv" / "bin" / "python"
     return str(venv) if venv.exists() else sys.executable
 
 
+def code_version() -> str:
+    """The commit the runs were made with (git rev-parse HEAD), and with uncommitted changes to tracked files a
+    hash of them (`<commit>-dirty-<hash>`): a cached run made by other code is run again. "unknown" outside git."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+
+    try:
+        head, diff = git("rev-parse", "HEAD").strip(), git("diff", "HEAD")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return f"{head}-dirty-{hashlib.sha256(diff.encode()).hexdigest()[:12]}" if diff else head
+
+
 def _train(config: str, overrides: list[str], log: Path) -> dict:
     """One stage as a subprocess of the CLI; returns its summary.json. Cached: a finished run with the same
-    overrides is not run again."""
+    overrides and the same code version is not run again."""
     run_dir = Path(next(o.split("=", 1)[1] for o in overrides if o.startswith("run_dir=")))
     name = next(o.split("=", 1)[1] for o in overrides if o.startswith("name="))
     folder = run_dir / name
-    key = hashlib.sha256(json.dumps([config, overrides]).encode()).hexdigest()[:16]
+    key = hashlib.sha256(json.dumps([config, overrides, code_version()]).encode()).hexdigest()[:16]
     stamp = folder / "benchmark_key"
     summary = folder / "summary.json"
     if stamp.is_file() and stamp.read_text() == key and summary.is_file() and "after" in json.loads(summary.read_text()):
@@ -258,6 +275,9 @@ def run_record(seed: int, summary: dict, rows: list[dict], window: int) -> dict:
         "zero_adv_groups": [r["zero_adv_group_fraction"] for r in rows],
         "group_accuracy": [r["group_accuracy"] for r in rows],
         "hint_rate": [r["hint_rate"] for r in rows],
+        # the accuracy of the fresh groups with and without a hint, apart (a hint may make its prompt easier)
+        "hinted_accuracy": [a for r in rows for a, h in zip(r["group_accuracy"], r["group_hinted"]) if h],
+        "unhinted_accuracy": [a for r in rows for a, h in zip(r["group_accuracy"], r["group_hinted"]) if not h],
         "replay_fraction": [r["replay_fraction"] for r in rows],
         "tiers": [r["tier_sizes"] for r in rows],
         "advantages_fresh": [a for r in rows for a in r["advantages_fresh"]],
@@ -314,6 +334,8 @@ def analyse(results: dict[str, list[dict]], plan: Plan, reference: str = "avatar
             "heldout_final": [r["heldout"][-1][1] for r in runs],
             "zero_adv_groups": _quarters([r["zero_adv_groups"] for r in runs]),
             "hint_rate": _quarters([r["hint_rate"] for r in runs]),
+            "train_acc_unhinted": [_mean_or_nan(r["unhinted_accuracy"]) for r in runs],
+            "train_acc_hinted": [_mean_or_nan(r["hinted_accuracy"]) for r in runs],
             "replay_fraction": _quarters([r["replay_fraction"] for r in runs]),
             "tiers_final_median": tiers,
             "wall_seconds": statistics.fmean(r["wall_seconds"] for r in runs),
@@ -321,8 +343,7 @@ def analyse(results: dict[str, list[dict]], plan: Plan, reference: str = "avatar
 
     def paired_difference(arm: str, seeds, key: str, sub: str | None = None) -> dict:
         mine, ref = column(arm, seeds, key, sub), column(reference, seeds, key, sub)
-        return {"diff": stats.difference_of_means(ref, mine),
-                "ci": stats.paired_bootstrap(ref, mine, stats.difference_of_means)}
+        return {"diff": stats.difference_of_means(ref, mine), "ci": stats.paired_t_interval(ref, mine)}
 
     vs = {}
     for arm in results:
@@ -332,8 +353,7 @@ def analyse(results: dict[str, list[dict]], plan: Plan, reference: str = "avatar
         out = {"seeds": seeds, "to_target": {}}
         for t in map(str, plan.targets):
             a, b = column(arm, seeds, "to_target", t), column(reference, seeds, "to_target", t)
-            out["to_target"][t] = {"ratio": stats.ratio_of_medians(a, b),
-                                   "ci": stats.paired_bootstrap(a, b, stats.ratio_of_medians)}
+            out["to_target"][t] = {"ratio": stats.ratio_of_medians(a, b)}
         out["mean_train_acc"] = paired_difference(arm, seeds, "mean_train_acc")
         out["mean_step_acc"] = paired_difference(arm, seeds, "mean_step_acc")
         out["heldout_at"] = {str(c): paired_difference(arm, seeds, "heldout_at", str(c)) for c in points}
@@ -342,27 +362,63 @@ def analyse(results: dict[str, list[dict]], plan: Plan, reference: str = "avatar
             "reference": reference}
 
 
-def _ci(values: list[float], stat=stats.median, digits: int = 0) -> str:
-    lo, hi = stats.bootstrap(values, stat)
-    return f"{stats.fmt(stat(values), digits)} [{stats.fmt(lo, digits)}, {stats.fmt(hi, digits)}]"
+def _mean_or_nan(values: list[float]) -> float:
+    return statistics.fmean(values) if values else math.nan
+
+
+def _ci(values: list[float], digits: int = 3) -> str:
+    """The mean over seeds and its t interval (seeds without a value, NaN, left out)."""
+    values = [v for v in values if not math.isnan(v)]
+    if not values:
+        return "-"
+    lo, hi = stats.t_interval(values)
+    return f"{stats.fmt(statistics.fmean(values), digits)} [{stats.fmt(lo, digits)}, {stats.fmt(hi, digits)}]"
+
+
+def _range(values: list[float]) -> str:
+    """The median over seeds and the seeds' range (a few seeds' medians get no interval)."""
+    return f"{stats.fmt(stats.median(values), 0)} ({stats.fmt(min(values), 0)}-{stats.fmt(max(values), 0)})"
 
 
 def print_tables(a: dict, plan: Plan) -> list[str]:
-    ref, arms = a["reference"], a["arms"]
-    lines = ["### The runs", "",
-             "| arm | seeds | completions per run | zero-adv groups: all (first, last quarter) | hint rate | replay "
-             "fraction | tiers easy/medium/hard at the end | held-out before -> after (mean [95% CI]) | wall s/run |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    ref, arms, end = a["reference"], a["arms"], a["common_completions"]
+    points = a["heldout_points"]
+    lines = [f"### Held-out accuracy (greedy, {plan.heldout_items} unseen prompts) at equal generated completions", "",
+             f"mean over seeds [95% t interval]; diff = {ref} - arm, paired over seeds [95% t interval]", "",
+             "| arm | seeds | " + " | ".join(f"at {c} | diff" for c in points) + " |",
+             "|---|---|" + "---|---|" * len(points)]
+    for arm, t in arms.items():
+        v = a["vs_reference"].get(arm)
+        cells = []
+        for c in points:
+            cells += [_ci(t["heldout_at"][str(c)]), "-" if v is None else _diff(v["heldout_at"][str(c)])]
+        lines.append(f"| {arm} | {len(t['seeds'])} | " + " | ".join(cells) + " |")
+    lines += ["", f"### Training accuracy: over generated completions {a['window_start']}-{end} (the area under the "
+              f"last-{plan.window}-completions curve / its width), per learner step, and of unhinted and hinted "
+              "groups apart (whole run)", "",
+              f"mean [95% t interval]; diff = {ref} - arm, paired over seeds [95% t interval]", "",
+              "| arm | per generated completion | diff | per learner step | diff | unhinted groups | hinted groups |",
+              "|---|---|---|---|---|---|---|"]
+    for arm, t in arms.items():
+        v = a["vs_reference"].get(arm)
+        lines.append(f"| {arm} | {_ci(t['mean_train_acc'])} | {'-' if v is None else _diff(v['mean_train_acc'])} | "
+                     f"{_ci(t['mean_step_acc'])} | {'-' if v is None else _diff(v['mean_step_acc'])} | "
+                     f"{_ci(t['train_acc_unhinted'])} | {_ci(t['train_acc_hinted'])} |")
+    lines += ["", "### The runs", "",
+              "| arm | seeds | completions per run | zero-adv groups: all (first, last quarter) | hint rate | replay "
+              "fraction | tiers easy/medium/hard at the end | held-out before -> after (mean [95% t interval]) | "
+              "wall s/run |",
+              "|---|---|---|---|---|---|---|---|---|"]
     for arm, t in arms.items():
         z, h, r = t["zero_adv_groups"], t["hint_rate"], t["replay_fraction"]
         before = statistics.fmean(t["heldout_at"]["0"]) if "0" in t["heldout_at"] else math.nan
         tiers = "/".join(f"{t['tiers_final_median'][k]:.0f}" for k in ("easy", "medium", "hard"))
         lines.append(f"| {arm} | {len(t['seeds'])} | {t['completions_per_run']:.0f} | {z[0]:.2f} ({z[1]:.2f}, {z[2]:.2f}) "
-                     f"| {h[0]:.2f} | {r[0]:.2f} | {tiers} | {before:.3f} -> "
-                     f"{_ci(t['heldout_final'], statistics.fmean, 3)} | {t['wall_seconds']:.0f} |")
+                     f"| {h[0]:.2f} | {r[0]:.2f} | {tiers} | {before:.3f} -> {_ci(t['heldout_final'])} | "
+                     f"{t['wall_seconds']:.0f} |")
     lines += ["", f"### Completions generated until the training accuracy (last {plan.window} generated completions) "
-              "reaches a target", "", "median [95% bootstrap CI over seeds]; inf = not reached within the run; "
-              f"ratio = the arm's median / {ref}'s median (> 1: {ref} needed fewer), paired over the seeds both ran", "",
+              "reaches a target", "", "median over seeds (the seeds' range); inf = not reached within the run; "
+              f"ratio = the arm's median / {ref}'s median (> 1: {ref} needed fewer)", "",
               "| arm | " + " | ".join(f"to {t:.2f} | ratio to {ref}" for t in plan.targets) + " |",
               "|---|" + "---|---|" * len(plan.targets)]
     for arm, t in arms.items():
@@ -370,26 +426,9 @@ def print_tables(a: dict, plan: Plan) -> list[str]:
         for target in plan.targets:
             vals = t["to_target"][str(target)]
             reached = sum(v != stats.INF for v in vals)
-            cells.append(f"{_ci(vals)} ({reached}/{len(vals)} reached)")
+            cells.append(f"{_range(vals)} ({reached}/{len(vals)} reached)")
             v = a["vs_reference"].get(arm, {}).get("to_target", {}).get(str(target))
-            cells.append("-" if v is None else f"{stats.fmt(v['ratio'])} [{stats.fmt(v['ci'][0])}, {stats.fmt(v['ci'][1])}]")
-        lines.append(f"| {arm} | " + " | ".join(cells) + " |")
-    end = a["common_completions"]
-    lines += ["", f"### Mean training accuracy over generated completions {a['window_start']}-{end} (the area under the "
-              f"curve / its width), held-out accuracy at equal generated completions, and the mean training accuracy "
-              f"of all steps (equal learner steps)", "",
-              f"mean [95% CI]; diff = {ref} - arm, paired over seeds [95% CI]", "",
-              "| arm | mean train acc | diff | " + " | ".join(f"held-out at {c} | diff" for c in a["heldout_points"])
-              + " | per step, equal learner steps | diff |",
-              "|---|---|---|" + "---|---|" * len(a["heldout_points"]) + "---|---|"]
-    for arm, t in arms.items():
-        v = a["vs_reference"].get(arm)
-        cells = [_ci(t["mean_train_acc"], statistics.fmean, 3),
-                 "-" if v is None else _diff(v["mean_train_acc"])]
-        for c in a["heldout_points"]:
-            cells.append(_ci(t["heldout_at"][str(c)], statistics.fmean, 3))
-            cells.append("-" if v is None else _diff(v["heldout_at"][str(c)]))
-        cells += [_ci(t["mean_step_acc"], statistics.fmean, 3), "-" if v is None else _diff(v["mean_step_acc"])]
+            cells.append("-" if v is None else stats.fmt(v["ratio"]))
         lines.append(f"| {arm} | " + " | ".join(cells) + " |")
     for line in lines:
         print(line)
@@ -397,10 +436,11 @@ def print_tables(a: dict, plan: Plan) -> list[str]:
 
 
 def _diff(d: dict) -> str:
-    return f"{d['diff']:+.3f} [{d['ci'][0]:+.3f}, {d['ci'][1]:+.3f}]"
+    lo, hi = d["ci"]
+    return f"{d['diff']:+.3f} [{lo:+.3f}, {hi:+.3f}]" if not math.isnan(lo) else f"{d['diff']:+.3f}"
 
 
-COLOURS = {"grpo": "tab:gray", "avatar": "tab:red", "tas_only": "tab:blue", "replay_only": "tab:green",
+COLOURS = {"grpo": "tab:gray", "grpo4": "tab:brown", "avatar": "tab:red", "tas_only": "tab:blue", "replay_only": "tab:green",
            "no_hints": "tab:purple"}
 
 
@@ -518,7 +558,7 @@ def main() -> None:
     js, png = results_dir / f"{name}.json", results_dir / f"{name}.png"
     js.write_text(json.dumps(_finite({"args": vars(args), "plan": asdict(plan), "init_from": init_from,
                                       "analysis": analysis, "printed": lines, "runs": results,
-                                      "total_seconds": time.time() - t_start}), indent=1))
+                                      "code_version": code_version(), "total_seconds": time.time() - t_start}), indent=1))
     plot(results, plan, png)
     print(f"total {time.time() - t_start:.0f} s")
     print(f"wrote {js}\nwrote {png}")
