@@ -1,12 +1,16 @@
 """Does AVATAR beat GRPO, and the 4-fresh control, on held-out accuracy per generated completion?
 
-    .venv/bin/python -m benchmarks.sample_efficiency [--seeds 5] [--ablation-seeds 3] [--steps 60] [--quick]
+    .venv/bin/python -m benchmarks.sample_efficiency [--seeds 5] [--ablation-seeds 3] [--steps 200] [--quick]
 
-The task (built once under the output folder, `prepare_task`): the demo's synthetic audio-visual family
-(configs/demo_stage0.yaml's data.synth: "What colour is the shape when the video ends?", "Are the beeps high or
-low?", answered in short form by name), 256 prompts to train on, 100 unseen prompts of the same family held out
-for greedy evaluation, and the demo's partial stage 0 (configs/demo_stage0.yaml) as every arm's start. The reward
-is the accuracy term alone (binary): the format is learned in stage 0.
+The task (built once under the output folder, `prepare_task`): 48 synthetic stage-2 audio-visual prompts to train
+on ("How many beeps sound while the red circle is on screen?", "Which colour was showing when the high tone
+played?"; each comes back about 17 times in 200 steps of 4), 100 unseen prompts of the same family held out for
+greedy evaluation, and a stage-0 SFT policy (configs/demo_stage0.yaml) trained on the short answers
+("<think>I watch and listen.</think><answer>red</answer>") of half of the training prompts only: the RL stage
+starts with prompts the policy knows and prompts it does not, a spread of difficulty in which GRPO meets whole
+groups answered all right or all wrong (zero advantage). The reward is the accuracy term alone (binary). The
+policy memorises its training prompts and does not generalise (docs/benchmarks.md section 1): held-out accuracy is
+printed, and is flat; the training-accuracy comparison with the 4-fresh control is what this task can decide.
 
 The arms are the config files of benchmarks/arms.py, each differing from configs/avatar_base.yaml in the
 mechanism it names only (checked before anything runs; --dry-run prints the differences):
@@ -58,15 +62,14 @@ CORE_ARMS = "grpo,grpo4,avatar"
 ABLATION_ARMS = "tas_only,replay_only,no_hints"
 
 # The same for every arm (none of them may touch an arm's keys; checked): the stage the paper's ablations run
-# (2), the CPU learner (fp32, ZeRO-1, no LoRA, media towers trained as in the demo) and media sizes of the demo,
-# short completions (the demo's short answers take 17 tokens), a buffer larger than the run's samples, the
-# accuracy reward alone, and a synchronous pipeline with a checkpoint (a commit into the tiers) every step.
+# (2), the CPU learner (fp32, ZeRO-1, no LoRA, frozen media towers) and media sizes of the demo, short
+# completions (a short answer takes 16-17 tokens), a buffer larger than the run's samples, the accuracy reward
+# alone, and a synchronous pipeline with a checkpoint (a commit into the tiers) every step.
 SCALE = [
     "stage=2",
     "model.dtype=float32", "processor.max_frames=8", "processor.max_pixels=12544",
     "rollout.max_new_tokens=24",
     "learner.precision=fp32", "learner.zero_stage=1", "learner.lora.enabled=false",
-    "learner.freeze_media_encoders=false",
     "buffer.capacity=4000", "buffer.min_size=8",
     "reward.weights={accuracy: 1.0}",
     "pipeline.prompts_per_step=4", "pipeline.max_staleness=0", "pipeline.checkpoint_every=1",
@@ -78,15 +81,15 @@ MANIFEST_KEYS = ("data.manifest", "data.eval_manifest")
 class Plan:
     """The size of one benchmark: the task's prompts, stage 0 and the RL arms."""
 
-    steps: int = 60  # learner steps per arm
+    steps: int = 200  # learner steps per arm
     lr: float = 1e-3
-    eval_every: int = 30  # learner steps between held-out evaluations (GRPO-8 at 30 meets the others at 60)
-    train_items: int = 256  # as many as the demo's: a prompt comes back about once in 60 steps of 4
-    sft_items: int = 256  # the first ones of the training prompts: all of them, as in the demo
+    eval_every: int = 50  # learner steps between held-out evaluations (GRPO-8 at 50 meets the others at 100)
+    train_items: int = 48  # each comes back about 17 times in 200 steps of 4
+    sft_items: int = 24  # the first ones of the training prompts (every question kind and level alike)
     heldout_items: int = 100
-    sft_steps: int = 120  # the demo's partial stage 0
+    sft_steps: int = 200
     window: int = 128  # generated completions in the training-accuracy window (4 GRPO steps, 8 AVATAR steps)
-    targets: tuple[float, ...] = (0.5, 0.6, 0.7)
+    targets: tuple[float, ...] = (0.7, 0.75, 0.8)
 
 
 # CI's smoke run: the core arms for 4 steps from the tiny random model (no stage 0: one process fewer)
@@ -106,18 +109,21 @@ def task_paths(out: Path) -> Task:
                 out / "task" / "heldout" / "manifest.jsonl")
 
 
-def demo_synth():
-    """The demo's question family (configs/demo_stage0.yaml's data.synth): the benchmark asks its question there."""
-    return load_config(ROOT / "configs" / "demo_stage0.yaml").data.synth
+def task_synth():
+    """The question family: the synthetic stage-2 questions ("How many beeps sound while the red circle is on
+    screen?", "Which colour was showing when the high tone played?") with short answers."""
+    from data.config import SynthConfig
+
+    return SynthConfig(stage=2, short_answers=True)
 
 
 def prepare_task(out: Path, plan: Plan) -> Task:
-    """The demo's synthetic family: plan.train_items prompts to train on (seed 0), plan.heldout_items held out
-    (seed 1000: disjoint by construction), and the stage-0 subset (the first plan.sft_items training prompts).
-    Generated once; a folder made for another plan or family is made again."""
+    """task_synth's prompts: plan.train_items to train on (seed 0), plan.heldout_items held out (seed 1000:
+    disjoint by construction), and the stage-0 subset (the first plan.sft_items training prompts). Generated
+    once; a folder made for another plan or family is made again."""
     from data.synth import generate
 
-    synth = demo_synth()
+    synth = task_synth()
     task = task_paths(out)
     stamp = out / "task" / "plan.json"
     want = json.dumps([plan.train_items, plan.sft_items, plan.heldout_items, synth.model_dump()])
@@ -188,10 +194,10 @@ def ensure_stage0(out: Path) -> str:
 
 
 def ensure_task_stage0(out: Path, task: Task, plan: Plan) -> str:
-    """This benchmark's stage 0: configs/demo_stage0.yaml (short answers) on the stage-0 prompts, evaluated on
-    the held-out prompts. Built once."""
+    """This benchmark's stage 0: configs/demo_stage0.yaml on the short answers of the stage-0 prompts, evaluated
+    on the held-out prompts. Built once."""
     ov = [f"run_dir={out / 'runs'}", "name=stage0", f"data.manifest={task.sft}", f"data.eval_manifest={task.heldout}",
-          f"pipeline.steps={plan.sft_steps}", f"pipeline.eval_items={plan.heldout_items}",
+          f"pipeline.steps={plan.sft_steps}", f"pipeline.eval_items={plan.heldout_items}", "rollout.max_new_tokens=24",
           f"pipeline.checkpoint_every={plan.sft_steps}"]
     return _export_path(_train("configs/demo_stage0.yaml", ov, out / "logs" / "stage0.log"))
 

@@ -26,7 +26,7 @@ def test_decay_ends_at_the_stage_end():
 
 @pytest.mark.parametrize(("config", "steps", "warmup"), [
     ("configs/avatar_base.yaml", 1000, 50), ("configs/stage0_sft.yaml", 200, 10),
-    ("configs/demo_stage0.yaml", 120, 6), ("configs/demo.yaml", 48, 3),
+    ("configs/demo_stage0.yaml", 200, 10), ("configs/demo.yaml", 24, 2),
 ])
 def test_the_learner_is_given_the_stage_steps(config, steps, warmup):
     cfg = load_config(config)
