@@ -35,6 +35,8 @@ class Arm:
 ARMS: dict[str, Arm] = {
     "avatar": Arm(REFERENCE, "AVATAR: replay, TAS, hints", ()),
     "grpo": Arm("grpo_baseline.yaml", "replay off, uniform token weights, hints off", REPLAY_OFF + TAS_OFF + HINTS_OFF),
+    "grpo4": Arm("grpo_4fresh.yaml", "replay off with AVATAR's G = 4 fresh (no replayed half), uniform token "
+                 "weights, hints off", REPLAY_OFF[:1] + TAS_OFF + HINTS_OFF),
     "tas_only": Arm("ablation_tas_only.yaml", "replay off (G = 8 fresh)", REPLAY_OFF),
     "replay_only": Arm("ablation_replay_only.yaml", "uniform token weights", TAS_OFF),
     "no_hints": Arm("ablation_no_hints.yaml", "hints off", HINTS_OFF),

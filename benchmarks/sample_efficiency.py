@@ -1,37 +1,41 @@
-"""Does AVATAR beat GRPO? Generated completions until a training accuracy, where the mechanisms can act.
+"""Does AVATAR beat GRPO, and the 4-fresh control, on held-out accuracy per generated completion?
 
     .venv/bin/python -m benchmarks.sample_efficiency [--seeds 5] [--ablation-seeds 3] [--steps 200] [--quick]
 
 The task (built once under the output folder, `prepare_task`): 48 synthetic stage-2 audio-visual prompts to train
-on (each comes back about 17 times in 200 steps of 4 prompts), 200 unseen prompts of the same family held out for
-greedy evaluation, and a stage-0 SFT policy (configs/demo_stage0.yaml) trained on the chain-of-thought of half of
-the training prompts only. So the RL stage starts with prompts the policy knows and prompts it does not: a
-spread of difficulty in which GRPO meets whole groups answered all right or all wrong (zero advantage), which is
-the waste AVATAR's replay and VCRS baseline exist to recover. Stage 0 teaches a short reasoning ("<think>I watch and
-listen.</think><answer>...</answer>"): with the synthetic data's 60-128-token chains of thought the 0.3M-parameter
-policy's RL signal on the one answer token drowned in the other tokens' (200 GRPO steps: training accuracy flat
-at 0.4, KL rising to 0.3, held-out falling); with short answers it learns. The reward is the accuracy term alone
-(binary): the format is learned in stage 0, and a format term would only break ties among wrong answers.
+on ("How many beeps sound while the red circle is on screen?", "Which colour was showing when the high tone
+played?"; each comes back about 17 times in 200 steps of 4), 100 unseen prompts of the same family held out for
+greedy evaluation, and a stage-0 SFT policy (configs/demo_stage0.yaml) trained on the short answers
+("<think>I watch and listen.</think><answer>red</answer>") of half of the training prompts only: the RL stage
+starts with prompts the policy knows and prompts it does not, a spread of difficulty in which GRPO meets whole
+groups answered all right or all wrong (zero advantage). The reward is the accuracy term alone (binary). The
+policy memorises its training prompts and does not generalise (docs/benchmarks.md section 1): held-out accuracy is
+printed, and is flat; the training-accuracy comparison with the 4-fresh control is what this task can decide.
 
 The arms are the config files of benchmarks/arms.py, each differing from configs/avatar_base.yaml in the
 mechanism it names only (checked before anything runs; --dry-run prints the differences):
 
     grpo         configs/grpo_baseline.yaml         replay off (G = 8 fresh), uniform token weights, no hints
+    grpo4        configs/grpo_4fresh.yaml           replay off with G = 4 fresh (AVATAR's fresh completions per
+                                                    step), uniform token weights, no hints: the control that
+                                                    tells "replay helps" from "more learner steps per generated
+                                                    completion help"
     avatar       configs/avatar_base.yaml           G_on = 4 fresh + G_off = 4 replayed, TAS parabola, hints
     tas_only     configs/ablation_tas_only.yaml     replay off (G = 8 fresh)
     replay_only  configs/ablation_replay_only.yaml  uniform token weights
     no_hints     configs/ablation_no_hints.yaml     hints off
 
-The core comparison (grpo, avatar) runs --seeds seeds, the ablations --ablation-seeds, seed-major (a partial run
-has every arm); seed s is the same learner/rollout seed and prompt order in every arm. Every arm gets SCALE's
-overrides and the same number of learner steps. Completions are counted as generated (replayed samples are not
-generations). Training accuracy = the accuracy of the freshly generated completions over a sliding window of the
-last --window generated completions; held-out accuracy = greedy decoding on the held-out prompts every
---eval-every steps, so that arms generating 32 and 16 completions per step meet at equal generated completions.
-The statistics (benchmarks/stats.py): completions to each target (median, and the GRPO/AVATAR ratio of medians
-with a paired bootstrap 95% interval over seeds), the mean training accuracy over the generated-completion range
-all arms cover (the area under the curve divided by its width) with intervals, held-out accuracy at equal
-generated completions with intervals, and the zero-advantage share, hint rate, replay fraction and tier sizes.
+The core comparison (grpo, grpo4, avatar) runs --seeds seeds, the ablations --ablation-seeds, seed-major (a
+partial run has every arm); seed s is the same learner/rollout seed, prompt order and replay sampling seed in
+every arm. Every arm gets SCALE's overrides and the same number of learner steps. Completions are counted as
+generated (replayed samples are not generations). Held-out accuracy = greedy decoding on the held-out prompts
+every --eval-every steps, so that arms generating 32 and 16 completions per step meet at equal generated
+completions; training accuracy = the accuracy of the freshly generated completions over a sliding window of
+the last --window generated completions, and of the hinted and unhinted groups apart. The statistics
+(benchmarks/stats.py): means over seeds with Student-t 95% intervals, differences to avatar paired over seeds
+with t intervals, completions to each training-accuracy target (medians and the seeds' range), and the
+zero-advantage share, hint rate, replay fraction and tier sizes. A finished run is cached under the output
+folder, keyed by its overrides and the code version (commit, and a hash of uncommitted changes).
 Prints the tables, writes benchmarks/results/sample_efficiency.json (every run's curves) and .png.
 """
 
@@ -54,24 +58,23 @@ from cluster.config import load_config, parse_override
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
-CORE_ARMS = "grpo,avatar"
+CORE_ARMS = "grpo,grpo4,avatar"
 ABLATION_ARMS = "tas_only,replay_only,no_hints"
 
 # The same for every arm (none of them may touch an arm's keys; checked): the stage the paper's ablations run
-# (2), the CPU learner (fp32, ZeRO-1, no LoRA) and media sizes of the demo, short completions, a buffer larger
-# than the run's samples, the accuracy reward alone, and a synchronous pipeline with a checkpoint (a commit
-# into the tiers) every step.
+# (2), the CPU learner (fp32, ZeRO-1, no LoRA, frozen media towers) and media sizes of the demo, short
+# completions (a short answer takes 16-17 tokens), a buffer larger than the run's samples, the accuracy reward
+# alone, and a synchronous pipeline with a checkpoint (a commit into the tiers) every step.
 SCALE = [
     "stage=2",
     "model.dtype=float32", "processor.max_frames=8", "processor.max_pixels=12544",
-    "rollout.max_new_tokens=128",
+    "rollout.max_new_tokens=24",
     "learner.precision=fp32", "learner.zero_stage=1", "learner.lora.enabled=false",
     "buffer.capacity=4000", "buffer.min_size=8",
     "reward.weights={accuracy: 1.0}",
     "pipeline.prompts_per_step=4", "pipeline.max_staleness=0", "pipeline.checkpoint_every=1",
 ]
 MANIFEST_KEYS = ("data.manifest", "data.eval_manifest")
-SHORT_REASONING = "<think>I watch and listen.</think>"
 
 
 @dataclass(frozen=True)
@@ -80,16 +83,17 @@ class Plan:
 
     steps: int = 200  # learner steps per arm
     lr: float = 1e-3
-    eval_every: int = 50  # learner steps between held-out evaluations
-    train_items: int = 48
+    eval_every: int = 50  # learner steps between held-out evaluations (GRPO-8 at 50 meets the others at 100)
+    train_items: int = 48  # each comes back about 17 times in 200 steps of 4
     sft_items: int = 24  # the first ones of the training prompts (every question kind and level alike)
-    heldout_items: int = 200
+    heldout_items: int = 100
     sft_steps: int = 200
     window: int = 128  # generated completions in the training-accuracy window (4 GRPO steps, 8 AVATAR steps)
     targets: tuple[float, ...] = (0.7, 0.75, 0.8)
 
 
-QUICK = Plan(steps=8, eval_every=4, train_items=12, sft_items=6, heldout_items=12, sft_steps=16, window=16,
+# CI's smoke run: the core arms for 4 steps from the tiny random model (no stage 0: one process fewer)
+QUICK = Plan(steps=4, eval_every=2, train_items=8, sft_items=0, heldout_items=8, sft_steps=0, window=16,
              targets=(0.3, 0.5))
 
 
@@ -105,40 +109,61 @@ def task_paths(out: Path) -> Task:
                 out / "task" / "heldout" / "manifest.jsonl")
 
 
-def prepare_task(out: Path, plan: Plan) -> Task:
-    """The synthetic stage-2 prompts (training seed 0, held-out seed 1000: disjoint by construction), and the
-    stage-0 subset. Generated once; a folder made for another plan is made again."""
+def task_synth():
+    """The question family: the synthetic stage-2 questions ("How many beeps sound while the red circle is on
+    screen?", "Which colour was showing when the high tone played?") with short answers."""
     from data.config import SynthConfig
+
+    return SynthConfig(stage=2, short_answers=True)
+
+
+def prepare_task(out: Path, plan: Plan) -> Task:
+    """task_synth's prompts: plan.train_items to train on (seed 0), plan.heldout_items held out (seed 1000:
+    disjoint by construction), and the stage-0 subset (the first plan.sft_items training prompts). Generated
+    once; a folder made for another plan or family is made again."""
     from data.synth import generate
 
+    synth = task_synth()
     task = task_paths(out)
     stamp = out / "task" / "plan.json"
-    want = json.dumps([plan.train_items, plan.sft_items, plan.heldout_items, SHORT_REASONING])
+    want = json.dumps([plan.train_items, plan.sft_items, plan.heldout_items, synth.model_dump()])
     if stamp.is_file() and stamp.read_text() == want and all(p.is_file() for p in (task.train, task.sft, task.heldout)):
         return task
     print(f"[bench] generating the task: {plan.train_items} training prompts, {plan.heldout_items} held out",
           flush=True)
-    generate(SynthConfig(num_items=plan.train_items, stage=2, seed=0), task.train.parent)
-    generate(SynthConfig(num_items=plan.heldout_items, stage=2, seed=1000), task.heldout.parent)
-    rows = [json.loads(line) for line in task.train.read_text().splitlines()[: plan.sft_items]]
-    for row in rows:  # the RL stage never reads `cot`; stage 0 learns this short form from it
-        row["cot"] = f"{SHORT_REASONING}<answer>{row['answer']}</answer>"
-    task.sft.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    generate(synth.model_copy(update={"num_items": plan.train_items, "seed": 0}), task.train.parent)
+    generate(synth.model_copy(update={"num_items": plan.heldout_items, "seed": 1000}), task.heldout.parent)
+    rows = task.train.read_text().splitlines()[: plan.sft_items]
+    task.sft.write_text("".join(row + "\n" for row in rows))
     stamp.write_text(want)
     return task
+
 
 def _python() -> str:
     venv = ROOT / ".venv" / "bin" / "python"
     return str(venv) if venv.exists() else sys.executable
 
 
+def code_version() -> str:
+    """The commit the runs were made with (git rev-parse HEAD), and with uncommitted changes to tracked files a
+    hash of them (`<commit>-dirty-<hash>`): a cached run made by other code is run again. "unknown" outside git."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+
+    try:
+        head, diff = git("rev-parse", "HEAD").strip(), git("diff", "HEAD")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return f"{head}-dirty-{hashlib.sha256(diff.encode()).hexdigest()[:12]}" if diff else head
+
+
 def _train(config: str, overrides: list[str], log: Path) -> dict:
     """One stage as a subprocess of the CLI; returns its summary.json. Cached: a finished run with the same
-    overrides is not run again."""
+    overrides and the same code version is not run again."""
     run_dir = Path(next(o.split("=", 1)[1] for o in overrides if o.startswith("run_dir=")))
     name = next(o.split("=", 1)[1] for o in overrides if o.startswith("name="))
     folder = run_dir / name
-    key = hashlib.sha256(json.dumps([config, overrides]).encode()).hexdigest()[:16]
+    key = hashlib.sha256(json.dumps([config, overrides, code_version()]).encode()).hexdigest()[:16]
     stamp = folder / "benchmark_key"
     summary = folder / "summary.json"
     if stamp.is_file() and stamp.read_text() == key and summary.is_file() and "after" in json.loads(summary.read_text()):
@@ -169,10 +194,10 @@ def ensure_stage0(out: Path) -> str:
 
 
 def ensure_task_stage0(out: Path, task: Task, plan: Plan) -> str:
-    """This benchmark's stage 0: configs/demo_stage0.yaml on the chain-of-thought of the SFT half of the
-    training prompts, evaluated on (up to 48 of) the held-out prompts. Built once."""
+    """This benchmark's stage 0: configs/demo_stage0.yaml on the short answers of the stage-0 prompts, evaluated
+    on the held-out prompts. Built once."""
     ov = [f"run_dir={out / 'runs'}", "name=stage0", f"data.manifest={task.sft}", f"data.eval_manifest={task.heldout}",
-          f"pipeline.steps={plan.sft_steps}", f"pipeline.eval_items={min(48, plan.heldout_items)}",
+          f"pipeline.steps={plan.sft_steps}", f"pipeline.eval_items={plan.heldout_items}", "rollout.max_new_tokens=24",
           f"pipeline.checkpoint_every={plan.sft_steps}"]
     return _export_path(_train("configs/demo_stage0.yaml", ov, out / "logs" / "stage0.log"))
 
@@ -258,6 +283,9 @@ def run_record(seed: int, summary: dict, rows: list[dict], window: int) -> dict:
         "zero_adv_groups": [r["zero_adv_group_fraction"] for r in rows],
         "group_accuracy": [r["group_accuracy"] for r in rows],
         "hint_rate": [r["hint_rate"] for r in rows],
+        # the accuracy of the fresh groups with and without a hint, apart (a hint may make its prompt easier)
+        "hinted_accuracy": [a for r in rows for a, h in zip(r["group_accuracy"], r["group_hinted"]) if h],
+        "unhinted_accuracy": [a for r in rows for a, h in zip(r["group_accuracy"], r["group_hinted"]) if not h],
         "replay_fraction": [r["replay_fraction"] for r in rows],
         "tiers": [r["tier_sizes"] for r in rows],
         "advantages_fresh": [a for r in rows for a in r["advantages_fresh"]],
@@ -314,6 +342,8 @@ def analyse(results: dict[str, list[dict]], plan: Plan, reference: str = "avatar
             "heldout_final": [r["heldout"][-1][1] for r in runs],
             "zero_adv_groups": _quarters([r["zero_adv_groups"] for r in runs]),
             "hint_rate": _quarters([r["hint_rate"] for r in runs]),
+            "train_acc_unhinted": [_mean_or_nan(r["unhinted_accuracy"]) for r in runs],
+            "train_acc_hinted": [_mean_or_nan(r["hinted_accuracy"]) for r in runs],
             "replay_fraction": _quarters([r["replay_fraction"] for r in runs]),
             "tiers_final_median": tiers,
             "wall_seconds": statistics.fmean(r["wall_seconds"] for r in runs),
@@ -321,8 +351,7 @@ def analyse(results: dict[str, list[dict]], plan: Plan, reference: str = "avatar
 
     def paired_difference(arm: str, seeds, key: str, sub: str | None = None) -> dict:
         mine, ref = column(arm, seeds, key, sub), column(reference, seeds, key, sub)
-        return {"diff": stats.difference_of_means(ref, mine),
-                "ci": stats.paired_bootstrap(ref, mine, stats.difference_of_means)}
+        return {"diff": stats.difference_of_means(ref, mine), "ci": stats.paired_t_interval(ref, mine)}
 
     vs = {}
     for arm in results:
@@ -332,8 +361,7 @@ def analyse(results: dict[str, list[dict]], plan: Plan, reference: str = "avatar
         out = {"seeds": seeds, "to_target": {}}
         for t in map(str, plan.targets):
             a, b = column(arm, seeds, "to_target", t), column(reference, seeds, "to_target", t)
-            out["to_target"][t] = {"ratio": stats.ratio_of_medians(a, b),
-                                   "ci": stats.paired_bootstrap(a, b, stats.ratio_of_medians)}
+            out["to_target"][t] = {"ratio": stats.ratio_of_medians(a, b)}
         out["mean_train_acc"] = paired_difference(arm, seeds, "mean_train_acc")
         out["mean_step_acc"] = paired_difference(arm, seeds, "mean_step_acc")
         out["heldout_at"] = {str(c): paired_difference(arm, seeds, "heldout_at", str(c)) for c in points}
@@ -342,27 +370,63 @@ def analyse(results: dict[str, list[dict]], plan: Plan, reference: str = "avatar
             "reference": reference}
 
 
-def _ci(values: list[float], stat=stats.median, digits: int = 0) -> str:
-    lo, hi = stats.bootstrap(values, stat)
-    return f"{stats.fmt(stat(values), digits)} [{stats.fmt(lo, digits)}, {stats.fmt(hi, digits)}]"
+def _mean_or_nan(values: list[float]) -> float:
+    return statistics.fmean(values) if values else math.nan
+
+
+def _ci(values: list[float], digits: int = 3) -> str:
+    """The mean over seeds and its t interval (seeds without a value, NaN, left out)."""
+    values = [v for v in values if not math.isnan(v)]
+    if not values:
+        return "-"
+    lo, hi = stats.t_interval(values)
+    return f"{stats.fmt(statistics.fmean(values), digits)} [{stats.fmt(lo, digits)}, {stats.fmt(hi, digits)}]"
+
+
+def _range(values: list[float]) -> str:
+    """The median over seeds and the seeds' range (a few seeds' medians get no interval)."""
+    return f"{stats.fmt(stats.median(values), 0)} ({stats.fmt(min(values), 0)}-{stats.fmt(max(values), 0)})"
 
 
 def print_tables(a: dict, plan: Plan) -> list[str]:
-    ref, arms = a["reference"], a["arms"]
-    lines = ["### The runs", "",
-             "| arm | seeds | completions per run | zero-adv groups: all (first, last quarter) | hint rate | replay "
-             "fraction | tiers easy/medium/hard at the end | held-out before -> after (mean [95% CI]) | wall s/run |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    ref, arms, end = a["reference"], a["arms"], a["common_completions"]
+    points = a["heldout_points"]
+    lines = [f"### Held-out accuracy (greedy, {plan.heldout_items} unseen prompts) at equal generated completions", "",
+             f"mean over seeds [95% t interval]; diff = {ref} - arm, paired over seeds [95% t interval]", "",
+             "| arm | seeds | " + " | ".join(f"at {c} | diff" for c in points) + " |",
+             "|---|---|" + "---|---|" * len(points)]
+    for arm, t in arms.items():
+        v = a["vs_reference"].get(arm)
+        cells = []
+        for c in points:
+            cells += [_ci(t["heldout_at"][str(c)]), "-" if v is None else _diff(v["heldout_at"][str(c)])]
+        lines.append(f"| {arm} | {len(t['seeds'])} | " + " | ".join(cells) + " |")
+    lines += ["", f"### Training accuracy: over generated completions {a['window_start']}-{end} (the area under the "
+              f"last-{plan.window}-completions curve / its width), per learner step, and of unhinted and hinted "
+              "groups apart (whole run)", "",
+              f"mean [95% t interval]; diff = {ref} - arm, paired over seeds [95% t interval]", "",
+              "| arm | per generated completion | diff | per learner step | diff | unhinted groups | hinted groups |",
+              "|---|---|---|---|---|---|---|"]
+    for arm, t in arms.items():
+        v = a["vs_reference"].get(arm)
+        lines.append(f"| {arm} | {_ci(t['mean_train_acc'])} | {'-' if v is None else _diff(v['mean_train_acc'])} | "
+                     f"{_ci(t['mean_step_acc'])} | {'-' if v is None else _diff(v['mean_step_acc'])} | "
+                     f"{_ci(t['train_acc_unhinted'])} | {_ci(t['train_acc_hinted'])} |")
+    lines += ["", "### The runs", "",
+              "| arm | seeds | completions per run | zero-adv groups: all (first, last quarter) | hint rate | replay "
+              "fraction | tiers easy/medium/hard at the end | held-out before -> after (mean [95% t interval]) | "
+              "wall s/run |",
+              "|---|---|---|---|---|---|---|---|---|"]
     for arm, t in arms.items():
         z, h, r = t["zero_adv_groups"], t["hint_rate"], t["replay_fraction"]
         before = statistics.fmean(t["heldout_at"]["0"]) if "0" in t["heldout_at"] else math.nan
         tiers = "/".join(f"{t['tiers_final_median'][k]:.0f}" for k in ("easy", "medium", "hard"))
         lines.append(f"| {arm} | {len(t['seeds'])} | {t['completions_per_run']:.0f} | {z[0]:.2f} ({z[1]:.2f}, {z[2]:.2f}) "
-                     f"| {h[0]:.2f} | {r[0]:.2f} | {tiers} | {before:.3f} -> "
-                     f"{_ci(t['heldout_final'], statistics.fmean, 3)} | {t['wall_seconds']:.0f} |")
+                     f"| {h[0]:.2f} | {r[0]:.2f} | {tiers} | {before:.3f} -> {_ci(t['heldout_final'])} | "
+                     f"{t['wall_seconds']:.0f} |")
     lines += ["", f"### Completions generated until the training accuracy (last {plan.window} generated completions) "
-              "reaches a target", "", "median [95% bootstrap CI over seeds]; inf = not reached within the run; "
-              f"ratio = the arm's median / {ref}'s median (> 1: {ref} needed fewer), paired over the seeds both ran", "",
+              "reaches a target", "", "median over seeds (the seeds' range); inf = not reached within the run; "
+              f"ratio = the arm's median / {ref}'s median (> 1: {ref} needed fewer)", "",
               "| arm | " + " | ".join(f"to {t:.2f} | ratio to {ref}" for t in plan.targets) + " |",
               "|---|" + "---|---|" * len(plan.targets)]
     for arm, t in arms.items():
@@ -370,26 +434,9 @@ def print_tables(a: dict, plan: Plan) -> list[str]:
         for target in plan.targets:
             vals = t["to_target"][str(target)]
             reached = sum(v != stats.INF for v in vals)
-            cells.append(f"{_ci(vals)} ({reached}/{len(vals)} reached)")
+            cells.append(f"{_range(vals)} ({reached}/{len(vals)} reached)")
             v = a["vs_reference"].get(arm, {}).get("to_target", {}).get(str(target))
-            cells.append("-" if v is None else f"{stats.fmt(v['ratio'])} [{stats.fmt(v['ci'][0])}, {stats.fmt(v['ci'][1])}]")
-        lines.append(f"| {arm} | " + " | ".join(cells) + " |")
-    end = a["common_completions"]
-    lines += ["", f"### Mean training accuracy over generated completions {a['window_start']}-{end} (the area under the "
-              f"curve / its width), held-out accuracy at equal generated completions, and the mean training accuracy "
-              f"of all steps (equal learner steps)", "",
-              f"mean [95% CI]; diff = {ref} - arm, paired over seeds [95% CI]", "",
-              "| arm | mean train acc | diff | " + " | ".join(f"held-out at {c} | diff" for c in a["heldout_points"])
-              + " | per step, equal learner steps | diff |",
-              "|---|---|---|" + "---|---|" * len(a["heldout_points"]) + "---|---|"]
-    for arm, t in arms.items():
-        v = a["vs_reference"].get(arm)
-        cells = [_ci(t["mean_train_acc"], statistics.fmean, 3),
-                 "-" if v is None else _diff(v["mean_train_acc"])]
-        for c in a["heldout_points"]:
-            cells.append(_ci(t["heldout_at"][str(c)], statistics.fmean, 3))
-            cells.append("-" if v is None else _diff(v["heldout_at"][str(c)]))
-        cells += [_ci(t["mean_step_acc"], statistics.fmean, 3), "-" if v is None else _diff(v["mean_step_acc"])]
+            cells.append("-" if v is None else stats.fmt(v["ratio"]))
         lines.append(f"| {arm} | " + " | ".join(cells) + " |")
     for line in lines:
         print(line)
@@ -397,10 +444,11 @@ def print_tables(a: dict, plan: Plan) -> list[str]:
 
 
 def _diff(d: dict) -> str:
-    return f"{d['diff']:+.3f} [{d['ci'][0]:+.3f}, {d['ci'][1]:+.3f}]"
+    lo, hi = d["ci"]
+    return f"{d['diff']:+.3f} [{lo:+.3f}, {hi:+.3f}]" if not math.isnan(lo) else f"{d['diff']:+.3f}"
 
 
-COLOURS = {"grpo": "tab:gray", "avatar": "tab:red", "tas_only": "tab:blue", "replay_only": "tab:green",
+COLOURS = {"grpo": "tab:gray", "grpo4": "tab:brown", "avatar": "tab:red", "tas_only": "tab:blue", "replay_only": "tab:green",
            "no_hints": "tab:purple"}
 
 
@@ -483,7 +531,8 @@ def main() -> None:
     ap.add_argument("--ablations", default=ABLATION_ARMS)
     ap.add_argument("--steps", type=int, default=Plan.steps, help="learner steps per arm (every arm the same)")
     ap.add_argument("--lr", type=float, default=Plan.lr)
-    ap.add_argument("--quick", action="store_true", help="a smoke run: a small task, 8 steps, 1 seed, no ablations")
+    ap.add_argument("--quick", action="store_true", help="a smoke run: a small task, no stage 0, 4 steps, 1 seed, "
+                    "no ablations")
     ap.add_argument("--out", default=None, help="runs, logs, the task and stage 0 (default results/sample_efficiency[_quick])")
     ap.add_argument("--results", default=str(RESULTS), help="where the JSON and the PNG are written")
     ap.add_argument("--dry-run", action="store_true",
@@ -503,7 +552,7 @@ def main() -> None:
         return
     t_start = time.time()
     task = prepare_task(out, plan)
-    init_from = ensure_task_stage0(out, task, plan)
+    init_from = ensure_task_stage0(out, task, plan) if plan.sft_steps else None
     results: dict[str, list[dict]] = {a: [] for a in core + ablations}
     schedule = [(s, a) for s in range(seeds) for a in core] + [(s, a) for s in range(ablation_seeds) for a in ablations]
     for i, (seed, arm) in enumerate(schedule):  # seed-major: a partial run still has every arm
@@ -518,7 +567,7 @@ def main() -> None:
     js, png = results_dir / f"{name}.json", results_dir / f"{name}.png"
     js.write_text(json.dumps(_finite({"args": vars(args), "plan": asdict(plan), "init_from": init_from,
                                       "analysis": analysis, "printed": lines, "runs": results,
-                                      "total_seconds": time.time() - t_start}), indent=1))
+                                      "code_version": code_version(), "total_seconds": time.time() - t_start}), indent=1))
     plot(results, plan, png)
     print(f"total {time.time() - t_start:.0f} s")
     print(f"wrote {js}\nwrote {png}")

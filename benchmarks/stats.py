@@ -1,6 +1,6 @@
 """The statistics of benchmarks/sample_efficiency.py, apart from the machinery that runs the arms: learning
-curves against generated completions, completions to a target, the area under a curve, and percentile
-bootstrap intervals over seeds (paired where two arms share their seeds). A seed that never reaches a target
+curves against generated completions, completions to a target, the area under a curve, Student-t intervals of
+means over seeds (paired where two arms share their seeds) and percentile bootstrap intervals. A seed that never reaches a target
 counts as needing more completions than any budget (math.inf), so medians and intervals stay defined."""
 
 from __future__ import annotations
@@ -85,6 +85,27 @@ def paired_bootstrap(a: Sequence[float], b: Sequence[float], stat: Callable[[lis
         pick = [rng.choice(idx) for _ in idx]
         draws.append(stat([a[i] for i in pick], [b[i] for i in pick]))
     return _percentiles(sorted(draws), level)
+
+
+def t_interval(values: Sequence[float], level: float = 0.95) -> tuple[float, float]:
+    """The Student-t interval of the mean over seeds: mean +- t(n-1) * sd / sqrt(n). With 5 seeds a
+    percentile bootstrap is about 0.6 of this width (it ignores that the spread itself is estimated from 5
+    values). NaN for fewer than two values."""
+    from scipy import stats as scipy_stats
+
+    n = len(values)
+    if n < 2:
+        return math.nan, math.nan
+    mean, sd = statistics.fmean(values), statistics.stdev(values)
+    half = float(scipy_stats.t.ppf((1 + level) / 2, n - 1)) * sd / math.sqrt(n)
+    return mean - half, mean + half
+
+
+def paired_t_interval(a: Sequence[float], b: Sequence[float], level: float = 0.95) -> tuple[float, float]:
+    """The t interval of mean(a - b) over seeds that both arms ran (the same prompt order and sampling seeds)."""
+    if len(a) != len(b):
+        raise ValueError(f"paired samples of different sizes: {len(a)} and {len(b)}")
+    return t_interval([x - y for x, y in zip(a, b)], level)
 
 
 def ratio_of_medians(num: list[float], den: list[float]) -> float:

@@ -29,7 +29,7 @@ class PipelineConfig(StrictConfig):
     max_prompts_in_flight: int = Field(8, ge=1)
     eval_items: int = Field(16, ge=0, description="held-out prompts evaluated before and after the stage (0 = none); "
                             "the synthetic eval split's size")
-    eval_every: int = Field(0, ge=0, description="RL stages: also evaluate the held-out prompts every this many learner "
+    eval_every: int = Field(0, ge=0, description="also evaluate the held-out prompts every this many learner "
                             "steps (the history row's heldout_accuracy; 0 = before and after the stage only)")
     checkpoint_every: int = Field(10, ge=1)
     worker_wait_s: float = Field(600.0, gt=0, description="a rollout worker whose process or node died is waited "

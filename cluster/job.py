@@ -57,8 +57,9 @@ def evaluate(comps: Components, samples, cfg: JobConfig) -> dict:
 
 
 def train_sft(cfg: JobConfig, run_dir: Path, comps: Components, order: PromptOrder, state: RunState,
-              model_path: Path, history: Path) -> RunState:
-    """Stage 0: supervised fine-tuning on the chain-of-thought targets, same engine and checkpoints."""
+              model_path: Path, history: Path, evaluate=None) -> RunState:
+    """Stage 0: supervised fine-tuning on the chain-of-thought targets, same engine and checkpoints.
+    `evaluate`: the held-out evaluation, every pipeline.eval_every steps (the weights published first)."""
     from transformers import AutoTokenizer
 
     processor = PromptProcessor(cfg.processor, AutoTokenizer.from_pretrained(model_path))
@@ -78,9 +79,16 @@ def train_sft(cfg: JobConfig, run_dir: Path, comps: Components, order: PromptOrd
                 skip_prompt(comps, state, key, sample.id, str(exc), state.cursor)
         stats = comps.learner.sft_step(examples)
         state.step += 1
+        heldout = None
+        if evaluate and cfg.pipeline.eval_every and state.step % cfg.pipeline.eval_every == 0 \
+                and state.step < cfg.pipeline.steps:
+            comps.publish_weights()
+            heldout = evaluate()["accuracy"]
+            log.info(f"step {state.step}: held-out accuracy {heldout}")
         with history.open("a") as f:
             f.write(json.dumps({"mode": "sft", "stage": 0, "step": state.step, "loss": stats["loss"],
-                                "prompts": [e.prompt_id for e in examples], "time": time.time()}) + "\n")
+                                "prompts": [e.prompt_id for e in examples], "heldout_accuracy": heldout,
+                                "time": time.time()}) + "\n")
         if state.step % cfg.pipeline.checkpoint_every == 0 or state.step == cfg.pipeline.steps:
             save_state(run_dir, state, comps.learner)
         bar.update(1)
@@ -175,7 +183,8 @@ def run_stage(cfg: JobConfig, resume: bool = True) -> dict:
             state = train_rl(cfg, run_dir, comps, order, state, metrics, history,
                              evaluate=lambda: evaluate(comps, eval_samples, cfg))
         else:
-            state = train_sft(cfg, run_dir, comps, order, state, model_path, history)
+            state = train_sft(cfg, run_dir, comps, order, state, model_path, history,
+                              evaluate=lambda: evaluate(comps, eval_samples, cfg))
         if not rl:  # SFT changed the weights without publishing: hand them to the workers for the evaluation
             comps.publish_weights()
         summary["after"] = evaluate(comps, eval_samples, cfg)

@@ -46,7 +46,9 @@ def _synthetic(cfg, run_dir: Path, split: str) -> list[PromptSample]:
     synth = cfg.data.synth
     if split == "eval":
         synth = synth.model_copy(update={"seed": synth.seed + 1000, "num_items": max(cfg.pipeline.eval_items, 1)})
-    folder = run_dir.parent / "_data" / f"stage{synth.stage}-seed{synth.seed}-n{synth.num_items}"
+    variant = "" if synth.kinds is None and not synth.short_answers else \
+        "-" + hashlib.sha256(synth.model_dump_json().encode()).hexdigest()[:8]  # the kinds, the answer form
+    folder = run_dir.parent / "_data" / f"stage{synth.stage}-seed{synth.seed}-n{synth.num_items}{variant}"
     manifest = folder / "manifest.jsonl"
     if not manifest.is_file():
         generate(synth, folder, progress=True)

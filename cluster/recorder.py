@@ -17,7 +17,7 @@ from .state import RunState
 BUFFER_EVENTS = ("pushed_groups", "duplicates", "dead_lettered", "rejected", "reclaimed", "inserted", "evicted",
                  "sampled", "acked")
 FROM_SUMMARY = ("reward_mean", "accuracy", "reward_terms", "loss", "kl", "clip_fraction", "zero_adv_token_fraction",
-                "staleness_max", "hint_rate", "replay_fraction", "zero_adv_group_fraction", "group_accuracy", "trained_groups",
+                "staleness_max", "hint_rate", "accuracy_hinted", "accuracy_unhinted", "group_hinted", "replay_fraction", "zero_adv_group_fraction", "group_accuracy", "trained_groups",
                 "trained_prompts", "advantages_fresh", "advantages_replay", "judge_missing")
 
 

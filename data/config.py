@@ -8,6 +8,9 @@ from pydantic import Field
 
 from common.config import StrictConfig
 
+QuestionKind = Literal["last_colour", "count_shapes", "beeps_during", "colour_at_high_tone", "tone_pitch",
+                       "localization"]
+
 
 class SynthConfig(StrictConfig):
     """The synthetic audio-visual dataset: beeps and shapes whose questions need both senses."""
@@ -19,7 +22,14 @@ class SynthConfig(StrictConfig):
     fps: int = Field(8, ge=2)
     size: int = Field(112, ge=32, description="frame width and height in pixels")
     sample_rate: int = 16000
+    shape_scale: float = Field(1.0, gt=0, le=4, description="shape radius in eighths of the frame: larger shapes, "
+                               "a stronger colour signal for a tiny model")
     separate_audio_fraction: float = Field(0.25, ge=0, le=1, description="items whose audio is a wav file")
+    kinds: list[QuestionKind] | None = Field(
+        None, description="the question kinds to generate, in turn (default: the stage's, data/synth.py)")
+    short_answers: bool = Field(
+        False, description="chain-of-thought targets `<think>I watch and listen.</think><answer>X</answer>`, a "
+        "colour answered by its name: one answer token for RL to learn (the demo), not a 60-128-token chain")
 
 
 class DataConfig(StrictConfig):

@@ -7,6 +7,7 @@ beeps sound, low (440 Hz) or high (1320 Hz). Questions by stage:
 - 2, audio-visual: how many beeps sound while a given shape is on screen (numerical); which colour was
   showing when the high tone played (multiple choice);
 - 3, localisation: which object makes the sound (it grows at each beep), answered "Left: red circle";
+- tone_pitch (chosen with SynthConfig.kinds), audio: are the beeps (all one tone) high or low;
 - 0, SFT: a mix of all, each with its chain-of-thought target.
 Difficulty (easy/medium/hard) sets the number of shapes and beeps. Deterministic from the seed.
 """
@@ -33,6 +34,7 @@ SHAPES = ("circle", "square", "triangle")
 POSITIONS = ("left", "center", "right")
 LOW_HZ, HIGH_HZ = 440.0, 1320.0
 BEEP_SECONDS = 0.15
+SHORT_REASONING = "<think>I watch and listen.</think>"  # the short form's fixed reasoning (SynthConfig.short_answers)
 BACKGROUND = (30, 30, 30)
 LEVELS = {"easy": (2, (1, 2)), "medium": (3, (2, 4)), "hard": (4, (4, 6))}  # shapes, beeps (min, max)
 KINDS_BY_STAGE = {1: ("last_colour", "count_shapes"), 2: ("beeps_during", "colour_at_high_tone"), 3: ("localization",)}
@@ -72,7 +74,7 @@ def position_x(position: str, size: int) -> float:
 def render_frames(segments: list[Segment], beeps: list[Beep], cfg: SynthConfig, sounding: Segment | None) -> np.ndarray:
     n = int(round(cfg.seconds * cfg.fps))
     frames = np.empty((n, cfg.size, cfg.size, 3), dtype=np.uint8)
-    radius = cfg.size / 8
+    radius = cfg.size / 8 * cfg.shape_scale
     for i in range(n):
         t = (i + 0.5) / cfg.fps
         frame = frames[i]
@@ -124,6 +126,16 @@ def write_mp4(path: Path, frames: np.ndarray, fps: int, audio: np.ndarray | None
                 container.mux(packet)
 
 
+def spoken_answer(answer: str, options: list[str]) -> str:
+    """The answer as the short form says it: a multiple-choice option by its text ("red", not "B"; the
+    accuracy reward takes either), anything else as it is."""
+    for option in options:
+        letter, _, text = option.partition(". ")
+        if letter == answer:
+            return text
+    return answer
+
+
 def _letters(n: int) -> list[str]:
     return [chr(ord("A") + i) for i in range(n)]
 
@@ -139,7 +151,8 @@ class _Item:
             self.segments = self._side_by_side(min(n_shapes, 3))
         else:
             self.segments = self._sequence(n_shapes)
-        self.beeps = self._beeps(self.n_beeps, one_high=(kind == "colour_at_high_tone"))
+        self.beeps = self._beeps(self.n_beeps, one_high=(kind == "colour_at_high_tone"),
+                                 all_same=(kind == "tone_pitch"))
         self.sounding = self.segments[int(rng.integers(len(self.segments)))] if kind == "localization" else None
 
     def _distinct(self, n: int) -> list[tuple[str, str]]:
@@ -155,7 +168,7 @@ class _Item:
         positions = sorted(self.rng.choice(POSITIONS, size=n, replace=False), key=POSITIONS.index)
         return [Segment(c, s, str(p), 0.0, self.cfg.seconds) for (c, s), p in zip(self._distinct(n), positions)]
 
-    def _beeps(self, n: int, one_high: bool) -> list[Beep]:
+    def _beeps(self, n: int, one_high: bool, all_same: bool) -> list[Beep]:
         # Beep times on a grid so that no two overlap and none sits on a segment boundary.
         slots = np.arange(0.2, self.cfg.seconds - 0.3, 0.35)
         bounds = {round(s.end, 3) for s in self.segments}
@@ -164,6 +177,8 @@ class _Item:
         high = [False] * len(times)
         if one_high:
             high[int(self.rng.integers(len(times)))] = True
+        elif all_same:
+            high = [bool(self.rng.random() < 0.5)] * len(times)
         else:
             high = [bool(self.rng.random() < 0.5) for _ in times]
         return [Beep(round(t, 3), h) for t, h in zip(times, high)]
@@ -191,6 +206,14 @@ class _Item:
             q = "Which colour was showing when the high tone played?"
             hint = "Listen for the higher-pitched tone, then look at which colour is on screen at that moment."
             return "multiple_choice", q, letter, options, cot, hint, caption
+        if self.kind == "tone_pitch":
+            pitch = "high" if beeps[0].high else "low"
+            choices = list(self.rng.permutation(["high", "low"]))
+            letter = _letters(2)[choices.index(pitch)]
+            cot = f"<think>1. Every beep is the same tone. 2. It is the {pitch} one.</think><answer>{letter}</answer>"
+            return ("multiple_choice", "Are the beeps high or low?", letter,
+                    [f"{x}. {c}" for x, c in zip(_letters(2), choices)], cot,
+                    "Compare the beeps' pitch with a low 440 Hz tone.", caption)
         if self.kind == "last_colour":
             seg = segs[-1]
             options, letter = self._colour_options(seg.colour)
@@ -222,7 +245,7 @@ def generate(cfg: SynthConfig, out_dir: str | Path, progress: bool = False) -> P
     """Write `cfg.num_items` items and manifest.jsonl into out_dir; returns the manifest path."""
     out = Path(out_dir)
     (out / "media").mkdir(parents=True, exist_ok=True)
-    kinds = KINDS_BY_STAGE.get(cfg.stage) or tuple(k for ks in KINDS_BY_STAGE.values() for k in ks)
+    kinds = cfg.kinds or KINDS_BY_STAGE.get(cfg.stage) or tuple(k for ks in KINDS_BY_STAGE.values() for k in ks)
     levels = tuple(LEVELS)
     samples = []
     for i in range(cfg.num_items):
@@ -230,6 +253,8 @@ def generate(cfg: SynthConfig, out_dir: str | Path, progress: bool = False) -> P
         kind, level = kinds[i % len(kinds)], levels[(i // len(kinds)) % len(levels)]
         item = _Item(rng, cfg, kind, level)
         ptype, question, answer, options, cot, hint, caption = item.question()
+        if cfg.short_answers:
+            cot = f"{SHORT_REASONING}<answer>{spoken_answer(answer, options)}</answer>"
         frames = render_frames(item.segments, item.beeps, cfg, item.sounding)
         audio = render_audio(item.beeps, cfg)
         item_id = f"s{cfg.stage}-{cfg.seed}-{i:05d}"

@@ -22,6 +22,11 @@ from .learner import Learner, MediaProvider
 from .summary import mean_present, step_summary
 
 
+def replay_seed(run_seed: int, policy_version: int) -> int:
+    """The replay service's sampling seed for one learner step: distinct per step, the same in a rerun."""
+    return run_seed * 1_000_003 + policy_version
+
+
 class LearnerWorker:
     """One rank. Constructed cheaply; setup() joins the process group and builds the engine."""
 
@@ -83,7 +88,8 @@ class LearnerWorker:
             stale = self.feed.take_stale()
             self._stale_dropped += len(stale)
             if batch is not None and n_replay:
-                replay = self.feed.service.sample(n_replay, None, None, version)
+                # seeded by the run's seed and the step's version: a run's replay draws repeat with its seed
+                replay = self.feed.service.sample(n_replay, None, replay_seed(self.cfg.seed, version), version)
         if self.world_size > 1:  # the batch reaches the other ranks over the learner's process group
             batch, replay = broadcast_from_rank0((batch, replay))
         held = len(self.feed.held) if self.feed is not None else 0

@@ -18,6 +18,11 @@ def mean_present(values) -> float:
     return float(sum(values) / len(values)) if values else 0.0
 
 
+def _accuracy(trajs: Sequence[Trajectory]) -> float | None:
+    values = [t.rewards.get("accuracy") for t in trajs]
+    return mean_present(values) if any(v is not None for v in values) else None
+
+
 def step_summary(groups: Sequence[Sequence[Trajectory]], replay: Sequence[ReplaySample], stats: dict,
                  policy_version: int) -> dict:
     """`stats` is Learner.train_step's result (advantages by trajectory id among them)."""
@@ -34,6 +39,10 @@ def step_summary(groups: Sequence[Sequence[Trajectory]], replay: Sequence[Replay
         "reward_terms": term_means,
         "accuracy": term_means.get("accuracy", 0.0),
         "hint_rate": mean_present([float(g[0].hinted) for g in groups]),
+        # apart, as a hint may make its prompt easier: None when the step had no such group
+        "accuracy_hinted": _accuracy([t for g in groups if g[0].hinted for t in g]),
+        "accuracy_unhinted": _accuracy([t for g in groups if not g[0].hinted for t in g]),
+        "group_hinted": [bool(g[0].hinted) for g in groups],
         "replay_fraction": len(replay) / (len(trajs) + len(replay)),
         "group_accuracy": [mean_present([t.rewards.get("accuracy") for t in g]) for g in groups],
         "zero_adv_group_fraction": mean_present([float(len({t.reward for t in g}) == 1) for g in groups]),

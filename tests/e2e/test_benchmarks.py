@@ -1,5 +1,5 @@
-"""The sample-efficiency benchmark's smoke run (--quick): the task, stage 0, the two core arms through the real
-CLI, the statistics, the JSON and the PNG."""
+"""The sample-efficiency benchmark's smoke run (--quick): the task, the three core arms through the real CLI (from
+the tiny random model: no stage 0), the statistics, the JSON and the PNG."""
 
 import json
 import subprocess
@@ -19,17 +19,24 @@ def test_sample_efficiency_quick(tmp_path):
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     result = json.loads((tmp_path / "sample_efficiency_quick.json").read_text())
     runs = result["runs"]
-    assert {a: [r["seed"] for r in rs] for a, rs in runs.items()} == {"grpo": [0], "avatar": [0]}
-    # completions as generated: 4 prompts x 8 fresh (GRPO) against 4 x 4 (AVATAR, whose other half is replayed)
-    assert [r["completions"] for r in runs["grpo"]] == [8 * 32]
-    assert [r["completions"] for r in runs["avatar"]] == [8 * 16]
-    # held out before, at step 4 and after: GRPO at 0, 128, 256 completions; AVATAR at 0, 64, 128
-    assert [c for c, _ in runs["grpo"][0]["heldout"]] == [0, 128, 256]
-    assert [c for c, _ in runs["avatar"][0]["heldout"]] == [0, 64, 128]
+    assert {a: [r["seed"] for r in rs] for a, rs in runs.items()} == {"grpo": [0], "grpo4": [0], "avatar": [0]}
+    # completions as generated: 4 prompts x 8 fresh (GRPO) against 4 x 4 (the 4-fresh control, and AVATAR, whose
+    # other half is replayed)
+    assert [r["completions"] for r in runs["grpo"]] == [4 * 32]
+    assert [r["completions"] for r in runs["grpo4"]] == [4 * 16]
+    assert [r["completions"] for r in runs["avatar"]] == [4 * 16]
+    # held out before, at step 2 and after: GRPO at 0, 64, 128 completions; the 4-fresh arms at 0, 32, 64
+    assert [c for c, _ in runs["grpo"][0]["heldout"]] == [0, 64, 128]
+    assert [c for c, _ in runs["avatar"][0]["heldout"]] == [c for c, _ in runs["grpo4"][0]["heldout"]] == [0, 32, 64]
     analysis = result["analysis"]
-    assert analysis["heldout_points"] == [0, 128] and analysis["common_completions"] == 128
+    assert analysis["heldout_points"] == [0, 64] and analysis["common_completions"] == 64
     assert analysis["window_start"] == 32  # GRPO's first step already fills the 16-completion window
     assert set(analysis["vs_reference"]["grpo"]["to_target"]) == {"0.3", "0.5"}
     assert any("replayed" not in line and line.startswith("| avatar |") for line in result["printed"])
     assert sum(r["replay_fraction"][-1] for r in runs["avatar"]) > 0  # AVATAR replayed once its buffer filled
+    assert sum(r["replay_fraction"][-1] for r in runs["grpo4"]) == 0  # the control never replays
+    # every fresh group's accuracy lands on the hinted or the unhinted side
+    avatar = runs["avatar"][0]
+    assert len(avatar["hinted_accuracy"]) + len(avatar["unhinted_accuracy"]) == 4 * 4
+    assert result["code_version"] and result["printed"][0].startswith("### Held-out accuracy")
     assert (tmp_path / "sample_efficiency_quick.png").stat().st_size > 20_000

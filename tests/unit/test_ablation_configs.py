@@ -23,6 +23,12 @@ EXPECTED = {
         "pipeline.replay_per_group": (4, 0),
         "rollout.group_size": (4, 8),
     },
+    "grpo4": {  # AVATAR's 4 fresh per prompt, without its replayed 4
+        "name": ("avatar", "grpo_4fresh"),
+        "buffer.hint.enabled": (True, False),
+        "learner.objective.tas_shape": ("parabola", "uniform"),
+        "pipeline.replay_per_group": (4, 0),
+    },
     "tas_only": {
         "name": ("avatar", "ablation_tas_only"),
         "pipeline.replay_per_group": (4, 0),
@@ -40,7 +46,7 @@ EXPECTED = {
 
 
 def test_every_ablation_file_is_an_arm():
-    files = {p.name for p in CONFIGS.glob("ablation_*.yaml")} | {"grpo_baseline.yaml"}
+    files = {p.name for p in CONFIGS.glob("ablation_*.yaml")} | {"grpo_baseline.yaml", "grpo_4fresh.yaml"}
     assert files <= {a.config for a in ARMS.values()}
     assert set(EXPECTED) == set(ARMS) - {"avatar"} and ARMS["avatar"].config == REFERENCE
 

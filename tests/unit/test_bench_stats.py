@@ -10,7 +10,9 @@ from benchmarks.stats import (
     difference_of_means,
     mean_over,
     paired_bootstrap,
+    paired_t_interval,
     ratio_of_medians,
+    t_interval,
     to_target,
     value_at,
     window_curve,
@@ -59,3 +61,16 @@ def test_bootstrap_intervals():
     # an undefined ratio in some resample makes the interval undefined, not a number
     lo, hi = paired_bootstrap([INF, 10.0], [INF, 5.0], ratio_of_medians, n=200)
     assert math.isnan(lo) and math.isnan(hi)
+
+
+def test_t_intervals_by_hand():
+    # mean 3, sd sqrt(2.5) = 1.5811, t(4 df, 0.975) = 2.7764: half width 2.7764 * 1.5811 / sqrt(5) = 1.9632
+    lo, hi = t_interval([1.0, 2.0, 3.0, 4.0, 5.0])
+    assert (lo, hi) == (pytest.approx(1.0368, abs=1e-4), pytest.approx(4.9632, abs=1e-4))
+    # paired: the differences 1, 2, 3 (mean 2, sd 1, t(2 df) = 4.3027: half width 4.3027 / sqrt(3) = 2.4841)
+    lo, hi = paired_t_interval([1.0, 2.0, 3.0], [0.0, 0.0, 0.0])
+    assert (lo, hi) == (pytest.approx(-0.4841, abs=1e-4), pytest.approx(4.4841, abs=1e-4))
+    assert t_interval([0.4, 0.4]) == (pytest.approx(0.4), pytest.approx(0.4))  # no spread
+    assert all(math.isnan(x) for x in t_interval([0.4]))  # one seed: no interval
+    with pytest.raises(ValueError, match="different sizes"):
+        paired_t_interval([1.0], [1.0, 2.0])

@@ -163,6 +163,9 @@ def test_step_summary_by_hand():
     assert s["hint_rate"] == 0.5 and s["replay_fraction"] == 0.2  # 1 replayed of 5 trained
     assert s["zero_adv_group_fraction"] == 0.5  # group b: equal rewards
     assert s["group_accuracy"] == [0.5, 0.0]  # each group's mean accuracy term
+    assert s["group_hinted"] == [True, False]
+    assert s["accuracy_hinted"] == 0.5 and s["accuracy_unhinted"] == 0.0  # group a's (0 + 1) / 2; group b's 0
+    assert step_summary(groups[1:], [], stats, policy_version=6)["accuracy_hinted"] is None  # no hinted group
     assert s["staleness_max"] == 1 and s["judge_missing"] == 2
     assert s["advantages_fresh"] == [-1.0, 1.0, 0.0, 0.0] and s["advantages_replay"] == [0.5]
 

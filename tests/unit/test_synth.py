@@ -100,3 +100,23 @@ def test_deterministic_and_every_difficulty(tmp_path):
     fa, _ = read_video(tmp_path / "a" / rows[0]["video"], 2, 2, 16)
     fb, _ = read_video(tmp_path / "b" / rows[0]["video"], 2, 2, 16)
     assert np.array_equal(fa, fb)
+
+
+def test_demo_family_short_answers_follow_from_the_media(tmp_path):
+    """The demo's family (configs/demo_stage0.yaml): the last shape's colour and the beeps' one tone, with short
+    answers that name the option's text, and shapes of 3/8 of the frame."""
+    cfg = SynthConfig(num_items=6, stage=2, seed=5, kinds=["last_colour", "tone_pitch"], short_answers=True,
+                      shape_scale=3.0)
+    samples = load_manifest(generate(cfg, tmp_path))[0]
+    assert [s.question for s in samples[:2]] == ["What colour is the shape when the video ends?",
+                                                 "Are the beeps high or low?"]
+    for s in samples:
+        spoken = next(o.split(". ", 1)[1] for o in s.options if o.startswith(f"{s.answer}."))
+        assert s.cot == f"<think>I watch and listen.</think><answer>{spoken}</answer>"
+        if s.question.startswith("What colour"):
+            frames, _ = read_video(s.video, fps=8, min_frames=2, max_frames=64)
+            assert _colour_of(frames[-1][56, 56]) == spoken
+            assert _colour_of(frames[-1][56, 56 + 20]) == spoken  # 20 px off centre: background at scale 1 (14 px)
+        else:
+            pitches = {high for _, high in _beeps(s)}
+            assert pitches == {spoken == "high"}, (s.id, _beeps(s))
