@@ -197,3 +197,15 @@ def test_config_refuses_audio_in_video_without_a_track(tmp_path):
     with pytest.raises(ConfigError, match="separate_audio_fraction is 1"):
         load_config(str(path))
     assert load_config(str(Path(__file__).parents[2] / "configs" / "demo.yaml")).processor.use_audio_in_video
+
+
+def test_console_line_names_the_layout_and_counts(tiny):
+    from policy.processor import prompt_layout
+
+    model, _, clips, root = tiny
+    samples = [_sample(clips[1.0]), _sample(clips[4.0]), _sample(clips[4.0], audio=root / "beeps.wav"),
+               PromptSample(id="t", question="q", problem_type="numerical", answer="1")]
+    line = prompt_layout(ProcessorConfig(use_audio_in_video=True), model, samples)
+    assert "interleaved with the video in 2 s chunks" in line and "for 2 of 3 prompts with a video; 1 with a " \
+        "separate audio file" in line
+    assert "separate item after the video for all 3" in prompt_layout(ProcessorConfig(), model, samples)
