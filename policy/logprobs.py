@@ -130,19 +130,18 @@ def media_positions(thinker: torch.nn.Module, input_ids: torch.Tensor, attention
     a text-only row), exactly as the thinker's forward computes them from per-row grids and audio lengths.
     Rows whose video carries its own audio interleaved (media["use_audio_in_video"]) and rows with separate
     items go to get_rope_index apart: it takes one layout per call."""
+    def cat(present, key, fn=lambda v: v):
+        values = [fn(m[key]) for m in present if m.get(key) is not None]
+        return torch.cat(values).to(input_ids.device) if values else None
+
     interleaved = [bool(m and m.get("use_audio_in_video")) for m in medias]
     positions = torch.ones(3, *input_ids.shape, dtype=input_ids.dtype, device=input_ids.device)
     for layout in set(interleaved):
         rows = [i for i, flag in enumerate(interleaved) if flag == layout]
         present = [medias[i] for i in rows if medias[i]]
-
-        def cat(key, fn=lambda v: v):
-            values = [fn(m[key]) for m in present if m.get(key) is not None]
-            return torch.cat(values).to(input_ids.device) if values else None
-
         positions[:, rows], _ = thinker.get_rope_index(
-            input_ids[rows], None, cat("video_grid_thw"), attention_mask[rows], layout,
-            cat("feature_attention_mask", lambda v: v.sum(-1)), cat("video_second_per_grid"))
+            input_ids[rows], None, cat(present, "video_grid_thw"), attention_mask[rows], layout,
+            cat(present, "feature_attention_mask", lambda v: v.sum(-1)), cat(present, "video_second_per_grid"))
     return positions
 
 

@@ -16,7 +16,14 @@ from data.synth import Beep, Segment, render_audio, render_frames, write_mp4
 from policy.config import ProcessorConfig, TinyModelConfig
 from policy.logprobs import media_positions
 from policy.model import load_policy
-from policy.processor import Chunking, PromptProcessor, audio_token_count, chunk_bounds, interleave_chunks, model_chunking
+from policy.processor import (
+    Chunking,
+    PromptProcessor,
+    audio_token_count,
+    chunk_bounds,
+    interleave_chunks,
+    model_chunking,
+)
 from policy.tiny import ensure_tiny_model
 
 V, A = "V", "A"  # a <|VIDEO|> and an <|AUDIO|> placeholder in the run-length layouts below
