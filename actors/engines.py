@@ -305,11 +305,18 @@ class VLLMEngine(_EngineBase):
         self.tokenizer = self.llm.get_tokenizer()
         vocab = self.tokenizer.get_vocab()
         self._video_id, self._audio_id = vocab.get(VIDEO_TOKEN), vocab.get(AUDIO_TOKEN)
+        self._audio_bos, self._audio_eos = vocab.get("<|audio_bos|>"), vocab.get("<|audio_eos|>")
         self.banned_ids = banned_token_ids(self.tokenizer)
 
     # inputs ---------------------------------------------------------------------------------------------
-    def _collapse(self, ids: list[int]) -> list[int]:
-        """One placeholder per media item: vLLM expands each to the item's token count itself."""
+    def _collapse(self, ids: list[int], audio_in_video: bool = False) -> list[int]:
+        """One placeholder per media item: vLLM expands each to the item's token count itself. Interleaved
+        (audio_in_video): <|audio_bos|> chunks <|audio_eos|> inside the video's markers become one <|VIDEO|>,
+        from which vLLM lays out the same chunks and derives the audio's placeholders."""
+        if audio_in_video:
+            start = ids.index(self._audio_bos)
+            end = ids.index(self._audio_eos, start)
+            return ids[:start] + [self._video_id] + ids[end + 1:]
         out: list[int] = []
         for i in ids:
             if out and i == out[-1] and i in (self._video_id, self._audio_id):
@@ -336,7 +343,15 @@ class VLLMEngine(_EngineBase):
                 "audio_feature_lengths": mask.sum(-1),
                 "feature_attention_mask": mask,
             }
-        return {"prompt_token_ids": self._collapse(list(p.prompt_token_ids)), "multi_modal_data": mm}
+        prompt = {"prompt_token_ids": self._collapse(list(p.prompt_token_ids), bool(m.get("use_audio_in_video"))),
+                  "multi_modal_data": mm}
+        if m.get("use_audio_in_video"):
+            # the layout (vLLM's prompt update) and the positions (its mrope, read from the video item) both
+            # ask for the flag; second_per_grid_ts times the chunks (vLLM's layout reads it from these kwargs)
+            mm["video"]["use_audio_in_video"] = torch.tensor(True)
+            prompt["mm_processor_kwargs"] = {"use_audio_in_video": True,
+                                             "second_per_grid_ts": m["video_second_per_grid"].tolist()}
+        return prompt
 
     def _params(self, s: Sampling):
         from vllm import SamplingParams
@@ -434,7 +449,8 @@ class HFEngine(_EngineBase):
         from policy.logprobs import gather_logprobs, repeat_media
 
         input_ids = torch.tensor([p.prompt_token_ids] * s.n, device=self.device)
-        media = {k: v.to(self.device) for k, v in repeat_media(p.media, s.n).items()} if p.media else {}
+        media = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v  # use_audio_in_video: a flag
+                 for k, v in repeat_media(p.media, s.n).items()} if p.media else {}
         sample = s.temperature > 0
         kwargs = (
             dict(

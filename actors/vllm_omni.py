@@ -67,7 +67,7 @@ def register_torchvision_free_omni() -> str:
                     data,
                     modality="video",
                     required_fields={"pixel_values_videos", "video_grid_thw"},
-                    optional_fields={"second_per_grid_ts"},
+                    optional_fields={"second_per_grid_ts", "use_audio_in_video"},
                     fields_factory=omni.create_qwen2_5_omni_thinker_field_factory(self._spatial_merge_size),
                 )
             raise ValueError(
@@ -116,10 +116,48 @@ def register_torchvision_free_omni() -> str:
         dummy_inputs=omni.Qwen2_5OmniThinkerDummyInputsBuilder,
     )
     class AvatarQwen2_5OmniThinker(omni.Qwen2_5OmniThinkerForConditionalGeneration):
-        pass
+        def get_mrope_input_positions(self, input_tokens, mm_features):
+            positions, _ = super().get_mrope_input_positions(input_tokens, mm_features)
+            interleaved = [(offset, data) for offset, modality, data in self.iter_mm_features(mm_features)
+                           if modality == "video" and data["use_audio_in_video"]]
+            if interleaved:
+                positions = interleaved_positions_as_transformers(
+                    positions, list(input_tokens),
+                    [(offset, omni_token_count(self, data)) for offset, data in interleaved])
+            return positions, int(positions.max()) + 1 - len(input_tokens)
 
     ModelRegistry.register_model(ARCHITECTURE, AvatarQwen2_5OmniThinker)
     return ARCHITECTURE
+
+
+def omni_token_count(model, data: dict) -> int:
+    """The video and audio tokens of one interleaved video (vLLM's feature data of the video item)."""
+    audio = model._compute_audio_token_count(data["audio_feature_length"])
+    return data["grid_t"] * data["grid_h"] * data["grid_w"] + audio
+
+
+def interleaved_positions_as_transformers(positions, tokens, spans):
+    """vLLM 0.32's M-RoPE positions [3, L] with each interleaved video (use_audio_in_video) placed as
+    transformers' get_rope_index places it, which is what the learner computes: <|audio_bos|> shares
+    <|vision_bos|>'s position, the chunks follow it, <|audio_eos|> and <|vision_eos|> share one past the last
+    chunk's last piece (its audio, or its video where it has no audio), and the text goes on from there.
+    vLLM starts the chunks' positions on <|audio_bos|> (its placeholder's offset), one token early, and counts
+    the two end markers as text after the chunks' largest position. `tokens`: the prompt's ids; `spans`:
+    (offset of <|audio_bos|>, video + audio tokens) per interleaved video, in prompt order."""
+    out = positions.clone()
+    for offset, count in spans:
+        chunks = out[:, offset:offset + count].clone()
+        kinds = tokens[offset + 1:offset + 1 + count]
+        k = count
+        while k > 0 and kinds[k - 1] == kinds[-1]:  # the last piece: the trailing run of one modality
+            k -= 1
+        end = int(chunks[:, k:].max()) + 1
+        after = out[:, offset + 3 + count:]
+        out[:, offset] = out[:, offset - 1]
+        out[:, offset + 1:offset + 1 + count] = chunks
+        out[:, offset + 1 + count:offset + 3 + count] = end
+        out[:, offset + 3 + count:] = after - (int(chunks.max()) + 3 - end)
+    return out
 
 
 def thinker_overrides(architecture: str | None):

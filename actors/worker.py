@@ -106,7 +106,8 @@ class RolloutWorker:
         pin_process(rollout.cpu_affinity, "rollout.cpu_affinity")  # before the engine starts its threads
         self.engine = create_engine(rollout, self.paths.path(model_path), dtype=dtype, seed=seed)
         self.processor = PromptProcessor(
-            processor or ProcessorConfig(), self.engine.tokenizer, self.engine.multimodal
+            processor or ProcessorConfig(), self.engine.tokenizer, self.engine.multimodal,
+            model_path=self.paths.path(model_path),
         )
         self.counts = {
             "prompts": 0,

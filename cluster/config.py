@@ -136,6 +136,18 @@ class JobConfig(StrictConfig):
     storage: StorageConfig = Field(default_factory=StorageConfig)
 
     @model_validator(mode="after")
+    def _audio_in_video_has_a_track(self) -> JobConfig:
+        """processor.use_audio_in_video interleaves only a video's own audio track: refused where the synthetic
+        data would give it none (every item a silent video plus a separate wav)."""
+        if (self.processor.use_audio_in_video and self.data.manifest is None
+                and self.data.synth.separate_audio_fraction >= 1.0):
+            raise ValueError(
+                "processor.use_audio_in_video is true but data.synth.separate_audio_fraction is 1: every synthetic "
+                "video is silent with its audio in a separate wav, which stays a separate item, so nothing would be "
+                "interleaved. Lower data.synth.separate_audio_fraction or set processor.use_audio_in_video: false")
+        return self
+
+    @model_validator(mode="after")
     def _judge_is_configured(self) -> JobConfig:
         """An RL stage whose reward weights the LLM judge (reward.weights, else the stage's defaults) must
         name a judge: refused here, at load, rather than scored by a random model or not at all."""

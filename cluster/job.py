@@ -16,8 +16,8 @@ from actors.tasks import PromptTask
 from common.testhooks import install_audit_from_env
 from learner.learner import SFTExample
 from policy.media import MediaError
-from policy.model import resolve_model_path
-from policy.processor import PromptProcessor
+from policy.model import is_omni, resolve_model_path
+from policy.processor import PromptProcessor, prompt_layout
 
 from . import launcher
 from .availability import WorkersLost
@@ -62,7 +62,7 @@ def train_sft(cfg: JobConfig, run_dir: Path, comps: Components, order: PromptOrd
     `evaluate`: the held-out evaluation, every pipeline.eval_every steps (the weights published first)."""
     from transformers import AutoTokenizer
 
-    processor = PromptProcessor(cfg.processor, AutoTokenizer.from_pretrained(model_path))
+    processor = PromptProcessor(cfg.processor, AutoTokenizer.from_pretrained(model_path), model_path=model_path)
     bar = tqdm(total=cfg.pipeline.steps, initial=state.step, desc="stage 0 SFT", unit="step", dynamic_ncols=True)
     while state.step < cfg.pipeline.steps:
         examples = []
@@ -153,6 +153,8 @@ def run_stage(cfg: JobConfig, resume: bool = True) -> dict:
             log.warning("no held-out prompts (data.eval_fraction %s, no data.eval_manifest): nothing to evaluate",
                         cfg.data.eval_fraction)
         model_path = Path(cfg.init_from) if cfg.init_from else resolve_model_path(cfg.model, Path(cfg.run_dir) / "_models")
+        if is_omni(model_path):
+            log.info(f"prompt layout: {prompt_layout(cfg.processor, model_path, samples)}")
         comps = start_components(cfg, run_dir, model_path, samples, launch.redis, rl, eval_samples)
         comps.metrics = targets
         comps.refresh_metrics_targets(timeout_s=300)  # the workers answer once their engines are up

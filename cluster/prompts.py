@@ -162,7 +162,8 @@ class PromptMedia:
 
             model_path = self.paths.path(self.model_path)
             tok = AutoTokenizer.from_pretrained(model_path)
-            self._processor = PromptProcessor(self.processor_cfg, tok, multimodal=is_omni(model_path))
+            self._processor = PromptProcessor(self.processor_cfg, tok, multimodal=is_omni(model_path),
+                                              model_path=model_path)
         sample = self.samples.get(prompt_id)
         if sample is None:
             raise KeyError(f"prompt {prompt_id!r} is not in this job's dataset")

@@ -23,7 +23,7 @@ def run_smoke(cfg: JobConfig, run_dir: Path) -> dict:
     samples, _ = load_manifest(manifest)
     print(f"[smoke] data: {manifest} ({len(samples)} prompts)", flush=True)
     policy = load_policy(model_dir, cfg.model.dtype)
-    processor = PromptProcessor(cfg.processor, policy.tokenizer, multimodal=policy.multimodal)
+    processor = PromptProcessor(cfg.processor, policy.tokenizer, multimodal=policy.multimodal, model_path=model_dir)
     sample = samples[0]
     prompt = processor.build(sample, hint=sample.hint)
     ids = torch.tensor([prompt.prompt_token_ids])

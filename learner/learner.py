@@ -62,7 +62,8 @@ class _MediaEntry:
         self.media, self.features = media, features
         if features is not None:  # keep only the small tensors the positions need
             self.media = {k: v for k, v in media.items()
-                          if k in ("video_grid_thw", "video_second_per_grid", "feature_attention_mask")}
+                          if k in ("video_grid_thw", "video_second_per_grid", "feature_attention_mask",
+                                   "use_audio_in_video")}
         self.nbytes = media_nbytes(self.media) + media_nbytes(features)
 
 

@@ -48,3 +48,7 @@ class ProcessorConfig(StrictConfig):
     sample_rate: int = 16000
     max_audio_seconds: float = Field(30.0, gt=0)
     max_media_mb: float = Field(2048.0, gt=0, description="a larger media file is rejected before decoding (skipped, counted)")
+    use_audio_in_video: bool = Field(
+        False, description="a prompt whose audio is its video's own track gets it interleaved with the video in "
+        "time chunks, with Qwen2.5-Omni's time-aligned positions (TMRoPE), as the release trains; a prompt with "
+        "a separate audio file keeps it as its own item after the video (docs/architecture.md, 'The model side')")

@@ -53,7 +53,7 @@ def token_logprobs(model: torch.nn.Module, input_ids: torch.Tensor, attention_ma
                    media: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
     """[B, L] tensor whose entry t is log p(input_ids[t] | input_ids[:t]); entry 0 is 0."""
     device = next(model.parameters()).device
-    kwargs = {k: v.to(device) for k, v in (media or {}).items()}
+    kwargs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in (media or {}).items()}
     out = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), use_cache=False, **kwargs)
     logp = gather_logprobs(out.logits[:, :-1], input_ids[:, 1:].to(device))
     return torch.cat([torch.zeros_like(logp[:, :1]), logp], dim=1)
@@ -127,16 +127,21 @@ def encode_media(thinker: torch.nn.Module, medias: Sequence[Mapping[str, torch.T
 def media_positions(thinker: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                     medias: Sequence[Mapping[str, torch.Tensor] | None]) -> torch.Tensor:
     """Qwen2.5-Omni's 3-D rope positions [3, B, L] for rows that each carry their own prompt's media (None for
-    a text-only row), exactly as the thinker's forward computes them from per-row grids and audio lengths."""
-    present = [m for m in medias if m]
-
-    def cat(key, fn=lambda v: v):
+    a text-only row), exactly as the thinker's forward computes them from per-row grids and audio lengths.
+    Rows whose video carries its own audio interleaved (media["use_audio_in_video"]) and rows with separate
+    items go to get_rope_index apart: it takes one layout per call."""
+    def cat(present, key, fn=lambda v: v):
         values = [fn(m[key]) for m in present if m.get(key) is not None]
         return torch.cat(values).to(input_ids.device) if values else None
 
-    positions, _ = thinker.get_rope_index(
-        input_ids, None, cat("video_grid_thw"), attention_mask, False,
-        cat("feature_attention_mask", lambda v: v.sum(-1)), cat("video_second_per_grid"))
+    interleaved = [bool(m and m.get("use_audio_in_video")) for m in medias]
+    positions = torch.ones(3, *input_ids.shape, dtype=input_ids.dtype, device=input_ids.device)
+    for layout in set(interleaved):
+        rows = [i for i, flag in enumerate(interleaved) if flag == layout]
+        present = [medias[i] for i in rows if medias[i]]
+        positions[:, rows], _ = thinker.get_rope_index(
+            input_ids[rows], None, cat(present, "video_grid_thw"), attention_mask[rows], layout,
+            cat(present, "feature_attention_mask", lambda v: v.sum(-1)), cat(present, "video_second_per_grid"))
     return positions
 
 

@@ -8,14 +8,24 @@ What the HF Qwen2.5-Omni processor does, done here with numpy and PIL:
   CLIP-normalised and cut into 2x14x14 patches in Qwen2-VL's order -> pixel_values_videos, video_grid_thw;
 - audio (the video's track or a separate file): 16 kHz, Whisper 128-bin log-mel -> input_features;
 - the placeholder expansion: one <|VIDEO|> per merged 2x2 patch group, one <|AUDIO|> per audio-encoder frame.
-Audio is passed as its own item (use_audio_in_video=False): the model sees both streams with their own
-positions; interleaving them by time chunks is an option of the real processor that we do not need.
+
+Two layouts of the user turn (docs/architecture.md, "The model side: audio and video layouts"):
+- separate items: <|vision_bos|><|VIDEO|>*n<|vision_eos|><|audio_bos|><|AUDIO|>*m<|audio_eos|>, each stream
+  with its own positions (a prompt with a separate audio file, or processor.use_audio_in_video off);
+- interleaved (processor.use_audio_in_video, a prompt whose audio is its video's own track):
+  <|vision_bos|><|audio_bos|> [chunk 1's video tokens, chunk 1's audio tokens] [chunk 2 ...] <|audio_eos|>
+  <|vision_eos|>, cut in time chunks exactly as Qwen2.5-Omni's processor does (seconds_per_chunk and
+  position_id_per_seconds from the model's config); the media then carry use_audio_in_video=True, which the
+  thinker's rope (TMRoPE: video and audio positions on one time axis) and vLLM read.
 """
 
 from __future__ import annotations
 
+import json
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -83,6 +93,83 @@ def audio_token_count(mel_frames: int) -> int:
     return ((mel_frames - 1) // 2 + 1 - 2) // 2 + 1
 
 
+@dataclass(frozen=True)
+class Chunking:
+    """How Qwen2.5-Omni cuts a video and its own audio into time chunks: rope positions per second of media
+    (an audio token is 40 ms: 25 per second) and seconds per chunk, from the thinker's config."""
+
+    positions_per_second: float
+    seconds_per_chunk: float
+
+    @property
+    def positions_per_chunk(self) -> int:
+        return int(self.positions_per_second * self.seconds_per_chunk)
+
+
+def model_chunking(model_path: str | Path) -> Chunking:
+    """The chunking of the Qwen2.5-Omni checkpoint in model_path (config.json: thinker_config's
+    position_id_per_seconds and seconds_per_chunk). Refuses a config where vLLM would cut differently
+    (it times video chunks by vision_config.tokens_per_second)."""
+    path = Path(model_path) / "config.json"
+    if not path.is_file():
+        raise ValueError(f"processor.use_audio_in_video: no config.json in {model_path} to read the chunking from")
+    config = json.loads(path.read_text())
+    thinker = config.get("thinker_config", config)
+    per_second, seconds = thinker.get("position_id_per_seconds", 25), thinker.get("seconds_per_chunk", 2)
+    vllm_per_second = thinker.get("vision_config", {}).get("tokens_per_second", 25)
+    if vllm_per_second != per_second:
+        raise ValueError(
+            f"processor.use_audio_in_video: {path} has position_id_per_seconds {per_second} but vision_config."
+            f"tokens_per_second {vllm_per_second}: transformers and vLLM would place the chunks differently")
+    return Chunking(float(per_second), float(seconds))
+
+
+def chunk_bounds(times: Sequence[float], per_chunk: int) -> list[tuple[int, int]]:
+    """[start, end) index ranges of `times` (non-decreasing rope times) cut at multiples of per_chunk, as
+    Qwen2.5-Omni's get_chunked_index: the boundary moves one chunk at a time, and the last range always
+    closes the list (so an empty list gives one empty range)."""
+    bounds, start, chunk = [], 0, 1
+    for i, t in enumerate(times):
+        if t >= chunk * per_chunk:
+            bounds.append((start, i))
+            start, chunk = i, chunk + 1
+    bounds.append((start, len(times)))
+    return bounds
+
+
+def interleave_chunks(grid_thw: Sequence[int], second_per_grid: float, n_audio: int, chunking: Chunking,
+                      video_id: int, audio_id: int) -> list[int]:
+    """The placeholders between <|audio_bos|> and <|audio_eos|> of an interleaved video: per time chunk,
+    that chunk's video tokens (whole temporal patches) then its audio tokens; chunks past the shorter
+    stream hold the other stream only."""
+    t, h, w = (int(x) for x in grid_thw)
+    per_frame = h * w // (MERGE * MERGE)
+    video_times = [k * second_per_grid * chunking.positions_per_second for k in range(t) for _ in range(per_frame)]
+    video = chunk_bounds(video_times, chunking.positions_per_chunk)
+    audio = chunk_bounds(range(n_audio), chunking.positions_per_chunk)
+    out: list[int] = []
+    for j in range(max(len(video), len(audio))):
+        if j < len(video):
+            out += [video_id] * (video[j][1] - video[j][0])
+        if j < len(audio):
+            out += [audio_id] * (audio[j][1] - audio[j][0])
+    return out
+
+
+def prompt_layout(cfg: ProcessorConfig, model_path: str | Path, samples: Sequence[PromptSample]) -> str:
+    """One line naming the prompts' audio-video layout, for the run's console."""
+    with_video = [s for s in samples if s.video is not None]
+    if not cfg.use_audio_in_video:
+        return (f"audio as a separate item after the video for all {len(with_video)} prompts with a video "
+                "(processor.use_audio_in_video: false)")
+    chunking = model_chunking(model_path)
+    own = sum(1 for s in with_video if s.audio is None)
+    return (f"the video's own audio interleaved with the video in {chunking.seconds_per_chunk:g} s chunks, "
+            f"time-aligned positions ({chunking.positions_per_second:g}/s), for {own} of {len(with_video)} prompts "
+            f"with a video; {len(with_video) - own} with a separate audio file keep it as a separate item "
+            "(processor.use_audio_in_video: true)")
+
+
 def format_question(sample: PromptSample) -> str:
     if sample.options:
         return sample.question + "\n" + "\n".join(sample.options)
@@ -93,7 +180,9 @@ class PromptProcessor:
     """Builds model inputs for one prompt. Shared by the rollout engines, the learner and the judge so that
     every party sees the same tokens."""
 
-    def __init__(self, cfg: ProcessorConfig, tokenizer: PreTrainedTokenizerBase, multimodal: bool = True):
+    def __init__(self, cfg: ProcessorConfig, tokenizer: PreTrainedTokenizerBase, multimodal: bool = True,
+                 model_path: str | Path | None = None):
+        """model_path: the model folder, whose config gives the chunking when cfg.use_audio_in_video."""
         self.cfg = cfg
         self.tokenizer = tokenizer
         self.multimodal = multimodal
@@ -105,6 +194,11 @@ class PromptProcessor:
             missing = [t for t, i in self._special.items() if i is None or i == tokenizer.unk_token_id]
             if missing:
                 raise ValueError(f"tokenizer lacks the Qwen2.5-Omni special tokens {missing}")
+        self.chunking: Chunking | None = None
+        if multimodal and cfg.use_audio_in_video:
+            if model_path is None:
+                raise ValueError("processor.use_audio_in_video needs the model folder (its config gives the chunking)")
+            self.chunking = model_chunking(model_path)
 
     def messages(self, sample: PromptSample, hint: str | None, user_prefix: str = "") -> list[dict]:
         msgs = []
@@ -136,25 +230,37 @@ class PromptProcessor:
         mel_frames = int(feats["attention_mask"].sum())
         n_video = int(grid.prod()) // (MERGE * MERGE)
         n_audio = audio_token_count(mel_frames)
+        second_per_grid = TEMPORAL_PATCH / self.cfg.fps
+        video, audio_tok = self._special["<|VIDEO|>"], self._special["<|AUDIO|>"]
 
-        prefix = "<|vision_bos|><|VIDEO|><|vision_eos|><|audio_bos|><|AUDIO|><|audio_eos|>"
+        interleave = self.chunking is not None and sample.audio is None  # only the video's own track
+        if interleave:
+            prefix = "<|vision_bos|><|VIDEO|><|vision_eos|>"
+            chunks = interleave_chunks(grid[0].tolist(), second_per_grid, n_audio, self.chunking, video, audio_tok)
+            expand = {video: [self._special["<|audio_bos|>"], *chunks, self._special["<|audio_eos|>"]]}
+        else:
+            prefix = "<|vision_bos|><|VIDEO|><|vision_eos|><|audio_bos|><|AUDIO|><|audio_eos|>"
+            expand = {video: [video] * n_video, audio_tok: [audio_tok] * n_audio}
         text = self.template(self.messages(sample, hint, user_prefix=prefix))
-        ids = self._expand(self.tokenizer(text, add_special_tokens=False)["input_ids"], n_video, n_audio)
+        ids = self._expand(self.tokenizer(text, add_special_tokens=False)["input_ids"], expand)
         media = {
             "pixel_values_videos": pixel_values,
             "video_grid_thw": grid,
-            "video_second_per_grid": torch.tensor([TEMPORAL_PATCH / self.cfg.fps], dtype=torch.float32),
+            "video_second_per_grid": torch.tensor([second_per_grid], dtype=torch.float32),
             "input_features": feats["input_features"],
             "feature_attention_mask": feats["attention_mask"].long(),
         }
+        if interleave:  # read by the thinker's rope (get_rope_index) and by vLLM (mm_processor_kwargs)
+            media["use_audio_in_video"] = True
         return ProcessedPrompt(prompt_token_ids=ids, text=text, media=media, frames=frames, audio=audio,
                                hinted=bool(hint))
 
-    def _expand(self, ids: list[int], n_video: int, n_audio: int) -> list[int]:
-        video, audio = self._special["<|VIDEO|>"], self._special["<|AUDIO|>"]
+    @staticmethod
+    def _expand(ids: list[int], expand: dict[int, list[int]]) -> list[int]:
+        """ids with each placeholder token in `expand` replaced by its tokens."""
         out: list[int] = []
         for i in ids:
-            out.extend([i] * (n_video if i == video else n_audio if i == audio else 1))
+            out.extend(expand.get(i, [i]))
         return out
 
     def target_ids(self, completion: str) -> list[int]:

@@ -180,3 +180,55 @@ def test_media_cache_byte_bound(omni, freeze):
     learner.train_step(_mixed(prompts, "s", learner.completion_logprobs))  # one step's media held past evictions
     assert learner._media_cache.nbytes <= bound
     learner.close()
+
+
+@pytest.fixture(scope="module")
+def interleaved(omni, tmp_path_factory):
+    """Prompts whose video carries its own audio, interleaved in 1, 2 and 3 chunks (processor.use_audio_in_video),
+    and one whose audio is a separate wav (separate items): both layouts in one batch."""
+    import soundfile as sf
+
+    model, tok, _ = omni
+    root = tmp_path_factory.mktemp("interleaved")
+    processor = PromptProcessor(ProcessorConfig(max_frames=12, max_pixels=56 * 56, max_audio_seconds=6.0,
+                                                use_audio_in_video=True), tok, model_path=model)
+    prompts = {}
+    for pid, seconds in (("one", 1.0), ("two", 4.0), ("three", 5.5), ("wav", 2.0)):
+        synth = SynthConfig(seconds=seconds, fps=8, size=56)
+        beeps = [Beep(0.3, True)]
+        frames = render_frames([Segment("red", "square", "center", 0.0, seconds)], beeps, synth, None)
+        audio = render_audio(beeps, synth)
+        write_mp4(root / f"{pid}.mp4", frames, synth.fps, None if pid == "wav" else audio, synth.sample_rate)
+        wav = None
+        if pid == "wav":
+            wav = root / "wav.wav"
+            sf.write(str(wav), audio, synth.sample_rate)
+        prompts[pid] = processor.build(PromptSample(id=pid, question="How many beeps?", problem_type="numerical",
+                                                    answer="1", video=root / f"{pid}.mp4", audio=wav))
+    assert [bool(p.media.get("use_audio_in_video")) for p in prompts.values()] == [True, True, True, False]
+    return model, tok, prompts
+
+
+@pytest.mark.parametrize("freeze", [True, False])
+def test_batched_forward_with_interleaved_prompts(interleaved, freeze):
+    """Interleaved prompts (1-3 chunks) and a separate-items prompt in one forward: each row's log-probs equal
+    those of its prompt alone through the thinker's own forward (its get_rope_index with the prompt's layout)."""
+    model, tok, prompts = interleaved
+    learner = Learner(_cfg(freeze_media_encoders=freeze), model, total_steps=10,
+                      media_provider=lambda pid: prompts[pid].media)
+    items = [t for g in _mixed(prompts, "i", lambda p: [[0.0] * len(t.completion_token_ids) for t in p]) for t in g]
+    batched = learner.completion_logprobs(items)
+    hf = load_policy(model).model.eval()
+    for pid, p in prompts.items():
+        rows = [t for t in items if t.prompt_id == pid]
+        ref = completion_logprobs(hf, p.prompt_token_ids, [t.completion_token_ids for t in rows], tok.pad_token_id,
+                                  p.media)
+        for t, r in zip(rows, ref):
+            assert torch.allclose(batched[items.index(t)], r, atol=1e-5, rtol=0), (pid, freeze)
+    # the aligned positions matter: the same tokens with separate-item positions give other log-probs
+    two = prompts["two"]
+    sep = {k: v for k, v in two.media.items() if k != "use_audio_in_video"}
+    rows = [t for t in items if t.prompt_id == "two"]
+    alt = completion_logprobs(hf, two.prompt_token_ids, [rows[0].completion_token_ids], tok.pad_token_id, sep)[0]
+    assert (alt - batched[items.index(rows[0])]).abs().max().item() > 1e-4
+    learner.close()
