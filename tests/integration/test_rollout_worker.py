@@ -144,6 +144,34 @@ def test_killed_worker_is_restarted_and_each_group_enters_the_stream_once(cluste
             assert tok.decode(t.prompt_token_ids).startswith(head) == wants_hint
 
 
+@ray.remote
+class ClockScorer:
+    """A reward worker's stand-in that says when each group reached it."""
+
+    def score_and_push(self, group, sample):
+        return {"arrived": time.time(), "created_at": group[0].created_at}
+
+
+def test_a_group_reaches_its_reward_worker_before_the_calls_slowest_group_is_done(cluster):
+    """Continuous batching: one rollout call with a long task and a short one, both in the engine at once; the
+    short one's group is handed on while the long one still generates (a group's created_at is when the worker
+    took it from the engine, after its last completion finished)."""
+    samples = cluster["samples"]
+    worker = rollout_worker_actor(num_cpus=1, max_restarts=0).remote(
+        "w-stream", cluster["model_dir"], RolloutConfig(group_size=2, max_new_tokens=8, max_model_len=1024), PROC)
+    scorer = ClockScorer.remote()
+    tasks = [PromptTask("long#0", samples[0], max_new_tokens=400), PromptTask("short#0", samples[1], max_new_tokens=4)]
+    try:
+        report = ray.get(worker.rollout.remote(tasks, [scorer]), timeout=300)
+    finally:
+        ray.get(worker.shutdown.remote(), timeout=60)
+        ray.kill(worker, no_restart=True)
+    receipts = {r.key: r for r in report.receipts}
+    assert receipts["short#0"].tokens == 2 * 4 and receipts["long#0"].tokens > 2 * 200
+    assert receipts["short#0"].answer["arrived"] < receipts["long#0"].answer["created_at"]
+    assert [r.key for r in report.receipts] == ["short#0", "long#0"]  # receipts in the order groups were done
+
+
 def test_a_call_waiting_for_its_judge_lets_the_next_call_generate(cluster, redis_server):
     """A rollout call answers once its groups are scored and pushed (the replies inside its report), but the
     engine is free meanwhile: a second call to the same worker generates while the first waits for a slow
