@@ -238,7 +238,7 @@ class _EngineBase:
     _broken: str | None = None
 
     def __init__(self):
-        self.busy_seconds = 0.0
+        self._busy_done = 0.0  # busy seconds of the intervals that have ended
         self._in_engine, self._busy_since = 0, 0.0
         self._busy_lock = threading.Lock()
         self.updates_while_generating = 0  # updates applied with requests frozen in the engine (in flight)
@@ -246,6 +246,13 @@ class _EngineBase:
     def _check_usable(self) -> None:
         if self._broken:
             raise EngineBroken(self._broken)
+
+    @property
+    def busy_seconds(self) -> float:
+        """Wall seconds with at least one request in the engine (the interval under way included)."""
+        with self._busy_lock:
+            ongoing = time.perf_counter() - self._busy_since if self._in_engine else 0.0
+            return self._busy_done + ongoing
 
     def _request_started(self) -> None:
         with self._busy_lock:
@@ -257,7 +264,7 @@ class _EngineBase:
         with self._busy_lock:
             self._in_engine -= 1
             if self._in_engine == 0:
-                self.busy_seconds += time.perf_counter() - self._busy_since
+                self._busy_done += time.perf_counter() - self._busy_since
 
     def load_weights(self, path: str | Path, version: int, checksum: str) -> float:
         """A published file (learner.transport) as `version`: update_weights through PublishedFile."""
@@ -558,6 +565,8 @@ class VLLMEngine(_EngineBase):
         """Stop the engine core process and the loop; call inside the actor before ray.shutdown()."""
         llm, self.llm = getattr(self, "llm", None), None
         if llm is not None:
+            if llm.output_handler is not None:  # first: it would report the engine core's exit as its death
+                self._loop.call_soon_threadsafe(llm.output_handler.cancel)
             llm.shutdown()
             del llm
             gc.collect()

@@ -162,12 +162,18 @@ class RolloutWorker:
                 log.error("worker %s: skipping prompt %s: %s", self.worker_id, task.sample.id, exc)
                 yield GroupResult(task.key, task.sample.id, skipped=Skipped(task.key, task.sample.id, str(exc)))
                 continue
-            while not self._inflight.acquire(timeout=0.05):  # the engine holds max_inflight_tasks: hand on meanwhile
+            while True:  # groups done meanwhile go on first; then a slot (the engine holds max_inflight_tasks)
                 while not done.empty():
                     submitted -= 1
                     yield self._group(*done.get())
+                if self._inflight.acquire(timeout=0.05):
+                    break
             task_params = dataclasses.replace(params, max_new_tokens=task.max_new_tokens) if task.max_new_tokens else params
-            future = self.engine.submit(EngineInput(built.prompt_token_ids, built.media), task_params)
+            try:
+                future = self.engine.submit(EngineInput(built.prompt_token_ids, built.media), task_params)
+            except BaseException:  # a broken engine: the slot is not taken
+                self._inflight.release()
+                raise
             future.add_done_callback(lambda f, t=task, h=built.hinted: (self._inflight.release(), done.put((t, h, f))))
             submitted += 1
         for _ in range(submitted):

@@ -132,7 +132,8 @@ def run_job(checkout: Path, overrides: list[str], log: Path, history: Path) -> d
 
     cmd = [_python(), "-m", "cluster.cli", "train", "configs/demo.yaml", *overrides, "--fresh"]
     print(f"[bench] {checkout}: {' '.join(cmd[1:])}", flush=True)
-    env = {**os.environ, "PYTHONPATH": str(checkout)}
+    # the checkout's packages first; what the caller's path adds (e.g. an installed plugin's folder) after them
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(checkout), *filter(None, [os.environ.get("PYTHONPATH")])])}
     first = last = None  # (rows, driver CPU seconds) when the first and the latest row appeared
     pinned = {}
     with log.open("w") as f:

@@ -43,6 +43,7 @@ def main() -> None:
     ap.add_argument("--straggler-requests", type=int, default=48, help="0: no straggler measurement")
     ap.add_argument("--in-flight", type=int, default=8, help="prompts in the engine at a time (stragglers)")
     ap.add_argument("--tail-max", type=int, default=256, help="the longest max_tokens drawn (stragglers)")
+    ap.add_argument("--repeats", type=int, default=2, help="straggler runs of each schedule, alternating")
     ap.add_argument("--out", default="benchmarks/results/rollout.json")
     args = ap.parse_args()
 
@@ -129,11 +130,15 @@ def main() -> None:
     if straggler_rows:
         print(f"\nstragglers: {args.straggler_requests} prompts x G {args.group}, max_tokens Pareto(1.2) in "
               f"[4, {args.tail_max}], {args.in_flight} prompts in the engine at a time, same requests and seeds")
-        print(f"{'schedule':16} {'tokens':>7} {'seconds':>8} {'tok/s':>8} {'speed-up':>9}")
+        print(f"{'schedule':16} {'tokens':>7} {'seconds':>8} {'tok/s':>8} {'speed-up':>9}  tok/s of each run")
         base = straggler_rows[0]["tokens_per_s"]
         for r in straggler_rows:
             r["speedup"] = round(r["tokens_per_s"] / base, 2)
-            print(f"{r['schedule']:16} {r['tokens']:>7} {r['seconds']:>8} {r['tokens_per_s']:>8} {r['speedup']:>8}x")
+            print(f"{r['schedule']:16} {r['tokens']:>7} {r['seconds']:>8} {r['tokens_per_s']:>8} {r['speedup']:>8}x"
+                  f"  {r['each_tokens_per_s']}")
+        steps = straggler_steps(straggler_rows[0]["lengths"], args.in_flight)
+        print(f"decode steps if a step cost the same at any batch size: batch per call {steps['batch per call']}, "
+              f"continuous {steps['continuous']} ({steps['ratio']:.2f}x)")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(
@@ -156,6 +161,18 @@ def straggler_lengths(n: int, tail_max: int, seed: int = 0) -> list[int]:
     """Per-request max_tokens, long-tailed: 8 x Pareto(1.2), clipped to [4, tail_max]."""
     rng = random.Random(seed)
     return [min(tail_max, max(4, int(8 * rng.paretovariate(1.2)))) for _ in range(n)]
+
+
+def straggler_steps(lengths: list[int], in_flight: int) -> dict:
+    """The engine steps each schedule needs if every step costs the same (the GPU-like case): a call lasts its
+    longest request; continuously, each freed slot takes the next request."""
+    import heapq
+
+    batch = sum(max(lengths[at : at + in_flight]) for at in range(0, len(lengths), in_flight))
+    slots = [0] * in_flight
+    for n in lengths:
+        heapq.heappush(slots, heapq.heappop(slots) + n)
+    return {"batch per call": batch, "continuous": max(slots), "ratio": batch / max(slots)}
 
 
 def stragglers(engine, inputs: list, sampling, args) -> list[dict]:
@@ -182,14 +199,19 @@ def stragglers(engine, inputs: list, sampling, args) -> list[dict]:
             results += [f.result() for f in done]
         return results
 
+    runs: dict[str, list[tuple[int, float]]] = {"batch per call": [], "continuous": []}
+    for _ in range(args.repeats):  # alternating, so that a change in the machine's load hits both alike
+        for name, run in (("batch per call", batch_per_call), ("continuous", continuous)):
+            start = time.perf_counter()
+            results = run()
+            seconds = time.perf_counter() - start
+            runs[name].append((sum(len(c.token_ids) for r in results for c in r.completions), seconds))
     rows = []
-    for name, run in (("batch per call", batch_per_call), ("continuous", continuous)):
-        start = time.perf_counter()
-        results = run()
-        seconds = time.perf_counter() - start
-        tokens = sum(len(c.token_ids) for r in results for c in r.completions)
+    for name, measured in runs.items():
+        tokens, seconds = sum(t for t, _ in measured), sum(s for _, s in measured)
         rows.append(dict(schedule=name, tokens=tokens, seconds=round(seconds, 3),
-                         tokens_per_s=round(tokens / seconds, 1), lengths=lengths))
+                         tokens_per_s=round(tokens / seconds, 1),
+                         each_tokens_per_s=[round(t / s, 1) for t, s in measured], lengths=lengths))
     return rows
 
 
