@@ -416,6 +416,8 @@ class VLLMEngine(_EngineBase):
             seed=seed,
             max_model_len=cfg.max_model_len,
             tensor_parallel_size=cfg.tensor_parallel_size,
+            # one GPU (or the CPU): the model runs inside the engine core's process, not in one more of its own
+            distributed_executor_backend="uni" if cfg.tensor_parallel_size == 1 else None,
             enforce_eager=on_cpu,
             **({} if on_cpu else {"gpu_memory_utilization": cfg.gpu_memory_utilization}),
             **kwargs,

