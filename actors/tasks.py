@@ -16,3 +16,4 @@ class PromptTask:
     key: str
     sample: PromptSample
     use_hint: bool = False
+    max_new_tokens: int | None = None  # this task's completion length cap; None: rollout.max_new_tokens

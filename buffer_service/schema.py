@@ -19,7 +19,7 @@ import pyarrow as pa
 
 from buffer_service.records import Trajectory
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: token_policy_versions
 VERSION_KEY = b"avatar.schema_version"
 
 
@@ -52,6 +52,7 @@ _FIELDS: list[tuple[str, pa.DataType, bool]] = [
     ("scored_at", pa.float64(), True),
     ("advantage", pa.float64(), True),
     ("mean_logratio_old_ref", pa.float64(), True),
+    ("token_policy_versions", pa.list_(pa.int32()), True),
 ]
 
 TRAJECTORY_SCHEMA = pa.schema(
@@ -192,6 +193,10 @@ def validate_trajectory(traj: Trajectory) -> None:
             raise RecordError(f"{tid}: {name} must be finite, got {value}")
     if traj.policy_version < 0:
         raise RecordError(f"{tid}: policy_version must be >= 0, got {traj.policy_version}")
+    versions = traj.token_policy_versions
+    if versions is not None and (len(versions) != n or min(versions, default=traj.policy_version) != traj.policy_version):
+        raise RecordError(f"{tid}: token_policy_versions must have one version per completion token, the oldest "
+                          f"being policy_version {traj.policy_version}")
 
 
 def validate_group(group: list[Trajectory]) -> None:

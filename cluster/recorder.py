@@ -17,7 +17,7 @@ from .state import RunState
 BUFFER_EVENTS = ("pushed_groups", "duplicates", "dead_lettered", "rejected", "reclaimed", "inserted", "evicted",
                  "sampled", "acked")
 FROM_SUMMARY = ("reward_mean", "accuracy", "reward_terms", "loss", "kl", "clip_fraction", "zero_adv_token_fraction",
-                "staleness_max", "hint_rate", "accuracy_hinted", "accuracy_unhinted", "group_hinted", "replay_fraction", "zero_adv_group_fraction", "group_accuracy", "trained_groups",
+                "staleness_max", "stale_token_share", "hint_rate", "accuracy_hinted", "accuracy_unhinted", "group_hinted", "replay_fraction", "zero_adv_group_fraction", "group_accuracy", "trained_groups",
                 "trained_prompts", "advantages_fresh", "advantages_replay", "judge_missing")
 
 
@@ -41,6 +41,11 @@ def history_row(stage: int, state: RunState, summary: dict, buffer_stats: dict, 
         # cumulative busy seconds of the rollout workers (generation) and reward workers (scoring)
         "rollout_generate_seconds": sum(s.get("generate_seconds", 0.0) for s in worker_stats),
         "rollout_tokens": sum(s.get("tokens", 0) for s in worker_stats),  # cumulative completion tokens
+        # weight updates that reached requests in flight (rollout.weight_update), cumulative: completions whose
+        # tokens span versions, their tokens from before their last version, updates applied with requests
+        # frozen in the engine, requests aborted by an update and submitted again
+        **{f"rollout_{k}": sum(s.get(k, 0) for s in worker_stats)
+           for k in ("mixed_version_completions", "tokens_before_update", "updates_in_flight", "resubmitted")},
         "reward_scoring_seconds": float(reward_stats.get("scoring_s_sum", 0.0)),
         **extra,
     }

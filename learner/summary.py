@@ -47,7 +47,19 @@ def step_summary(groups: Sequence[Sequence[Trajectory]], replay: Sequence[Replay
         "group_accuracy": [mean_present([t.rewards.get("accuracy") for t in g]) for g in groups],
         "zero_adv_group_fraction": mean_present([float(len({t.reward for t in g}) == 1) for g in groups]),
         "staleness_max": max(policy_version - t.policy_version for t in trajs),
+        "stale_token_share": stale_token_share(trajs, policy_version),
         "advantages_fresh": [round(stats["advantages"][t.trajectory_id], 4) for t in trajs],
         "advantages_replay": [round(stats["advantages"][s.trajectory.trajectory_id], 4) for s in replay],
         "judge_missing": sum(1 for t in trajs if "judge" in t.rewards and t.rewards["judge"] is None),
     }
+
+
+def stale_token_share(trajs: Sequence[Trajectory], policy_version: int) -> float:
+    """The share of the fresh completion tokens sampled by a version older than the one being trained (per token:
+    a completion that took a weight update in flight counts its tokens from before and after it apart)."""
+    total = stale = 0
+    for t in trajs:
+        versions = t.token_policy_versions or [t.policy_version] * len(t.completion_token_ids)
+        total += len(versions)
+        stale += sum(v < policy_version for v in versions)
+    return stale / total if total else 0.0

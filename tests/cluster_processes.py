@@ -26,8 +26,10 @@ def cluster_processes(folder: Path) -> list[tuple[int, float]]:
 
 
 def still_running(pid: int, started: float) -> bool:
-    """Whether the process that had this pid and start time still runs (a reused pid is another process)."""
+    """Whether the process that had this pid and start time still runs (a reused pid is another process; a
+    zombie has exited, its parent just has not reaped it)."""
     try:
-        return abs(psutil.Process(pid).create_time() - started) < 1e-3
+        proc = psutil.Process(pid)
+        return abs(proc.create_time() - started) < 1e-3 and proc.status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return False

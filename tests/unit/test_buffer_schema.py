@@ -59,15 +59,17 @@ def _table(group) -> pa.Table:
 
 
 def test_round_trip_is_exact_for_every_field():
-    group = [full_traj("a"), full_traj("b", ref_logprobs=None, scored_at=None, advantage=None, rewards={})]
+    group = [full_traj("a"), full_traj("b", ref_logprobs=None, scored_at=None, advantage=None, rewards={}),
+             full_traj("c", token_policy_versions=[7, 8, 8])]
     assert decode_group(encode_group(group)) == group
+    assert [t.last_policy_version for t in group] == [7, 7, 8]
     assert decode_trajectory(encode_trajectory(group[0])) == group[0]
 
 
 def test_other_schema_version_is_rejected():
     table = _table([full_traj()])
-    table = table.replace_schema_metadata({VERSION_KEY: b"2"})
-    with pytest.raises(SchemaError, match="schema version 2, expected 1"):
+    table = table.replace_schema_metadata({VERSION_KEY: b"1"})  # before token_policy_versions
+    with pytest.raises(SchemaError, match="schema version 1, expected 2"):
         decode_group(_ipc(table))
     with pytest.raises(SchemaError, match="no schema version"):
         decode_group(_ipc(table.replace_schema_metadata({})))
@@ -117,6 +119,8 @@ def test_garbage_is_not_arrow():
         ([full_traj("a"), full_traj("b", group_id="g2")], "one group_id"),
         ([full_traj("a"), full_traj("a")], "duplicate trajectory_id"),
         ([full_traj(policy_version=-1)], "policy_version must be >= 0"),
+        ([full_traj(token_policy_versions=[7, 8])], "one version per completion token"),
+        ([full_traj(token_policy_versions=[8, 8, 9])], "the oldest being policy_version 7"),
     ],
 )
 def test_validation_names_the_problem(group, message):

@@ -170,6 +170,17 @@ def test_step_summary_by_hand():
     assert s["advantages_fresh"] == [-1.0, 1.0, 0.0, 0.0] and s["advantages_replay"] == [0.5]
 
 
+def test_stale_token_share_counts_each_tokens_version():
+    from learner.summary import stale_token_share
+
+    trajs = [make_traj("a", "p", policy_version=5),  # 3 tokens of v5
+             make_traj("b", "p", policy_version=5, completion_token_ids=[1, 2, 3, 4],
+                       behaviour_logprobs=[-1.0] * 4, token_policy_versions=[5, 6, 6, 6]),  # an update in flight
+             make_traj("c", "p", policy_version=6, completion_token_ids=[1, 2], behaviour_logprobs=[-1.0] * 2)]
+    assert stale_token_share(trajs, policy_version=6) == pytest.approx(4 / 9)  # (3 + 1) of 3 + 4 + 2
+    assert stale_token_share(trajs, policy_version=5) == 0.0
+
+
 def test_resume_version_stays_monotonic(tmp_path):
     import torch
 
