@@ -13,7 +13,7 @@ flight, keep them frozen, or abort and resubmit them), the medium's `apply` puts
 set (every token generated after it carries it), and the engine resumes. If applying fails half-way the engine
 reapplies its last good weights and raises WeightLoadError (version unchanged); if even that fails it refuses to
 generate. The medium is the replaceable part (today: PublishedFile, the learner's safetensors file read by
-vLLM's own worker; docs/architecture.md, "The engine interface").
+vLLM's own worker; docs/architecture.md, "The rollout engine").
 """
 
 from __future__ import annotations
