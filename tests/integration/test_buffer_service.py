@@ -17,7 +17,7 @@ from buffer_service.config import BufferConfig, HintConfig, RedisConfig
 from buffer_service.inspect import inspect_text, main
 from buffer_service.records import Trajectory
 from buffer_service.redis_server import RedisAuthError, connect, start_redis
-from buffer_service.schema import VERSION_KEY, encode_group
+from buffer_service.schema import SCHEMA_VERSION, VERSION_KEY, encode_group
 from buffer_service.service import ReplayService
 from buffer_service.tiers import TIERS, Tiers
 from tests.conftest import make_traj
@@ -331,7 +331,7 @@ def test_bad_records_go_to_the_dead_letter_stream(make_service):
     letters = svc.dead_letters()
     reasons = [d["reason"] for d in letters]
     assert "not an Arrow IPC stream" in reasons[0]
-    assert "schema version 99, expected 1" in reasons[1]
+    assert f"schema version 99, expected {SCHEMA_VERSION}" in reasons[1]
     assert "missing field 'reward'" in reasons[2]
     assert "1 behaviour_logprobs for 3 completion tokens" in reasons[3]
     assert "cannot encode group" in reasons[4] and letters[4]["payload"] == b""
