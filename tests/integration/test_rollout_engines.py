@@ -251,7 +251,7 @@ def test_in_flight_update_changes_the_tokens_after_the_pause_and_not_before(setu
     records the version that sampled it; the tokens before the update have the old model's log-probs, those after
     the new model's (clear_kv_cache_on_update: the prefix is recomputed with the new weights, so exactly)."""
     engine, tok = setup["engine"], setup["policy"].tokenizer
-    transport = SafetensorsTransport(setup["root"] / "weights-in-flight", keep=5)
+    transport = SafetensorsTransport(setup["root"] / "weights-in-flight", timeout_s=120.0, keep=5)
     (old_model, old_state), (new_model, new_state) = (perturbed_state_dict(setup["model_dir"], seed=s) for s in (5, 6))
     v5, v6 = transport.publish(old_state, version=5), transport.publish(new_state, version=6)
     engine.load_weights(v5.location, 5, v5.checksum)  # between requests: nothing in flight
