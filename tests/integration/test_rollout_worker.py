@@ -174,7 +174,8 @@ def test_a_group_reaches_its_reward_worker_before_the_calls_slowest_group_is_don
         ray.get(worker.shutdown.remote(), timeout=60)
         ray.kill(worker, no_restart=True)
     receipts = {r.key: r for r in report.receipts}
-    assert receipts["short#0"].tokens == 2 * 4 and receipts["long#0"].tokens > 2 * 100
+    # the long group is long (the tiny random model may end a completion early: not a fixed count)
+    assert receipts["short#0"].tokens == 2 * 4 and receipts["long#0"].tokens > 5 * receipts["short#0"].tokens
     assert receipts["short#0"].answer["arrived"] < receipts["long#0"].answer["created_at"]
     assert [r.key for r in report.receipts] == ["short#0", "long#0"]  # receipts in the order groups were done
 
