@@ -6,9 +6,10 @@ version, resets its caches, and shuts down. Prompts are token ids as policy.Prom
 (placeholders already expanded) plus the thinker's media tensors; `generate_text` / `chat` are the plain
 text-in, text-out calls a judge needs.
 
-Weight loading is all-or-nothing from the caller's view: the file's version and checksum are checked before
-anything is touched; if applying the weights fails half-way the engine reloads its last good weights and
-raises WeightLoadError (version unchanged); if even that fails it refuses to generate.
+Weight loading is all-or-nothing from the caller's view: `load_weights` takes a WeightUpdate (learner/weights/:
+its version, its checksum and the medium's `apply`, which checks what it can before touching anything); if
+applying fails half-way the engine restores the last weights it can restore (the last file it loaded, else the
+model folder, at that file's version or 0) and raises WeightLoadError; if even that fails it refuses to generate.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ from typing import Protocol
 
 import torch
 from safetensors.torch import load_file
+
+from learner.weights import COLLECTIVE, WeightLoadError, WeightUpdate
 
 from .config import RolloutConfig
 
@@ -47,10 +50,6 @@ MEDIA_TOKENS = (
 def banned_token_ids(tokenizer) -> list[int]:
     vocab = tokenizer.get_vocab()
     return sorted(vocab[t] for t in MEDIA_TOKENS if t in vocab)
-
-
-class WeightLoadError(RuntimeError):
-    """The weights of a version could not be loaded; the engine still serves its previous version."""
 
 
 class EngineBroken(RuntimeError):
@@ -113,60 +112,11 @@ class RolloutEngine(Protocol):
         self, conversations: Sequence[list[dict]], max_new_tokens: int, temperature: float = 0.0
     ) -> list[str]: ...
 
-    def load_weights(self, path: str | Path, version: int, checksum: str) -> float: ...
+    def load_weights(self, update: WeightUpdate) -> float: ...
 
     def reset_cache(self) -> None: ...
 
     def shutdown(self) -> None: ...
-
-
-def read_published(path: str | Path, version: int, checksum: str) -> dict[str, torch.Tensor]:
-    """The state dict of a file published by learner.transport, after checking that it is the announced
-    version with the announced checksum (recomputed over the bytes). Raises WeightLoadError otherwise."""
-    from learner.transport import load_published
-
-    try:
-        file_version, state_dict, file_checksum = load_published(path, verify=True)
-    except (OSError, ValueError) as exc:
-        raise WeightLoadError(f"weights v{version} at {path}: {exc}") from exc
-    if file_version != version or file_checksum != checksum:
-        raise WeightLoadError(
-            f"weights at {path}: announced v{version} checksum {checksum[:12]}, file holds v{file_version} "
-            f"checksum {file_checksum[:12]}"
-        )
-    return state_dict
-
-
-def _tensor_specs(files: Sequence[Path]) -> dict[str, tuple[int, ...]]:
-    from safetensors import safe_open
-
-    specs = {}
-    for f in files:
-        with safe_open(str(f), framework="pt") as handle:
-            for name in handle.keys():
-                specs[name] = tuple(handle.get_slice(name).get_shape())
-    return specs
-
-
-def check_fits(path: str | Path, model_dir: str | Path) -> None:
-    """Refuse a weights file that would half-load: every tensor of the model checkpoint (talker aside; a tied
-    lm_head may be left out) must be there with its shape, and nothing else. Raises WeightLoadError."""
-    want = {
-        k: v
-        for k, v in _tensor_specs(sorted(Path(model_dir).glob("*.safetensors"))).items()
-        if not k.startswith(("talker.", "token2wav."))
-    }
-    have = _tensor_specs([Path(path)])
-    missing = sorted(k for k in set(want) - set(have) if not k.endswith("lm_head.weight"))
-    extra = sorted(set(have) - set(want))
-    wrong = sorted(k for k in set(want) & set(have) if want[k] != have[k])
-    if missing or extra or wrong:
-        detail = "; ".join(
-            f"{what}: {names[:3]}{' ...' if len(names) > 3 else ''}"
-            for what, names in (("missing", missing), ("unexpected", extra), ("wrong shape", wrong))
-            if names
-        )
-        raise WeightLoadError(f"weights at {path} do not fit the model in {model_dir}: {detail}")
 
 
 def checkpoint_weights(model_dir: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
@@ -179,44 +129,47 @@ def checkpoint_weights(model_dir: str | Path) -> Iterator[tuple[str, torch.Tenso
 
 
 class _EngineBase:
-    """Weight-version bookkeeping shared by both engines: validate, apply, roll back on failure."""
+    """Weight-version bookkeeping shared by both engines: apply an update, roll back on failure."""
 
     model_path: Path
     version: int = 0
-    _good_path: str | None = None  # last successfully applied published file (None: the model folder)
+    _restore_point: WeightUpdate | None = None  # the last update that can be restored (None: the model folder)
     _broken: str | None = None
 
-    def _apply(self, path: str | None) -> None:
-        """Load the weights of a published file, or of the model folder when path is None."""
+    def reload_file(self, path: str | None) -> None:
+        """Load the weights of a safetensors file on this node, or of the model folder when path is None."""
         raise NotImplementedError
 
     def _check_usable(self) -> None:
         if self._broken:
             raise EngineBroken(self._broken)
 
-    def load_weights(self, path: str | Path, version: int, checksum: str) -> float:
-        """Load published weights (learner.transport's file) as `version`. Returns the seconds taken.
-        Raises WeightLoadError and keeps the previous version when the file is wrong or fails to apply."""
+    def load_weights(self, update: WeightUpdate) -> float:
+        """Apply a published update as its version. Returns the seconds taken. Raises WeightLoadError: refused
+        (the update said so before touching anything) or failed (the last restorable weights are back)."""
         self._check_usable()
         start = time.perf_counter()
-        read_published(path, version, checksum)
-        check_fits(path, self.model_path)
         try:
-            self._apply(str(path))
+            update.apply(self)
+        except WeightLoadError:
+            raise
         except Exception as exc:
-            log.error("weights v%d failed to apply (%s); restoring v%d", version, exc, self.version)
+            back = self._restore_point
+            log.error("weights v%d failed to apply (%s); restoring v%d", update.version, exc,
+                      back.version if back else 0)
             try:
-                self._apply(self._good_path)
+                back.restore(self) if back else self.reload_file(None)
             except Exception as exc2:
-                self._broken = (
-                    f"weights v{version} failed ({exc}) and restoring v{self.version} failed ({exc2})"
-                )
+                self._broken = f"weights v{update.version} failed ({exc}) and restoring failed ({exc2})"
                 raise EngineBroken(self._broken) from exc2
+            self.version = back.version if back else 0
             self.reset_cache()
             raise WeightLoadError(
-                f"weights v{version} from {path} failed to apply: {exc}; still at v{self.version}"
+                f"weights v{update.version} ({update.describe}) failed to apply: {exc}; now at v{self.version}"
             ) from exc
-        self._good_path, self.version = str(path), version
+        self.version = update.version
+        # weights that cannot be restored (a broadcast): a later failure falls back to the model folder
+        self._restore_point = update if update.restore is not None else None
         self.reset_cache()
         return time.perf_counter() - start
 
@@ -252,10 +205,15 @@ class _EngineBase:
 
 def _vllm_reload(worker, path: str | None, model_dir: str) -> None:
     """Runs inside vLLM's worker (collective_rpc): reload weights from a published file, or from the model
-    folder when path is None, and refresh a tied lm_head (docs/architecture.md, "vLLM on CPU": otherwise the logits stay stale)."""
+    folder when path is None."""
     weights = iter(load_file(path).items()) if path else checkpoint_weights(model_dir)
     worker.reload_weights(weights_iterator=weights)
-    model = worker.model_runner.model
+    refresh_tied_lm_head(worker.model_runner.model)
+
+
+def refresh_tied_lm_head(model) -> None:
+    """After weights are reloaded in vLLM's model: re-process a tied lm_head (docs/architecture.md, "vLLM on
+    CPU": otherwise the logits stay stale)."""
     lm_head = getattr(getattr(model, "language_model", model), "lm_head", None)
     embed = getattr(getattr(getattr(model, "language_model", model), "model", None), "embed_tokens", None)
     if lm_head is not None and embed is not None and lm_head.weight is embed.weight:
@@ -268,7 +226,8 @@ class VLLMEngine(_EngineBase):
     On CPU the engine core runs inside this process (VLLM_ENABLE_V1_MULTIPROCESSING=0): one process per
     rollout actor, and the torchvision-free Omni registration (actors/vllm_omni.py) is visible to it."""
 
-    def __init__(self, model_path: str | Path, cfg: RolloutConfig, dtype: str = "float32", seed: int = 0):
+    def __init__(self, model_path: str | Path, cfg: RolloutConfig, dtype: str = "float32", seed: int = 0,
+                 weight_medium: str | None = None):
         self.model_path = Path(model_path)
         self.cfg = cfg
         on_cpu = not torch.cuda.is_available()
@@ -290,6 +249,11 @@ class VLLMEngine(_EngineBase):
                 enable_mm_embeds=True,
                 skip_mm_profiling=arch is not None,
             )
+        if weight_medium in COLLECTIVE:  # the receiving end of learner.transport gloo/nccl
+            from learner.weights.collective import ENGINE_NAMES, register_weight_engines
+
+            register_weight_engines()  # the engine core runs in this process on CPU; elsewhere a vLLM plugin does
+            kwargs["weight_transfer_config"] = {"backend": ENGINE_NAMES[weight_medium]}
         from vllm import LLM
 
         self.llm = LLM(
@@ -374,9 +338,14 @@ class VLLMEngine(_EngineBase):
             results.append(GenerationResult(seen, comps))
         return results
 
-    def _apply(self, path: str | None) -> None:
+    def reload_file(self, path: str | None) -> None:
         # vLLM's workers read the file themselves (tensors cannot travel as collective_rpc arguments).
         self.llm.collective_rpc(_vllm_reload, args=(path, str(self.model_path)))
+
+    def rpc(self, method, **kwargs) -> list:
+        """A call on every vLLM worker of this engine (a worker method's name, or a function of the worker):
+        the weight-transfer calls of learner/weights/collective.py."""
+        return self.llm.collective_rpc(method, kwargs=kwargs or None)
 
     def reset_cache(self) -> None:
         self.llm.reset_prefix_cache()
@@ -474,7 +443,7 @@ class HFEngine(_EngineBase):
             torch.manual_seed(sampling.seed)
         return [self._generate_one(p, sampling) for p in prompts]
 
-    def _apply(self, path: str | None) -> None:
+    def reload_file(self, path: str | None) -> None:
         weights = iter(load_file(path).items()) if path else checkpoint_weights(self.model_path)
         params = dict(self.model.named_parameters())
         params.update(dict(self.model.named_buffers()))
@@ -498,9 +467,11 @@ class HFEngine(_EngineBase):
 
 
 def create_engine(
-    cfg: RolloutConfig, model_path: str | Path, dtype: str = "float32", seed: int = 0
+    cfg: RolloutConfig, model_path: str | Path, dtype: str = "float32", seed: int = 0, weight_medium: str | None = None
 ) -> RolloutEngine:
-    """The engine named by cfg.engine ("vllm" or "hf")."""
+    """The engine named by cfg.engine ("vllm" or "hf"); weight_medium: learner.transport, what it must receive."""
     if cfg.engine == "vllm":
-        return VLLMEngine(model_path, cfg, dtype=dtype, seed=seed)
+        return VLLMEngine(model_path, cfg, dtype=dtype, seed=seed, weight_medium=weight_medium)
+    if weight_medium in COLLECTIVE:
+        raise ValueError(f"learner.transport {weight_medium} needs rollout.engine vllm (the hf engine has no receiver)")
     return HFEngine(model_path, cfg, dtype=dtype, seed=seed)

@@ -28,6 +28,8 @@ from buffer_service.records import Trajectory
 from common.affinity import pin_process
 from common.metrics import ComponentEndpoint, Sample
 from common.node_files import NodePaths
+from learner.weights import PULLABLE
+from learner.weights import receive as receive_weights
 from policy.config import ProcessorConfig
 from policy.media import MediaError
 from policy.processor import PromptProcessor
@@ -96,6 +98,7 @@ class RolloutWorker:
         dtype: str = "float32",
         seed: int = 0,
         paths: NodePaths | None = None,
+        weight_medium: str | None = None,
     ):
         self.worker_id = worker_id
         self.cfg = rollout
@@ -104,7 +107,8 @@ class RolloutWorker:
         # the node it runs on (a restarted worker may run on another): in its counters, so history shows it
         self._node_id = ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
         pin_process(rollout.cpu_affinity, "rollout.cpu_affinity")  # before the engine starts its threads
-        self.engine = create_engine(rollout, self.paths.path(model_path), dtype=dtype, seed=seed)
+        self.model_path = self.paths.path(model_path)
+        self.engine = create_engine(rollout, self.model_path, dtype=dtype, seed=seed, weight_medium=weight_medium)
         self.processor = PromptProcessor(
             processor or ProcessorConfig(), self.engine.tokenizer, self.engine.multimodal
         )
@@ -122,7 +126,6 @@ class RolloutWorker:
         self._counts_lock = threading.Lock()
         # weights that come through the object store are written here, on this worker's node
         self._weights_dir = weights_folder(worker_id)
-        self._held_copy: Path | None = None
         self._next_scorer = zlib.crc32(worker_id.encode())  # workers start their round robin at different scorers
         self._metrics = ComponentEndpoint("rollout", lambda: rollout_samples(self.counts, self.engine.version))
 
@@ -194,9 +197,9 @@ class RolloutWorker:
         `scorers` (round robin): `score_and_push` (into the replay service's fresh stream) or, with evaluate,
         `evaluate` (greedy accuracy). Returns receipts and this worker's counters, never the groups.
 
-        `weights` ({location, version, checksum}: the learner's last publish) are loaded first when this worker
-        holds another version: workers pull the policy with their next task, so a publish costs the driver no
-        call per worker. A load that fails keeps the weights it has (the groups say which version made them)
+        `weights` (the learner's last announcement: learner/weights/) are loaded first when this worker holds
+        another version and the medium keeps the bytes for it (a file, not a broadcast): workers pull the policy
+        with their next task, so a publish costs the driver no call per worker. A load that fails keeps the weights it has (the groups say which version made them)
         and is reported in `load_error`."""
         report = RolloutReport(self.worker_id, [])
         by_key, calls = {t.key: t for t in tasks}, []  # calls: (receipt, the reward worker's call)
@@ -233,7 +236,7 @@ class RolloutWorker:
                       sampling: dict | None) -> list[GroupResult]:
         """On the engine thread: the published weights first when this worker holds another version, then one
         engine call for the tasks."""
-        if weights and weights["version"] != self.engine.version:
+        if weights and weights["version"] != self.engine.version and weights["medium"] in PULLABLE:
             try:
                 report.load_seconds = self._load_weights(weights)
             except Exception as exc:  # reported to the driver, which decides
@@ -243,33 +246,17 @@ class RolloutWorker:
 
     # weights and lifecycle ------------------------------------------------------------------------------
     def load_weights(self, weights: dict) -> float:
-        """Load a published version ({location, version, checksum}, and `blob` when the learner sends the bytes
-        through Ray's object store: learner.transport); raises WeightLoadError and keeps the old version if
-        the file is not the announced one or fails to load. Returns the seconds taken."""
+        """Load a published version (the learner's announcement: its medium, version, checksum and what the
+        medium's receiving side needs, learner/weights/); raises WeightLoadError and keeps (or restores) the old
+        weights if what arrives is not what was announced or fails to load. Returns the seconds taken."""
         return self._engine_thread.submit(self._load_weights, weights).result()
 
     def _load_weights(self, weights: dict) -> float:
-        version = weights["version"]
-        path = self._local_copy(weights) if weights.get("blob") is not None else weights["location"]
-        try:
-            seconds = self.engine.load_weights(path, version, weights["checksum"])
-        finally:
-            if path != weights["location"]:  # keep only the copy the engine holds (what it falls back to)
-                if self.engine.version == version:
-                    self._held_copy = Path(path)
-                for old in self._weights_dir.glob("*.safetensors"):
-                    if old != self._held_copy:
-                        old.unlink(missing_ok=True)
-        log.info("worker %s: now at policy v%d (%.2f s)", self.worker_id, version, seconds)
+        update = receive_weights(weights, self._weights_dir, self.model_path)
+        seconds = self.engine.load_weights(update)
+        log.info("worker %s: now at policy v%d by %s (%.2f s)", self.worker_id, update.version, weights["medium"],
+                 seconds)
         return seconds
-
-    def _local_copy(self, weights: dict) -> str:
-        """The published file's bytes, fetched from the object store and written on this worker's own node."""
-        path = self._weights_dir / f"weights-v{weights['version']:08d}.safetensors"
-        tmp = path.with_suffix(".tmp")
-        tmp.write_bytes(ray.get(weights["blob"]))
-        os.replace(tmp, path)
-        return str(path)
 
     # control calls run in their own thread (the "control" concurrency group), so that the driver's stats and
     # liveness calls answer while a generate or load call runs instead of queueing behind it

@@ -37,7 +37,7 @@ def main() -> None:
     from data.config import SynthConfig
     from data.manifest import load_manifest
     from data.synth import generate
-    from learner.transport import SafetensorsTransport
+    from learner.weights.shared_file import SharedFileSender, file_update
     from policy.config import ProcessorConfig, TinyModelConfig
     from policy.model import load_policy
     from policy.processor import PromptProcessor
@@ -62,7 +62,7 @@ def main() -> None:
         for p in policy.model.parameters():
             p.add_(torch.randn_like(p) * 0.01)
     state = {("thinker." if policy.multimodal else "") + k: v for k, v in policy.model.state_dict().items()}
-    published = SafetensorsTransport(work / "weights").publish(state, version=1)
+    published = SharedFileSender(work / "weights").publish(state, version=1)
     del policy
 
     cfg = RolloutConfig(max_new_tokens=args.max_new_tokens, max_model_len=4096)
@@ -92,7 +92,8 @@ def main() -> None:
                     startup_s=round(startup, 2),
                 )
             )
-        update = engine.load_weights(published.location, published.version, published.checksum)
+        update = engine.load_weights(
+            file_update(published["location"], published["version"], published["checksum"], model_dir))
         for row in rows:
             if row["engine"] == name:
                 row["weight_update_s"] = round(update, 3)

@@ -15,7 +15,7 @@ from cluster.report import format_mechanisms, mechanism_summary
 from cluster.retry import DATA_LOST, WORKER_LOST, ScoringRetries, classify
 from cluster.state import RunState
 from learner.summary import step_summary
-from learner.transport import SafetensorsTransport
+from learner.weights.shared_file import SharedFileSender
 from tests.conftest import make_traj
 
 
@@ -111,7 +111,7 @@ def test_resume_version_stays_monotonic(tmp_path):
 
     run_dir = tmp_path
     assert resume_version(run_dir, 4) == 4  # nothing published yet: the checkpoint's version
-    transport = SafetensorsTransport(run_dir / "published")
+    transport = SharedFileSender(run_dir / "published")
     w = {"x": torch.zeros(2)}
     transport.publish(w, 4)
     assert resume_version(run_dir, 4) == 4  # the lost run published nothing past the checkpoint
