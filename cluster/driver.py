@@ -75,7 +75,8 @@ def train_rl(cfg: JobConfig, run_dir: Path, comps: Components, order: PromptOrde
             continue
         state.step += 1
         committer.owe(summary["entry_ids"])
-        sync_s = None  # 4. publish; each worker loads the new version at the start of its next rollout call
+        sync_s = None  # 4. publish; each worker loads the new version at the start of its next rollout call (a
+        # broadcast medium: now, every worker that answers)
         if state.step % cfg.learner.publish_every == 0:
             with phase("weight_sync"):
                 t0 = time.perf_counter()
@@ -90,6 +91,8 @@ def train_rl(cfg: JobConfig, run_dir: Path, comps: Components, order: PromptOrde
         with phase("record"):  # 5. record; checkpoint, then acknowledge
             row = recorder.record(state, summary, flight.take_stats(), {
                 "weight_sync_seconds": sync_s, "heldout_accuracy": heldout,
+                # the medium that carried this step's publish: learner.transport, or object_store after a fallback
+                "weight_medium": comps.weights["medium"] if sync_s is not None else None,
                 "stale_dropped_groups": stale_groups, "prompts_in_flight": flight.tasks_in_flight,
                 "groups_scoring": flight.groups_scoring, "phase_seconds": phase.take(),
                 "rollout_workers": flight.worker_summary(), "rollout_workers_away": flight.away_names()})
