@@ -220,6 +220,11 @@ def refresh_tied_lm_head(model) -> None:
         lm_head.quant_method.process_weights_after_loading(lm_head)
 
 
+def _vllm_lora_rank(r: int) -> int:
+    """The smallest max_lora_rank vLLM accepts that holds rank r."""
+    return next(v for v in (8, 16, 32, 64, 128, 256, 320, 512) if v >= r)
+
+
 class VLLMEngine(_EngineBase):
     """vllm.LLM over a local model folder (Qwen2.5-Omni checkpoint or a text causal LM).
 
@@ -227,7 +232,7 @@ class VLLMEngine(_EngineBase):
     rollout actor, and the torchvision-free Omni registration (actors/vllm_omni.py) is visible to it."""
 
     def __init__(self, model_path: str | Path, cfg: RolloutConfig, dtype: str = "float32", seed: int = 0,
-                 weight_medium: str | None = None):
+                 weight_medium: str | None = None, lora_rank: int = 8):
         self.model_path = Path(model_path)
         self.cfg = cfg
         on_cpu = not torch.cuda.is_available()
@@ -254,6 +259,9 @@ class VLLMEngine(_EngineBase):
 
             register_weight_engines()  # the engine core runs in this process on CPU; elsewhere a vLLM plugin does
             kwargs["weight_transfer_config"] = {"backend": ENGINE_NAMES[weight_medium]}
+        if weight_medium == "lora":  # the learner publishes its adapter only (learner/weights/lora.py)
+            kwargs.update(enable_lora=True, max_lora_rank=_vllm_lora_rank(lora_rank), max_loras=1, max_cpu_loras=2)
+        self.lora_request = None  # the adapter being served (medium lora), else the base weights alone
         from vllm import LLM
 
         self.llm = LLM(
@@ -320,7 +328,8 @@ class VLLMEngine(_EngineBase):
     def generate(self, prompts: Sequence[EngineInput], sampling: Sampling) -> list[GenerationResult]:
         self._check_usable()
         outputs = self.llm.generate(
-            [self._vllm_prompt(p) for p in prompts], self._params(sampling), use_tqdm=False
+            [self._vllm_prompt(p) for p in prompts], self._params(sampling), use_tqdm=False,
+            lora_request=self.lora_request,
         )
         results = []
         for p, out in zip(prompts, outputs):
@@ -341,6 +350,23 @@ class VLLMEngine(_EngineBase):
     def reload_file(self, path: str | None) -> None:
         # vLLM's workers read the file themselves (tensors cannot travel as collective_rpc arguments).
         self.llm.collective_rpc(_vllm_reload, args=(path, str(self.model_path)))
+
+    def serve_lora(self, version: int, folder: str) -> None:
+        """Serve the peft adapter in `folder` from now on (a new LoRARequest; the previous one is removed once
+        the new one is in, so a refused adapter leaves the old one serving)."""
+        from vllm.lora.request import LoRARequest
+
+        if self.llm.llm_engine.vllm_config.lora_config is None:
+            raise WeightLoadError("this engine was started without LoRA (learner.lora.publish adapter needs it)")
+        request = LoRARequest(f"policy-v{version}", version + 1, folder)  # ids start at 1
+        old, self.lora_request = self.lora_request, request
+        if old is not None and old.lora_int_id == request.lora_int_id:
+            self.llm.llm_engine.remove_lora(old.lora_int_id)  # the same version again: reload it
+        if not self.llm.llm_engine.add_lora(request):
+            self.lora_request = old
+            raise RuntimeError(f"vLLM refused the adapter in {folder}")
+        if old is not None and old.lora_int_id != request.lora_int_id:
+            self.llm.llm_engine.remove_lora(old.lora_int_id)
 
     def rpc(self, method, **kwargs) -> list:
         """A call on every vLLM worker of this engine (a worker method's name, or a function of the worker):
@@ -467,11 +493,13 @@ class HFEngine(_EngineBase):
 
 
 def create_engine(
-    cfg: RolloutConfig, model_path: str | Path, dtype: str = "float32", seed: int = 0, weight_medium: str | None = None
+    cfg: RolloutConfig, model_path: str | Path, dtype: str = "float32", seed: int = 0,
+    weight_medium: str | None = None, lora_rank: int = 8,
 ) -> RolloutEngine:
-    """The engine named by cfg.engine ("vllm" or "hf"); weight_medium: learner.transport, what it must receive."""
+    """The engine named by cfg.engine ("vllm" or "hf"); weight_medium: how the learner publishes (a medium of
+    learner/weights/), which the engine must be able to receive; lora_rank: the adapters' rank (medium lora)."""
     if cfg.engine == "vllm":
-        return VLLMEngine(model_path, cfg, dtype=dtype, seed=seed, weight_medium=weight_medium)
-    if weight_medium in COLLECTIVE:
-        raise ValueError(f"learner.transport {weight_medium} needs rollout.engine vllm (the hf engine has no receiver)")
+        return VLLMEngine(model_path, cfg, dtype=dtype, seed=seed, weight_medium=weight_medium, lora_rank=lora_rank)
+    if weight_medium in (*COLLECTIVE, "lora"):
+        raise ValueError(f"weight medium {weight_medium} needs rollout.engine vllm (the hf engine has no receiver)")
     return HFEngine(model_path, cfg, dtype=dtype, seed=seed)

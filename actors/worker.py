@@ -99,6 +99,7 @@ class RolloutWorker:
         seed: int = 0,
         paths: NodePaths | None = None,
         weight_medium: str | None = None,
+        lora_rank: int = 8,
     ):
         self.worker_id = worker_id
         self.cfg = rollout
@@ -108,7 +109,8 @@ class RolloutWorker:
         self._node_id = ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
         pin_process(rollout.cpu_affinity, "rollout.cpu_affinity")  # before the engine starts its threads
         self.model_path = self.paths.path(model_path)
-        self.engine = create_engine(rollout, self.model_path, dtype=dtype, seed=seed, weight_medium=weight_medium)
+        self.engine = create_engine(rollout, self.model_path, dtype=dtype, seed=seed, weight_medium=weight_medium,
+                                    lora_rank=lora_rank)
         self.processor = PromptProcessor(
             processor or ProcessorConfig(), self.engine.tokenizer, self.engine.multimodal
         )

@@ -39,7 +39,7 @@ class Components:
     rewards: RewardPool | None = None
     judge_engine: object | None = None  # started here (placed with the job); the pool only uses it
     weights: dict | None = None  # the last publish's announcement (learner/weights/), for restarted workers
-    transport: str = "object_store"  # learner.transport: the medium a publish goes through
+    transport: str = "object_store"  # the medium a publish goes through (learner.transport, or lora)
     placement: Placement | None = None
     availability: Availability | None = None  # which rollout workers answer (the driver's Flight keeps it)
     metrics: MetricsTargets | None = None  # where Prometheus finds each component's endpoint
@@ -267,13 +267,13 @@ def start_components(cfg: JobConfig, run_dir: Path, model_path: Path, samples, r
         publish_dir=run_dir / "published", num_cpus_per_rank=0, num_gpus_per_rank=0,
         rank_options=[placement.options("learner", r) for r in range(cfg.learner.num_ranks)])
     comps = Components(buffer=buffer, learner=learner, placement=placement, paths=paths,
-                       transport=cfg.learner.transport)
+                       transport=cfg.learner.publish_medium)
     # Workers are created for SFT too: they run the accuracy evaluations before and after.
     actor = rollout_worker_actor(num_cpus=0, max_restarts=3)
     comps.workers = [
         actor.options(**placement.options("rollout", i))
         .remote(f"rollout-{i}", str(model_path), cfg.rollout, cfg.processor, cfg.model.dtype, cfg.seed + i, paths,
-                cfg.learner.transport)
+                cfg.learner.publish_medium, cfg.learner.lora.r)
         for i in range(cfg.rollout.num_workers)
     ]
     # Reward workers for SFT too: they score the evaluations (the groups go to them, not to the driver).

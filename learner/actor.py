@@ -55,9 +55,10 @@ class LearnerWorker:
         if self.rank == 0 and self.publish_dir:  # object_store also carries a broadcast that failed
             from .weights import make_sender
 
-            host = self.address()[0]
-            self.senders = {m: make_sender(m, self.publish_dir, self.cfg.publish_timeout_s, host)
-                            for m in {self.cfg.transport, "object_store"}}
+            host, medium = self.address()[0], self.cfg.publish_medium
+            adapter = self.learner.adapter_config() if medium == "lora" else None
+            self.senders = {m: make_sender(m, self.publish_dir, self.cfg.publish_timeout_s, host, adapter)
+                            for m in {medium, "object_store"}}
         return self.state()
 
     def state(self) -> dict:
@@ -106,15 +107,15 @@ class LearnerWorker:
 
     def publish(self, bump: bool = True, version: int | None = None, receivers: int = 0,
                 medium: str | None = None) -> dict | None:
-        """Publish through `medium` (learner.transport unless named) and return its announcement, what the
-        rollout workers load (learner/weights/). A broadcast medium sends to `receivers` engines on a thread of
-        its own: finish_publish() waits for it."""
-        return self.learner.publish(self.senders.get(medium or self.cfg.transport), bump, version, receivers)
+        """Publish through `medium` (learner.transport, or lora for an adapter, unless named) and return its
+        announcement, what the rollout workers load (learner/weights/). A broadcast medium sends to `receivers`
+        engines on a thread of its own: finish_publish() waits for it."""
+        return self.learner.publish(self.senders.get(medium or self.cfg.publish_medium), bump, version, receivers)
 
     def finish_publish(self) -> dict:
         """Wait until the last publish is delivered (a broadcast: every receiver holds it); raises on a timeout
         or a failed broadcast."""
-        sender = self.senders.get(self.cfg.transport)
+        sender = self.senders.get(self.cfg.publish_medium)
         return sender.finish() if sender is not None else {}
 
     def metrics_endpoint(self) -> dict:

@@ -31,6 +31,10 @@ class LoraConfig(StrictConfig):
     r: int = Field(8, ge=1)
     alpha: int = Field(32, ge=1)
     dropout: float = Field(0.0, ge=0, lt=1)
+    publish: Literal["adapter", "merged"] = Field(
+        "adapter", description="what a publish sends under LoRA: adapter = the adapter only (peft format, served by "
+        "vLLM as a LoRA request; learner.transport is then unused), merged = the full weights with the adapter "
+        "folded in, through learner.transport")
 
 
 class LearnerConfig(StrictConfig):
@@ -76,6 +80,11 @@ class LearnerConfig(StrictConfig):
         120.0, gt=0, description="bound on one publish: writing the file, or a broadcast until every worker holds it")
     cpu_affinity: CpuList = Field(
         None, description="CPU ids every learner rank of a node runs on (torch's threads = their number); None = all")
+
+    @property
+    def publish_medium(self) -> str:
+        """The medium a publish goes through (learner/weights/): lora when only the adapter is published."""
+        return "lora" if self.lora.enabled and self.lora.publish == "adapter" else self.transport
 
     @field_validator("transport", mode="before")
     @classmethod

@@ -75,8 +75,13 @@ def state_dict_checksum(state_dict: Mapping[str, torch.Tensor]) -> str:
 
 
 def make_sender(transport: str, publish_dir: str | Path, timeout_s: float, host: str = "127.0.0.1",
-                lora: dict | None = None) -> Sender:
-    """The sending side of the medium `learner.transport` names (learner rank 0)."""
+                adapter_config: dict | None = None) -> Sender:
+    """The sending side of a medium (learner rank 0): `learner.transport`'s, or lora (adapter_config: the
+    adapter's peft config)."""
+    if transport == "lora":
+        from .lora import LoraSender
+
+        return LoraSender(publish_dir, timeout_s, adapter_config or {})
     if transport == "object_store":
         from .object_store import ObjectStoreSender
 

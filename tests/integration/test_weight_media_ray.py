@@ -53,6 +53,7 @@ def test_broadcast_reaches_a_restarted_worker_and_falls_back_when_a_receiver_nev
         "float32", 0, None, "gloo")
     comps = Components(buffer=None, learner=group, workers=[worker], transport="gloo")
     try:
+        assert ray.get(worker.version.remote(), timeout=300) == 0  # its engine is up (a job's workers are, too)
         assert comps.publish_weights(wait=False) == 1  # a broadcast reaches the workers now, whatever wait says
         assert comps.weights["medium"] == "gloo" and ray.get(worker.version.remote(), timeout=60) == 1
         assert comps.publish_weights() == 2 and ray.get(worker.version.remote()) == 2
