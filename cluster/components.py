@@ -137,15 +137,23 @@ class Components:
                 pass
         return self.weights
 
+    def catch_up(self, worker, version: int) -> bool:
+        """A worker back (restarted by Ray, maybe on a node that joined) holding `version`: with a broadcast
+        medium the group of the last publish is gone, so the current version goes to it in a group of its own.
+        Returns whether it did; with a file medium the worker pulls the announcement with its next call."""
+        if self.weights is None or version == self.weights["version"] or self.weights["medium"] not in COLLECTIVE:
+            return False
+        self.weights = self._broadcast([worker], bump=False)
+        log.info(f"rollout worker back at v{version}: sent it policy v{self.weights['version']} "
+                 f"({self.weights['medium']})")
+        return True
+
     def ready_worker(self, worker, timeout_s: float = 300.0) -> None:
         """Wait until a rollout worker that Ray is restarting answers again, then hand it the current weights
         (a restarted worker comes back with the base weights). Raises if it does not come back."""
         version = _answer_once_back(worker.version, time.monotonic() + timeout_s)
-        if self.weights is not None and version != self.weights["version"]:
-            if self.weights["medium"] in COLLECTIVE:  # the group of that publish is gone: one of its own
-                self.weights = self._broadcast([worker], bump=False)
-            else:
-                ray.get(self._load(worker))
+        if not self.catch_up(worker, version) and self.weights is not None and version != self.weights["version"]:
+            ray.get(self._load(worker))
             log.info(f"restarted rollout worker reloaded policy v{self.weights['version']}")
         self.refresh_metrics_targets()
 

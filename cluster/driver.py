@@ -244,7 +244,7 @@ class Flight:
             if not _ready({ref: None}):
                 continue
             try:
-                ray.get(ref)
+                version = ray.get(ref)
             except ray.exceptions.RayActorError:  # not known as restarting yet, or gone for good: ask again
                 if time.monotonic() - sent >= self.PROBE_AGAIN_S:
                     self.probes[i] = (self.comps.workers[i].version.remote(), time.monotonic())
@@ -254,7 +254,8 @@ class Flight:
             self.comps.refresh_metrics_targets(only={self.workers.names[i]})  # back on a new port, maybe another node
             self.state.bump("rollout_workers_back")
             log.warning(f"{self.workers.names[i]} answers again after {away_s:.1f} s: it gets "
-                        "tasks again (and the current weights with its next call)")
+                        "tasks again (and the current weights with its next call, or now by a broadcast)")
+            self.comps.catch_up(self.comps.workers[i], version)
         if self.unassigned and self.workers.live():
             tasks, self.unassigned = self.unassigned, []
             self._hand_out(tasks)
