@@ -48,14 +48,23 @@ BUFFER_BYTES = 256 << 20  # per broadcast; vLLM's default is 1 GiB, smaller keep
 ENGINE_NAMES = {"gloo": "gloo", "nccl": "nccl_checked"}  # learner.transport -> the engine vLLM is built with
 
 
-def init_group(host: str, port: int, rank: int, world_size: int, backend: str, timeout_s: float):
-    """A process group of its own (learner = rank 0, the engines 1..n), built on a TCPStore so that it touches
-    neither DeepSpeed's default group on the learner nor vLLM's groups in the engines. Joining waits at most
-    timeout_s for every member."""
+def open_store(host: str, port: int, rank: int, world_size: int, timeout_s: float):
+    """The group's rendezvous: a TCPStore of its own (rank 0 hosts it), so that the group touches neither
+    DeepSpeed's default group on the learner nor vLLM's groups in the engines. Rank 0 opens it before it
+    announces the publish, so a receiver never knocks on a port nobody listens on yet (a client that does backs
+    off for seconds)."""
+    import torch.distributed as dist
+
+    return dist.TCPStore(host, port, world_size, is_master=rank == 0, timeout=timedelta(seconds=timeout_s),
+                         wait_for_workers=False)
+
+
+def make_group(store, rank: int, world_size: int, backend: str, timeout_s: float):
+    """The process group on `store` (learner = rank 0, the engines 1..n): waits at most timeout_s for every
+    member to join."""
     import torch.distributed as dist
 
     timeout = timedelta(seconds=timeout_s)
-    store = dist.TCPStore(host, port, world_size, is_master=rank == 0, timeout=timeout)
     if backend == "gloo":
         return dist.ProcessGroupGloo(store, rank, world_size, timeout)
     if backend == "nccl":
@@ -127,15 +136,15 @@ class CollectiveSender:
         write_latest(self.directory, version, checksum)
         self._outcome = {"started": start}
         if receivers:
-            self._thread = threading.Thread(target=self._send, args=(announcement, tensors, sizes), daemon=True,
-                                            name=f"weights-v{version}")
+            store = open_store(self.host, announcement["master_port"], 0, 1 + receivers, self.timeout_s)
+            self._thread = threading.Thread(target=self._send, args=(store, announcement, tensors, sizes),
+                                            daemon=True, name=f"weights-v{version}")
             self._thread.start()
         return announcement
 
-    def _send(self, a: dict, tensors: list[torch.Tensor], sizes: list[int]) -> None:
+    def _send(self, store, a: dict, tensors: list[torch.Tensor], sizes: list[int]) -> None:
         try:
-            group = init_group(a["master_address"], a["master_port"], 0, a["world_size"], self.backend,
-                               self.timeout_s)
+            group = make_group(store, 0, a["world_size"], self.backend, self.timeout_s)
             for chunk in chunks(sizes, self.buffer_bytes):
                 flat = torch.cat([tensors[i].reshape(-1).view(torch.uint8) for i in chunk]).to(self.device)
                 broadcast(group, flat, self.timeout_s)
@@ -195,8 +204,10 @@ def engine_class():
             rank = pc.data_parallel_index * pc.world_size + pc.rank + init_info.rank_offset
             self.buffer_bytes, self.timeout_s = init_info.packed_buffer_size_bytes, init_info.timeout_s
             self.received_checksum = None
-            self.model_update_group = init_group(init_info.master_address, init_info.master_port, rank,
-                                                 init_info.world_size, init_info.backend, init_info.timeout_s)
+            store = open_store(init_info.master_address, init_info.master_port, rank, init_info.world_size,
+                               init_info.timeout_s)
+            self.model_update_group = make_group(store, rank, init_info.world_size, init_info.backend,
+                                                 init_info.timeout_s)
 
         def update_weights(self, update_info: dict) -> None:
             self.receive_weights(self.parse_update_info(update_info))
