@@ -284,8 +284,8 @@ def _vllm_reload(worker, path: str | None, model_dir: str) -> None:
 
 
 def refresh_tied_lm_head(model) -> None:
-    """After weights are reloaded in vLLM's model: re-process a tied lm_head (docs/architecture.md, "vLLM on
-    CPU": otherwise the logits stay stale)."""
+    """After weights are reloaded in vLLM's model: re-process a tied lm_head (otherwise the logits stay stale:
+    docs/architecture.md, "vLLM on CPU")."""
     lm_head = getattr(getattr(model, "language_model", model), "lm_head", None)
     embed = getattr(getattr(getattr(model, "language_model", model), "model", None), "embed_tokens", None)
     if lm_head is not None and embed is not None and lm_head.weight is embed.weight:
