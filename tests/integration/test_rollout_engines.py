@@ -125,6 +125,47 @@ def perturbed_state_dict(model_dir, scale=0.05, seed=1):
     return policy.model, {f"thinker.{k}": v.clone() for k, v in policy.model.state_dict().items()}
 
 
+@pytest.fixture(scope="module")
+def interleaved(setup):
+    """Prompts whose video carries its own audio, interleaved (processor.use_audio_in_video): 2 and 3 chunks."""
+    from data.synth import Beep, Segment, render_audio, render_frames, write_mp4
+
+    proc = PromptProcessor(ProcessorConfig(max_frames=12, max_pixels=56 * 56, max_audio_seconds=6.0,
+                                           use_audio_in_video=True), setup["policy"].tokenizer,
+                           model_path=setup["model_dir"])
+    built = []
+    for seconds in (4.0, 5.5):
+        synth = SynthConfig(seconds=seconds, fps=8, size=56)
+        beeps = [Beep(0.5, True), Beep(3.2, False)]
+        frames = render_frames([Segment("red", "square", "center", 0.0, 2.0),
+                                Segment("blue", "circle", "center", 2.0, seconds)], beeps, synth, None)
+        path = setup["root"] / f"own_track_{seconds}.mp4"
+        write_mp4(path, frames, synth.fps, render_audio(beeps, synth), synth.sample_rate)
+        built.append(proc.build(dataclasses.replace(setup["samples"][0], video=path, audio=None)))
+    assert all(b.media.get("use_audio_in_video") for b in built)
+    return built
+
+
+@torch.no_grad()
+def test_interleaved_audio_in_video_logprob_parity(setup, interleaved):
+    """vLLM lays out the same chunks from one <|VIDEO|> (mm_processor_kwargs use_audio_in_video) and, with the
+    torchvision-free thinker's position correction, its behaviour log-probs equal the learner's forward, whose
+    positions are transformers' get_rope_index (vLLM 0.32's own interleaved positions differ by ~6e-4 here). Runs
+    before the weight update test: both sides hold the model folder's weights."""
+    results = setup["engine"].generate([EngineInput(b.prompt_token_ids, b.media) for b in interleaved],
+                                       Sampling(n=2, temperature=1.0, top_k=50, seed=3))
+    model, pad = setup["policy"].model, setup["policy"].tokenizer.pad_token_id
+    for built, result in zip(interleaved, results):
+        assert result.prompt_token_ids == built.prompt_token_ids  # vLLM's chunks are the processor's
+        assert_parity(model, pad, result, built.media)
+    # the transformers engine too
+    engine = HFEngine(setup["model_dir"], RolloutConfig(engine="hf", max_new_tokens=6))
+    [result] = engine.generate([EngineInput(interleaved[1].prompt_token_ids, interleaved[1].media)],
+                               Sampling(n=2, temperature=1.0, seed=0, max_new_tokens=6))
+    assert_parity(model, pad, result, interleaved[1].media)
+    engine.shutdown()
+
+
 @torch.no_grad()
 def test_weight_update_changes_output_to_the_new_weights_and_bad_loads_keep_the_old(setup):
     engine, tok = setup["engine"], setup["policy"].tokenizer
@@ -195,46 +236,6 @@ def test_transformers_fallback_engine_parity(setup):
         built.media,
     )[0]
     assert (ref - torch.tensor(ours.logprobs)).abs().max().item() < TOL
-    engine.shutdown()
-
-
-@pytest.fixture(scope="module")
-def interleaved(setup):
-    """Prompts whose video carries its own audio, interleaved (processor.use_audio_in_video): 2 and 3 chunks."""
-    from data.synth import Beep, Segment, render_audio, render_frames, write_mp4
-
-    proc = PromptProcessor(ProcessorConfig(max_frames=12, max_pixels=56 * 56, max_audio_seconds=6.0,
-                                           use_audio_in_video=True), setup["policy"].tokenizer,
-                           model_path=setup["model_dir"])
-    built = []
-    for seconds in (4.0, 5.5):
-        synth = SynthConfig(seconds=seconds, fps=8, size=56)
-        beeps = [Beep(0.5, True), Beep(3.2, False)]
-        frames = render_frames([Segment("red", "square", "center", 0.0, 2.0),
-                                Segment("blue", "circle", "center", 2.0, seconds)], beeps, synth, None)
-        path = setup["root"] / f"own_track_{seconds}.mp4"
-        write_mp4(path, frames, synth.fps, render_audio(beeps, synth), synth.sample_rate)
-        built.append(proc.build(dataclasses.replace(setup["samples"][0], video=path, audio=None)))
-    assert all(b.media.get("use_audio_in_video") for b in built)
-    return built
-
-
-@torch.no_grad()
-def test_interleaved_audio_in_video_logprob_parity(setup, interleaved):
-    """vLLM lays out the same chunks from one <|VIDEO|> (mm_processor_kwargs use_audio_in_video) and, with the
-    torchvision-free thinker's position correction, its behaviour log-probs equal the learner's forward, whose
-    positions are transformers' get_rope_index (vLLM 0.32's own interleaved positions differ by ~6e-4 here)."""
-    results = setup["engine"].generate([EngineInput(b.prompt_token_ids, b.media) for b in interleaved],
-                                       Sampling(n=2, temperature=1.0, top_k=50, seed=3))
-    model, pad = setup["policy"].model, setup["policy"].tokenizer.pad_token_id
-    for built, result in zip(interleaved, results):
-        assert result.prompt_token_ids == built.prompt_token_ids  # vLLM's chunks are the processor's
-        assert_parity(model, pad, result, built.media)
-    # the transformers engine too
-    engine = HFEngine(setup["model_dir"], RolloutConfig(engine="hf", max_new_tokens=6))
-    [result] = engine.generate([EngineInput(interleaved[1].prompt_token_ids, interleaved[1].media)],
-                               Sampling(n=2, temperature=1.0, seed=0, max_new_tokens=6))
-    assert_parity(model, pad, result, interleaved[1].media)
     engine.shutdown()
 
 
