@@ -7,13 +7,15 @@ of every token; `generate` is submit-all-and-wait. Prompts are token ids as poli
 (placeholders already expanded) plus the thinker's media tensors; `generate_text` / `chat` are the plain
 text-in, text-out calls a judge and greedy evaluation need.
 
-New weights go through one method, `update_weights(WeightUpdate)`: the update is checked before anything is
-touched (its medium's `check`), the engine pauses as rollout.weight_update says (vLLM: wait for the requests in
-flight, keep them frozen, or abort and resubmit them), the medium's `apply` puts the weights in, the version is
-set (every token generated after it carries it), and the engine resumes. If applying fails half-way the engine
-reapplies its last good weights and raises WeightLoadError (version unchanged); if even that fails it refuses to
-generate. The medium is the replaceable part (today: PublishedFile, the learner's safetensors file read by
-vLLM's own worker; docs/architecture.md, "The rollout engine").
+New weights go through one method, `update_weights(WeightUpdate)` (learner/weights/: a medium's receiving side
+builds the update): the update is checked before anything is touched (its `check`), the engine pauses as
+rollout.weight_update says (vLLM: wait for the requests in flight, keep them frozen, or abort and resubmit
+them), the update's `apply` puts the weights in (a file reloaded by vLLM's own worker, a broadcast received in
+it, a LoRA adapter served), the version is set (every token generated after it carries it), and the engine
+resumes. If applying fails half-way the engine restores the last weights it can restore (the last update with a
+`restore`, else the model folder, at that version or 0) and raises WeightLoadError; if even that fails it
+refuses to generate. `load_weights(path, version, checksum)` is the published file's update
+(docs/architecture.md, "The rollout engine" and "Weight media").
 """
 
 from __future__ import annotations
@@ -34,6 +36,9 @@ from typing import Protocol
 
 import torch
 from safetensors.torch import load_file
+
+from learner.weights import COLLECTIVE, WeightLoadError, WeightUpdate
+from learner.weights.shared_file import file_update
 
 from .config import RolloutConfig
 
@@ -57,10 +62,6 @@ MEDIA_TOKENS = (
 def banned_token_ids(tokenizer) -> list[int]:
     vocab = tokenizer.get_vocab()
     return sorted(vocab[t] for t in MEDIA_TOKENS if t in vocab)
-
-
-class WeightLoadError(RuntimeError):
-    """The weights of a version could not be loaded; the engine still serves its previous version."""
 
 
 class EngineBroken(RuntimeError):
@@ -111,39 +112,6 @@ class GenerationResult:
     completions: list[Completion]
 
 
-@dataclass
-class WeightUpdate:
-    """One policy version for an engine: what it is, and where its weights are (today the learner's published
-    safetensors file; a medium that carries the weights itself leaves path None)."""
-
-    version: int
-    checksum: str
-    path: str | None = None
-
-
-class WeightMedium(Protocol):
-    """How weights reach an engine. `check` runs before the engine pauses (refuse a wrong update without
-    touching anything); `apply` runs while it is paused, and with update None must restore the model folder's
-    weights (the rollback of a failed first update)."""
-
-    def check(self, engine, update: WeightUpdate) -> None: ...
-
-    def apply(self, engine, update: WeightUpdate | None) -> None: ...
-
-
-class PublishedFile:
-    """The learner's published safetensors file (learner.transport): version and checksum checked against the
-    bytes, every tensor's shape against the model; applied by the engine's own loader (vLLM: its worker reads
-    the file, collective_rpc)."""
-
-    def check(self, engine, update: WeightUpdate) -> None:
-        read_published(update.path, update.version, update.checksum)
-        check_fits(update.path, engine.model_path)
-
-    def apply(self, engine, update: WeightUpdate | None) -> None:
-        engine._load_file(update.path if update else None)
-
-
 class RolloutEngine(Protocol):
     version: int
     busy_seconds: float  # wall seconds with at least one request in the engine
@@ -169,55 +137,6 @@ class RolloutEngine(Protocol):
     def shutdown(self) -> None: ...
 
 
-def read_published(path: str | Path, version: int, checksum: str) -> dict[str, torch.Tensor]:
-    """The state dict of a file published by learner.transport, after checking that it is the announced
-    version with the announced checksum (recomputed over the bytes). Raises WeightLoadError otherwise."""
-    from learner.transport import load_published
-
-    try:
-        file_version, state_dict, file_checksum = load_published(path, verify=True)
-    except (OSError, ValueError) as exc:
-        raise WeightLoadError(f"weights v{version} at {path}: {exc}") from exc
-    if file_version != version or file_checksum != checksum:
-        raise WeightLoadError(
-            f"weights at {path}: announced v{version} checksum {checksum[:12]}, file holds v{file_version} "
-            f"checksum {file_checksum[:12]}"
-        )
-    return state_dict
-
-
-def _tensor_specs(files: Sequence[Path]) -> dict[str, tuple[int, ...]]:
-    from safetensors import safe_open
-
-    specs = {}
-    for f in files:
-        with safe_open(str(f), framework="pt") as handle:
-            for name in handle.keys():
-                specs[name] = tuple(handle.get_slice(name).get_shape())
-    return specs
-
-
-def check_fits(path: str | Path, model_dir: str | Path) -> None:
-    """Refuse a weights file that would half-load: every tensor of the model checkpoint (talker aside; a tied
-    lm_head may be left out) must be there with its shape, and nothing else. Raises WeightLoadError."""
-    want = {
-        k: v
-        for k, v in _tensor_specs(sorted(Path(model_dir).glob("*.safetensors"))).items()
-        if not k.startswith(("talker.", "token2wav."))
-    }
-    have = _tensor_specs([Path(path)])
-    missing = sorted(k for k in set(want) - set(have) if not k.endswith("lm_head.weight"))
-    extra = sorted(set(have) - set(want))
-    wrong = sorted(k for k in set(want) & set(have) if want[k] != have[k])
-    if missing or extra or wrong:
-        detail = "; ".join(
-            f"{what}: {names[:3]}{' ...' if len(names) > 3 else ''}"
-            for what, names in (("missing", missing), ("unexpected", extra), ("wrong shape", wrong))
-            if names
-        )
-        raise WeightLoadError(f"weights at {path} do not fit the model in {model_dir}: {detail}")
-
-
 def checkpoint_weights(model_dir: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, tensor) of every safetensors shard of a Hugging Face model folder."""
     files = sorted(Path(model_dir).glob("*.safetensors"))
@@ -233,8 +152,7 @@ class _EngineBase:
 
     model_path: Path
     version: int = 0
-    medium: WeightMedium = PublishedFile()
-    _good: WeightUpdate | None = None  # the last update applied (None: the model folder's weights)
+    _restore_point: WeightUpdate | None = None  # the last update that can be restored (None: the model folder)
     _broken: str | None = None
 
     def __init__(self):
@@ -267,36 +185,44 @@ class _EngineBase:
                 self._busy_done += time.perf_counter() - self._busy_since
 
     def load_weights(self, path: str | Path, version: int, checksum: str) -> float:
-        """A published file (learner.transport) as `version`: update_weights through PublishedFile."""
-        return self.update_weights(WeightUpdate(version, checksum, str(path)))
+        """A published file on this node (learner/weights/shared_file.py) as `version`: update_weights."""
+        return self.update_weights(file_update(path, version, checksum, self.model_path))
 
     def update_weights(self, update: WeightUpdate) -> float:
-        """Apply `update` (its medium checks it first), paused as rollout.weight_update says. Returns the
-        seconds taken. Raises WeightLoadError and keeps the previous version when the update is wrong or fails
-        to apply."""
+        """Apply `update` (checked first), paused as rollout.weight_update says. Returns the seconds taken.
+        Raises WeightLoadError: refused (nothing touched, version unchanged) or failed (the last restorable
+        weights are back, at their version)."""
         self._check_usable()
         start = time.perf_counter()
-        self.medium.check(self, update)
+        if update.check is not None:
+            update.check(self)  # a wrong update is refused before the engine pauses
         with self._paused():
             try:
-                self.medium.apply(self, update)
+                update.apply(self)
+            except WeightLoadError:
+                raise  # refused before touching the weights
             except Exception as exc:
-                log.error("weights v%d failed to apply (%s); restoring v%d", update.version, exc, self.version)
-                try:
-                    self.medium.apply(self, self._good)
-                except Exception as exc2:
-                    self._broken = (
-                        f"weights v{update.version} failed ({exc}) and restoring v{self.version} failed ({exc2})"
-                    )
-                    raise EngineBroken(self._broken) from exc2
-                raise WeightLoadError(
-                    f"weights v{update.version} ({update.path}) failed to apply: {exc}; still at v{self.version}"
-                ) from exc
+                self._restore(update, exc)
             finally:
                 self._after_apply()
-            self._good = update
+            # weights that cannot be restored (a broadcast): a later failure falls back to the model folder
+            self._restore_point = update if update.restore is not None else None
             self._set_version(update.version)
         return time.perf_counter() - start
+
+    def _restore(self, update: WeightUpdate, exc: Exception) -> None:
+        """After a failed apply (still paused): the last restorable weights back, then WeightLoadError."""
+        back = self._restore_point
+        log.error("weights v%d failed to apply (%s); restoring v%d", update.version, exc, back.version if back else 0)
+        try:
+            back.restore(self) if back else self.reload_file(None)
+        except Exception as exc2:
+            self._broken = f"weights v{update.version} failed ({exc}) and restoring failed ({exc2})"
+            raise EngineBroken(self._broken) from exc2
+        self._set_version(back.version if back else 0)
+        raise WeightLoadError(
+            f"weights v{update.version} ({update.describe}) failed to apply: {exc}; now at v{self.version}"
+        ) from exc
 
     @contextlib.contextmanager
     def _paused(self):
@@ -310,8 +236,8 @@ class _EngineBase:
     def _set_version(self, version: int) -> None:
         self.version = version
 
-    def _load_file(self, path: str | None) -> None:
-        """Load the weights of a published file, or of the model folder when path is None."""
+    def reload_file(self, path: str | None) -> None:
+        """Load the weights of a safetensors file on this node, or of the model folder when path is None."""
         raise NotImplementedError
 
     def reset_cache(self) -> None:
@@ -351,14 +277,24 @@ class _EngineBase:
 
 def _vllm_reload(worker, path: str | None, model_dir: str) -> None:
     """Runs inside vLLM's worker (collective_rpc): reload weights from a published file, or from the model
-    folder when path is None, and refresh a tied lm_head (docs/architecture.md, "vLLM on CPU": otherwise the logits stay stale)."""
+    folder when path is None."""
     weights = iter(load_file(path).items()) if path else checkpoint_weights(model_dir)
     worker.reload_weights(weights_iterator=weights)
-    model = worker.model_runner.model
+    refresh_tied_lm_head(worker.model_runner.model)
+
+
+def refresh_tied_lm_head(model) -> None:
+    """After weights are reloaded in vLLM's model: re-process a tied lm_head (otherwise the logits stay stale:
+    docs/architecture.md, "vLLM on CPU")."""
     lm_head = getattr(getattr(model, "language_model", model), "lm_head", None)
     embed = getattr(getattr(getattr(model, "language_model", model), "model", None), "embed_tokens", None)
     if lm_head is not None and embed is not None and lm_head.weight is embed.weight:
         lm_head.quant_method.process_weights_after_loading(lm_head)
+
+
+def _vllm_lora_rank(r: int) -> int:
+    """The smallest max_lora_rank vLLM accepts that holds rank r."""
+    return next(v for v in (8, 16, 32, 64, 128, 256, 320, 512) if v >= r)
 
 
 class VLLMEngine(_EngineBase):
@@ -374,7 +310,8 @@ class VLLMEngine(_EngineBase):
 
     PAUSE_MODES = {"between_requests": "wait", "in_flight": "keep", "abort": "abort"}
 
-    def __init__(self, model_path: str | Path, cfg: RolloutConfig, dtype: str = "float32", seed: int = 0):
+    def __init__(self, model_path: str | Path, cfg: RolloutConfig, dtype: str = "float32", seed: int = 0,
+                 weight_medium: str | None = None, lora_rank: int = 8):
         super().__init__()
         self.model_path = Path(model_path)
         self.cfg = cfg
@@ -407,6 +344,18 @@ class VLLMEngine(_EngineBase):
                 enable_mm_embeds=True,
                 skip_mm_profiling=arch is not None,
             )
+        if weight_medium in COLLECTIVE:  # the receiving end of learner.transport gloo/nccl
+            from learner.weights.collective import ENGINE_NAMES, PLUGIN_NAME
+
+            from .vllm_omni import plugin_installed
+
+            if not plugin_installed(PLUGIN_NAME):  # vLLM builds the receiver in the engine core's process
+                raise RuntimeError(f"the vLLM plugin {PLUGIN_NAME} is not installed (the engine core process "
+                                   "would not know the weight-transfer engine): install the project (`make setup`)")
+            kwargs["weight_transfer_config"] = {"backend": ENGINE_NAMES[weight_medium]}
+        if weight_medium == "lora":  # the learner publishes its adapter only (learner/weights/lora.py)
+            kwargs.update(enable_lora=True, max_lora_rank=_vllm_lora_rank(lora_rank), max_loras=1, max_cpu_loras=2)
+        self.lora_request = None  # the adapter being served (medium lora), else the base weights alone
         from vllm import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
@@ -515,7 +464,8 @@ class VLLMEngine(_EngineBase):
         try:
             while True:
                 final = None
-                async for out in self.llm.generate(self._vllm_prompt(p), self._params(s), f"r{next(self._ids)}"):
+                async for out in self.llm.generate(self._vllm_prompt(p), self._params(s), f"r{next(self._ids)}",
+                                                   lora_request=self.lora_request):
                     final = out
                 if not any(c.finish_reason == "abort" for c in final.outputs):
                     return self._result(p, final)
@@ -555,9 +505,31 @@ class VLLMEngine(_EngineBase):
         if mode == "keep" and in_engine:
             self.updates_while_generating += 1
 
-    def _load_file(self, path: str | None) -> None:
+    def reload_file(self, path: str | None) -> None:
         # vLLM's workers read the file themselves (tensors cannot travel as collective_rpc arguments).
         self._call(self.llm.collective_rpc(_vllm_reload, args=(path, str(self.model_path))))
+
+    def serve_lora(self, version: int, folder: str) -> None:
+        """Serve the peft adapter in `folder` from now on (a new LoRARequest; the previous one is removed once
+        the new one is in, so a refused adapter leaves the old one serving)."""
+        from vllm.lora.request import LoRARequest
+
+        if self.llm.vllm_config.lora_config is None:
+            raise WeightLoadError("this engine was started without LoRA (learner.lora.publish adapter needs it)")
+        request = LoRARequest(f"policy-v{version}", version + 1, folder)  # ids start at 1
+        old, self.lora_request = self.lora_request, request
+        if old is not None and old.lora_int_id == request.lora_int_id:
+            self._call(self.llm.remove_lora(old.lora_int_id))  # the same version again: reload it
+        if not self._call(self.llm.add_lora(request)):
+            self.lora_request = old
+            raise RuntimeError(f"vLLM refused the adapter in {folder}")
+        if old is not None and old.lora_int_id != request.lora_int_id:
+            self._call(self.llm.remove_lora(old.lora_int_id))
+
+    def rpc(self, method, **kwargs) -> list:
+        """A call on every vLLM worker of this engine, in the engine core's process (a worker method's name, or
+        a function of the worker): the weight-transfer calls of learner/weights/collective.py."""
+        return self._call(self.llm.collective_rpc(method, kwargs=kwargs or None))
 
     def _set_version(self, version: int) -> None:
         self._call(self.llm.update_weight_version(str(version)))  # while paused: no token is mislabelled
@@ -689,7 +661,7 @@ class HFEngine(_EngineBase):
         """Between requests: on the thread that generates, after the requests submitted before it."""
         return self._thread.submit(super().update_weights, update).result()
 
-    def _load_file(self, path: str | None) -> None:
+    def reload_file(self, path: str | None) -> None:
         weights = iter(load_file(path).items()) if path else checkpoint_weights(self.model_path)
         params = dict(self.model.named_parameters())
         params.update(dict(self.model.named_buffers()))
@@ -714,9 +686,13 @@ class HFEngine(_EngineBase):
 
 
 def create_engine(
-    cfg: RolloutConfig, model_path: str | Path, dtype: str = "float32", seed: int = 0
+    cfg: RolloutConfig, model_path: str | Path, dtype: str = "float32", seed: int = 0,
+    weight_medium: str | None = None, lora_rank: int = 8,
 ) -> RolloutEngine:
-    """The engine named by cfg.engine ("vllm" or "hf")."""
+    """The engine named by cfg.engine ("vllm" or "hf"); weight_medium: how the learner publishes (a medium of
+    learner/weights/), which the engine must be able to receive; lora_rank: the adapters' rank (medium lora)."""
     if cfg.engine == "vllm":
-        return VLLMEngine(model_path, cfg, dtype=dtype, seed=seed)
+        return VLLMEngine(model_path, cfg, dtype=dtype, seed=seed, weight_medium=weight_medium, lora_rank=lora_rank)
+    if weight_medium in (*COLLECTIVE, "lora"):
+        raise ValueError(f"weight medium {weight_medium} needs rollout.engine vllm (the hf engine has no receiver)")
     return HFEngine(model_path, cfg, dtype=dtype, seed=seed)

@@ -81,11 +81,11 @@ def die_with_parent() -> None:
         os._exit(1)
 
 
-def plugin_installed() -> bool:
-    """Whether the entry point is visible to vLLM's processes (the project installed: `make setup`)."""
+def plugin_installed(name: str = PLUGIN_NAME) -> bool:
+    """Whether the entry point `name` is visible to vLLM's processes (the project installed: `make setup`)."""
     from importlib.metadata import entry_points
 
-    return any(ep.name == PLUGIN_NAME for ep in entry_points(group=PLUGIN_GROUP))
+    return any(ep.name == name for ep in entry_points(group=PLUGIN_GROUP))
 
 
 @lru_cache(maxsize=1)

@@ -31,6 +31,8 @@ from buffer_service.records import Trajectory
 from common.affinity import pin_process
 from common.metrics import ComponentEndpoint, Sample
 from common.node_files import NodePaths
+from learner.weights import PULLABLE
+from learner.weights import receive as receive_weights
 from policy.config import ProcessorConfig
 from policy.media import MediaError
 from policy.processor import PromptProcessor
@@ -99,6 +101,8 @@ class RolloutWorker:
         dtype: str = "float32",
         seed: int = 0,
         paths: NodePaths | None = None,
+        weight_medium: str | None = None,
+        lora_rank: int = 8,
     ):
         self.worker_id = worker_id
         self.cfg = rollout
@@ -107,7 +111,9 @@ class RolloutWorker:
         # the node it runs on (a restarted worker may run on another): in its counters, so history shows it
         self._node_id = ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
         pin_process(rollout.cpu_affinity, "rollout.cpu_affinity")  # before the engine starts its threads
-        self.engine = create_engine(rollout, self.paths.path(model_path), dtype=dtype, seed=seed)
+        self.model_path = self.paths.path(model_path)
+        self.engine = create_engine(rollout, self.model_path, dtype=dtype, seed=seed, weight_medium=weight_medium,
+                                    lora_rank=lora_rank)
         self.processor = PromptProcessor(
             processor or ProcessorConfig(), self.engine.tokenizer, self.engine.multimodal,
             model_path=self.paths.path(model_path),
@@ -127,7 +133,6 @@ class RolloutWorker:
         self._counts_lock = threading.Lock()
         # weights that come through the object store are written here, on this worker's node
         self._weights_dir = weights_folder(worker_id)
-        self._held_copy: Path | None = None
         self._next_scorer = zlib.crc32(worker_id.encode())  # workers start their round robin at different scorers
         self._metrics = ComponentEndpoint("rollout", lambda: rollout_samples(self._stats(), self.engine.version))
 
@@ -217,13 +222,13 @@ class RolloutWorker:
         (greedy accuracy). Returns receipts and this worker's counters once every group is answered, never the
         groups.
 
-        `weights` ({location, version, checksum}: the learner's last publish) are loaded first when this worker
-        holds another version: workers pull the policy with their next task, so a publish costs the driver no
-        call per worker. How the requests already in the engine (other calls') take them is
+        `weights` (the learner's last announcement: learner/weights/) are loaded first when this worker holds
+        another version and the medium keeps the bytes for it (a file, not a broadcast): workers pull the policy
+        with their next task, so a publish costs the driver no call per worker. How the requests already in the engine (other calls') take them is
         rollout.weight_update. A load that fails keeps the weights it has (the groups say which version made
         them) and is reported in `load_error`."""
         report = RolloutReport(self.worker_id, [])
-        if weights and weights["version"] != self.engine.version:
+        if weights and weights["version"] != self.engine.version and weights["medium"] in PULLABLE:
             with self._weights_lock:
                 if weights["version"] != self.engine.version:  # another call may have loaded it meanwhile
                     try:
@@ -261,34 +266,18 @@ class RolloutWorker:
 
     # weights and lifecycle ------------------------------------------------------------------------------
     def load_weights(self, weights: dict) -> float:
-        """Load a published version ({location, version, checksum}, and `blob` when the learner sends the bytes
-        through Ray's object store: learner.transport); raises WeightLoadError and keeps the old version if
-        the file is not the announced one or fails to load. Returns the seconds taken."""
+        """Load a published version (the learner's announcement: its medium, version, checksum and what the
+        medium's receiving side needs, learner/weights/); raises WeightLoadError and keeps (or restores) the old
+        weights if what arrives is not what was announced or fails to load. Returns the seconds taken."""
         with self._weights_lock:
             return self._load_weights(weights)
 
     def _load_weights(self, weights: dict) -> float:
-        version = weights["version"]
-        path = self._local_copy(weights) if weights.get("blob") is not None else weights["location"]
-        try:
-            seconds = self.engine.load_weights(path, version, weights["checksum"])
-        finally:
-            if path != weights["location"]:  # keep only the copy the engine holds (what it falls back to)
-                if self.engine.version == version:
-                    self._held_copy = Path(path)
-                for old in self._weights_dir.glob("*.safetensors"):
-                    if old != self._held_copy:
-                        old.unlink(missing_ok=True)
-        log.info("worker %s: now at policy v%d (%.2f s)", self.worker_id, version, seconds)
+        update = receive_weights(weights, self._weights_dir, self.model_path)
+        seconds = self.engine.update_weights(update)
+        log.info("worker %s: now at policy v%d by %s (%.2f s)", self.worker_id, update.version, weights["medium"],
+                 seconds)
         return seconds
-
-    def _local_copy(self, weights: dict) -> str:
-        """The published file's bytes, fetched from the object store and written on this worker's own node."""
-        path = self._weights_dir / f"weights-v{weights['version']:08d}.safetensors"
-        tmp = path.with_suffix(".tmp")
-        tmp.write_bytes(ray.get(weights["blob"]))
-        os.replace(tmp, path)
-        return str(path)
 
     # control calls run in their own thread (the "control" concurrency group), so that the driver's stats and
     # liveness calls answer while a generate or load call runs instead of queueing behind it

@@ -53,7 +53,7 @@ def main() -> None:
     from data.manifest import load_manifest
     from data.synth import generate
     from learner.config import LearnerConfig
-    from learner.transport import SafetensorsTransport
+    from learner.weights.shared_file import SharedFileSender
     from policy.config import ProcessorConfig, TinyModelConfig
     from policy.model import load_policy
     from policy.processor import PromptProcessor
@@ -78,7 +78,7 @@ def main() -> None:
         for p in policy.model.parameters():
             p.add_(torch.randn_like(p) * 0.01)
     state = {("thinker." if policy.multimodal else "") + k: v for k, v in policy.model.state_dict().items()}
-    published = SafetensorsTransport(work / "weights", timeout_s=LearnerConfig().publish_timeout_s).publish(state, version=1)
+    published = SharedFileSender(work / "weights", timeout_s=LearnerConfig().publish_timeout_s).publish(state, version=1)
     del policy
 
     cfg = RolloutConfig(max_new_tokens=args.max_new_tokens, max_model_len=4096)
@@ -111,7 +111,7 @@ def main() -> None:
             kind = "multimodal" if "multimodal" in sets else "text"
             inputs = [EngineInput(b.prompt_token_ids, b.media) for b in sets[kind]]
             straggler_rows = stragglers(engine, inputs, sampling, args)
-        update = engine.load_weights(published.location, published.version, published.checksum)
+        update = engine.load_weights(published["location"], published["version"], published["checksum"])
         for row in rows:
             if row["engine"] == name:
                 row["weight_update_s"] = round(update, 3)

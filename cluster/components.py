@@ -15,6 +15,7 @@ from actors.worker import rollout_worker_actor
 from buffer_service.service import ReplayService
 from common.node_files import NodePaths, remove_job_copies, ship_folder
 from learner.actor import LearnerGroup
+from learner.weights import COLLECTIVE
 from policy.config import TinyModelConfig
 from policy.tiny import ensure_tiny_model
 from reward_workers.judge_engine import start_judge_engine
@@ -37,7 +38,8 @@ class Components:
     workers: list = field(default_factory=list)
     rewards: RewardPool | None = None
     judge_engine: object | None = None  # started here (placed with the job); the pool only uses it
-    weights: dict | None = None  # the last publish (location, version, checksum), for restarted workers
+    weights: dict | None = None  # the last publish's announcement (learner/weights/), for restarted workers
+    transport: str = "object_store"  # the medium a publish goes through (learner.transport, or lora)
     placement: Placement | None = None
     availability: Availability | None = None  # which rollout workers answer (the driver's Flight keeps it)
     metrics: MetricsTargets | None = None  # where Prometheus finds each component's endpoint
@@ -83,7 +85,11 @@ class Components:
         """The learner publishes (version + 1, the current version again with bump=False, or `version`).
         Returns the version. With wait, every rollout worker loads and verifies it now (an evaluation, a resumed
         job); without, the workers pull it with their next rollout call (the driver hands `weights` along), so
-        a publish costs the driver no call per worker."""
+        a publish costs the driver no call per worker. A broadcast medium (gloo, nccl) reaches every worker that
+        answers now, whatever `wait` says (_broadcast)."""
+        if self.transport in COLLECTIVE:
+            self.weights = self._broadcast(self.available_workers(), bump, version)
+            return self.weights["version"]
         self.weights = self.learner.publish(bump, version)
         if wait:
             loads = {w: self._load(w) for w in self.workers}
@@ -97,11 +103,56 @@ class Components:
     def _load(self, worker):
         return worker.load_weights.remote(self.weights)
 
+    def _broadcast(self, workers: list, bump: bool = True, version: int | None = None) -> dict:
+        """A broadcast publish to `workers`, in a group of their own with the learner (a restarted worker: a
+        group of two). Bounded by learner.publish_timeout_s; when the broadcast fails or a worker does not hold
+        what was announced, the version goes through object_store instead (to the workers that lack it; the
+        others pull nothing, they hold it) and the reason is logged. Returns the announcement the workers hold."""
+        announced = self.learner.publish(bump, version, len(workers))
+        loads = [w.load_weights.remote({**announced, "rank_offset": 1 + i}) for i, w in enumerate(workers)]
+        why = None
+        try:
+            self.learner.finish_publish()
+        except ray.exceptions.RayTaskError as exc:
+            why = str(exc).strip().splitlines()[-1][:300]
+        ready, _ = ray.wait(loads, num_returns=len(loads), timeout=announced["timeout_s"] + 10)
+        missed = []
+        for worker, ref in zip(workers, loads):
+            try:
+                if ref not in ready:
+                    raise TimeoutError("still receiving")
+                ray.get(ref)
+            except Exception as exc:  # noqa: BLE001 (each worker's reason goes to the log)
+                missed.append(worker)
+                why = why or f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1][:300]}"
+        if not missed:
+            return announced
+        log.warning(f"weights v{announced['version']}: the {announced['medium']} broadcast did not reach "
+                    f"{len(missed)} of {len(workers)} rollout workers ({why}); sending it through object_store")
+        self.weights = self.learner.publish(False, None, 0, "object_store")
+        for worker in missed:
+            try:
+                ray.get(self._load(worker))
+            except ray.exceptions.RayActorError:  # restarting: it gets the version once it is back
+                pass
+        return self.weights
+
+    def catch_up(self, worker, version: int) -> bool:
+        """A worker back (restarted by Ray, maybe on a node that joined) holding `version`: with a broadcast
+        medium the group of the last publish is gone, so the current version goes to it in a group of its own.
+        Returns whether it did; with a file medium the worker pulls the announcement with its next call."""
+        if self.weights is None or version == self.weights["version"] or self.weights["medium"] not in COLLECTIVE:
+            return False
+        self.weights = self._broadcast([worker], bump=False)
+        log.info(f"rollout worker back at v{version}: sent it policy v{self.weights['version']} "
+                 f"({self.weights['medium']})")
+        return True
+
     def ready_worker(self, worker, timeout_s: float = 300.0) -> None:
         """Wait until a rollout worker that Ray is restarting answers again, then hand it the current weights
         (a restarted worker comes back with the base weights). Raises if it does not come back."""
         version = _answer_once_back(worker.version, time.monotonic() + timeout_s)
-        if self.weights is not None and version != self.weights["version"]:
+        if not self.catch_up(worker, version) and self.weights is not None and version != self.weights["version"]:
             ray.get(self._load(worker))
             log.info(f"restarted rollout worker reloaded policy v{self.weights['version']}")
         self.refresh_metrics_targets()
@@ -223,12 +274,14 @@ def start_components(cfg: JobConfig, run_dir: Path, model_path: Path, samples, r
         media_provider=PromptMedia(samples, cfg.processor, str(model_path), paths), paths=paths,
         publish_dir=run_dir / "published", num_cpus_per_rank=0, num_gpus_per_rank=0,
         rank_options=[placement.options("learner", r) for r in range(cfg.learner.num_ranks)])
-    comps = Components(buffer=buffer, learner=learner, placement=placement, paths=paths)
+    comps = Components(buffer=buffer, learner=learner, placement=placement, paths=paths,
+                       transport=cfg.learner.publish_medium)
     # Workers are created for SFT too: they run the accuracy evaluations before and after.
     actor = rollout_worker_actor(num_cpus=0, max_restarts=3)
     comps.workers = [
         actor.options(**placement.options("rollout", i))
-        .remote(f"rollout-{i}", str(model_path), cfg.rollout, cfg.processor, cfg.model.dtype, cfg.seed + i, paths)
+        .remote(f"rollout-{i}", str(model_path), cfg.rollout, cfg.processor, cfg.model.dtype, cfg.seed + i, paths,
+                cfg.learner.publish_medium, cfg.learner.lora.r)
         for i in range(cfg.rollout.num_workers)
     ]
     # Reward workers for SFT too: they score the evaluations (the groups go to them, not to the driver).

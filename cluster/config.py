@@ -148,6 +148,13 @@ class JobConfig(StrictConfig):
         return self
 
     @model_validator(mode="after")
+    def _broadcast_has_a_receiver(self) -> JobConfig:
+        if self.learner.transport in ("gloo", "nccl") and self.rollout.engine != "vllm":
+            raise ValueError(f"learner.transport {self.learner.transport} is received by vLLM's weight-transfer "
+                             "engine: it needs rollout.engine vllm (or learner.transport object_store)")
+        return self
+
+    @model_validator(mode="after")
     def _judge_is_configured(self) -> JobConfig:
         """An RL stage whose reward weights the LLM judge (reward.weights, else the stage's defaults) must
         name a judge: refused here, at load, rather than scored by a random model or not at all."""

@@ -75,7 +75,8 @@ def train_rl(cfg: JobConfig, run_dir: Path, comps: Components, order: PromptOrde
             continue
         state.step += 1
         committer.owe(summary["entry_ids"])
-        sync_s = None  # 4. publish; each worker loads the new version at the start of its next rollout call
+        sync_s = None  # 4. publish; each worker loads the new version at the start of its next rollout call (a
+        # broadcast medium: now, every worker that answers)
         if state.step % cfg.learner.publish_every == 0:
             with phase("weight_sync"):
                 t0 = time.perf_counter()
@@ -90,6 +91,8 @@ def train_rl(cfg: JobConfig, run_dir: Path, comps: Components, order: PromptOrde
         with phase("record"):  # 5. record; checkpoint, then acknowledge
             row = recorder.record(state, summary, flight.counters.take(), {
                 "weight_sync_seconds": sync_s, "heldout_accuracy": heldout,
+                # the medium that carried this step's publish: learner.transport, or object_store after a fallback
+                "weight_medium": comps.weights["medium"] if sync_s is not None else None,
                 "stale_dropped_groups": stale_groups, "prompts_in_flight": flight.handout.tasks_in_flight,
                 "groups_scoring": flight.counters.groups_scoring, "phase_seconds": phase.take(),
                 "rollout_workers": flight.counters.rollout_summary(), "rollout_workers_away": flight.health.away_names()})
@@ -190,12 +193,13 @@ class Flight:
     def watch_workers(self) -> None:
         """Away workers that answer again get tasks again (and the tasks waiting for one). Raises WorkersLost
         once none has answered for pipeline.worker_wait_s."""
-        for i, away_s in self.health.returned():
+        for i, away_s, version in self.health.returned():
             name = self.health.names[i]
             self.comps.refresh_metrics_targets(only={name})  # back on a new port, maybe another node
             self.state.bump("rollout_workers_back")
             log.warning(f"{name} answers again after {away_s:.1f} s: it gets tasks again (and the current weights "
-                        "with its next call)")
+                        "with its next call, or now by a broadcast)")
+            self.comps.catch_up(self.comps.workers[i], version)
         self.handout.give_waiting(self.health.live())
 
     def _report(self, report) -> None:

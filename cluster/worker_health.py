@@ -41,21 +41,22 @@ class WorkerHealth:
         self.probes[i] = (self.probe(i), time.monotonic())
         return True
 
-    def returned(self) -> list[tuple[int, float]]:
-        """(worker index, seconds away) of each away worker whose probe answered since the last call; a failed
+    def returned(self) -> list[tuple[int, float, int]]:
+        """(worker index, seconds away, the policy version it holds) of each away worker whose probe answered
+        since the last call; a failed
         probe is sent again. Raises WorkersLost once none has answered for pipeline.worker_wait_s."""
         back = []
         for i, (ref, sent) in list(self.probes.items()):
             if not ready([ref]):
                 continue
             try:
-                ray.get(ref)
+                version = ray.get(ref)
             except ray.exceptions.RayActorError:  # not known as restarting yet, or gone for good: ask again
                 if time.monotonic() - sent >= self.PROBE_AGAIN_S:
                     self.probes[i] = (self.probe(i), time.monotonic())
                 continue
             del self.probes[i]
-            back.append((i, self.availability.back(i)))
+            back.append((i, self.availability.back(i), version))
         self.availability.check()
         return back
 

@@ -8,15 +8,14 @@ from .config import LearnerConfig, LoraConfig, ObjectiveConfig
 _LAZY = {"Learner": "learner", "SFTExample": "learner", "LearnerGroup": "actor", "LearnerWorker": "actor"}
 _LAZY.update({n: "objective" for n in ("ObjectiveInputs", "avatar_loss", "group_advantages", "sft_loss",
                                        "step_advantages", "tas_weights")})
-_LAZY.update({n: "transport" for n in ("CollectiveTransport", "PublishedWeights", "SafetensorsTransport",
-                                       "WeightTransport", "init_weight_group", "latest_published", "load_published",
-                                       "receive_broadcast", "state_dict_checksum")})
+_LAZY.update({n: "weights" for n in ("WeightLoadError", "WeightUpdate", "make_sender", "receive",
+                                     "state_dict_checksum")})
+_LAZY.update({n: "weights.shared_file" for n in ("latest_published", "load_published")})
 
 __all__ = [
-    "CollectiveTransport", "Learner", "LearnerConfig", "LearnerGroup", "LearnerWorker", "LoraConfig",
-    "ObjectiveConfig", "ObjectiveInputs", "PublishedWeights", "SFTExample", "SafetensorsTransport", "WeightTransport",
-    "avatar_loss", "group_advantages", "init_weight_group", "latest_published", "load_published",
-    "receive_broadcast", "sft_loss", "state_dict_checksum", "step_advantages", "tas_weights",
+    "Learner", "LearnerConfig", "LearnerGroup", "LearnerWorker", "LoraConfig", "ObjectiveConfig", "ObjectiveInputs",
+    "SFTExample", "WeightLoadError", "WeightUpdate", "avatar_loss", "group_advantages", "latest_published",
+    "load_published", "make_sender", "receive", "sft_loss", "state_dict_checksum", "step_advantages", "tas_weights",
 ]
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import socket
-from dataclasses import asdict
 from pathlib import Path
 
 from common.affinity import pin_process
@@ -41,7 +40,7 @@ class LearnerWorker:
         self.total_steps = total_steps
         self.media_provider, self.publish_dir = media_provider, publish_dir
         self.learner: Learner | None = None
-        self.transport = None
+        self.senders: dict = {}  # medium -> its sending side (rank 0): learner.transport's, and object_store
         self.feed = FreshFeed(buffer_cfg) if buffer_cfg is not None and rank == 0 else None
         self._last_summary: dict = {}  # rank 0's last RL step, what its /metrics shows
         self._stale_dropped = 0
@@ -58,11 +57,13 @@ class LearnerWorker:
         self.learner = Learner(self.cfg, self.model_path, total_steps=self.total_steps,
                                media_provider=self.media_provider, rank=self.rank, world_size=self.world_size,
                                master_addr=master_addr, master_port=master_port)
-        # safetensors is the one transport the rollout workers can receive (learner.config refuses nccl)
-        if self.rank == 0 and self.publish_dir:
-            from .transport import SafetensorsTransport
+        if self.rank == 0 and self.publish_dir:  # object_store also carries a broadcast that failed
+            from .weights import make_sender
 
-            self.transport = SafetensorsTransport(self.publish_dir, timeout_s=self.cfg.publish_timeout_s)
+            host, medium = self.address()[0], self.cfg.publish_medium
+            adapter = self.learner.adapter_config() if medium == "lora" else None
+            self.senders = {m: make_sender(m, self.publish_dir, self.cfg.publish_timeout_s, host, adapter)
+                            for m in {medium, "object_store"}}
         return self.state()
 
     def state(self) -> dict:
@@ -110,18 +111,18 @@ class LearnerWorker:
     def completion_logprobs(self, items) -> list[list[float]]:
         return [lp.tolist() for lp in self.learner.completion_logprobs(items)]
 
-    def publish(self, bump: bool = True, version: int | None = None) -> dict | None:
-        """What the rollout workers load (location, version, checksum); with transport object_store also
-        `blob`, the file's bytes in Ray's object store, so a worker on another node never reads this node's file."""
-        published = self.learner.publish(self.transport, bump, version)
-        if not published:
-            return None
-        weights = asdict(published)
-        if self.cfg.transport == "object_store":
-            import ray
+    def publish(self, bump: bool = True, version: int | None = None, receivers: int = 0,
+                medium: str | None = None) -> dict | None:
+        """Publish through `medium` (learner.transport, or lora for an adapter, unless named) and return its
+        announcement, what the rollout workers load (learner/weights/). A broadcast medium sends to `receivers`
+        engines on a thread of its own: finish_publish() waits for it."""
+        return self.learner.publish(self.senders.get(medium or self.cfg.publish_medium), bump, version, receivers)
 
-            weights["blob"] = ray.put(Path(published.location).read_bytes())
-        return weights
+    def finish_publish(self) -> dict:
+        """Wait until the last publish is delivered (a broadcast: every receiver holds it); raises on a timeout
+        or a failed broadcast."""
+        sender = self.senders.get(self.cfg.publish_medium)
+        return sender.finish() if sender is not None else {}
 
     def metrics_endpoint(self) -> dict:
         """This rank's /metrics (started on first call; the driver asks rank 0), on its own node."""
@@ -206,8 +207,14 @@ class LearnerGroup:
     def completion_logprobs(self, items) -> list[list[float]]:
         return self._all("completion_logprobs", list(items))
 
-    def publish(self, bump: bool = True, version: int | None = None) -> dict | None:
-        return self._all("publish", bump, version)
+    def publish(self, bump: bool = True, version: int | None = None, receivers: int = 0,
+                medium: str | None = None) -> dict | None:
+        return self._all("publish", bump, version, receivers, medium)
+
+    def finish_publish(self) -> dict:
+        import ray
+
+        return ray.get(self.workers[0].finish_publish.remote())
 
     def save_checkpoint(self, directory: str | Path) -> str:
         return self._all("save_checkpoint", str(directory))

@@ -31,6 +31,10 @@ class LoraConfig(StrictConfig):
     r: int = Field(8, ge=1)
     alpha: int = Field(32, ge=1)
     dropout: float = Field(0.0, ge=0, lt=1)
+    publish: Literal["adapter", "merged"] = Field(
+        "adapter", description="what a publish sends under LoRA: adapter = the adapter only (peft format, served by "
+        "vLLM as a LoRA request; learner.transport is then unused), merged = the full weights with the adapter "
+        "folded in, through learner.transport")
 
 
 class LearnerConfig(StrictConfig):
@@ -64,21 +68,25 @@ class LearnerConfig(StrictConfig):
     )
     seed: int = 0
     publish_every: int = Field(1, ge=1, description="publish weights every k optimizer steps")
-    transport: Literal["object_store", "safetensors"] = Field(
-        "object_store", description="how published weights reach the rollout workers. Both write one safetensors "
-        "file per version on the learner's node; object_store: its bytes travel through Ray's object store and "
-        "each worker writes its own copy on its node (no shared filesystem needed); safetensors: the workers "
-        "read the learner's file (run_dir must be on a filesystem every node shares). nccl is not wired yet")
-    publish_timeout_s: float = Field(120.0, gt=0)
+    transport: Literal["object_store", "shared_file", "gloo", "nccl"] = Field(
+        "object_store", description="how published weights reach the rollout workers (learner/weights/, "
+        "docs/architecture.md 'Weight media'). object_store: one safetensors file per version whose bytes travel "
+        "through Ray's object store, each worker writing its own copy (no shared filesystem needed); shared_file "
+        "(alias safetensors): the workers read the learner's file (run_dir on a filesystem every node shares); "
+        "gloo / nccl: vLLM's weight-transfer broadcast from learner rank 0 into every engine, nothing on disk (nccl "
+        "needs CUDA on the learner and the workers, gloo runs anywhere); a broadcast that fails or times out is sent "
+        "through object_store instead. These need rollout.engine vllm")
+    publish_timeout_s: float = Field(
+        120.0, gt=0, description="bound on one publish: writing the file, or a broadcast until every worker holds it")
     cpu_affinity: CpuList = Field(
         None, description="CPU ids every learner rank of a node runs on (torch's threads = their number); None = all")
 
+    @property
+    def publish_medium(self) -> str:
+        """The medium a publish goes through (learner/weights/): lora when only the adapter is published."""
+        return "lora" if self.lora.enabled and self.lora.publish == "adapter" else self.transport
+
     @field_validator("transport", mode="before")
     @classmethod
-    def _transport_supported(cls, value):
-        if value == "nccl":
-            raise ValueError(
-                "nccl is not supported yet; the supported transports are 'object_store' and 'safetensors'. The NCCL "
-                "broadcast exists only as a building block (learner.transport.CollectiveTransport): the rollout workers have no "
-                "receiving side and nothing builds the process group between them and the learner")
-        return value
+    def _transport_alias(cls, value):
+        return "shared_file" if value == "safetensors" else value

@@ -1,12 +1,12 @@
 """The DeepSpeed learner in one process on tiny random models (CPU, gloo): it learns, accumulates gradients
 exactly, resumes bit-for-bit, runs LoRA and SFT, exports checkpoints that transformers loads, trains the
-Omni thinker with video+audio media, and publishes weights through both transports."""
+Omni thinker with video+audio media, and publishes weights as files (the broadcast media:
+test_weight_media.py)."""
 
 from __future__ import annotations
 
 import glob
 import math
-import multiprocessing as mp
 
 import pytest
 import torch
@@ -15,15 +15,8 @@ from buffer_service.records import ReplaySample, Trajectory
 from learner import objective
 from learner.config import LearnerConfig, LoraConfig
 from learner.learner import Learner, SFTExample
-from learner.transport import (
-    CollectiveTransport,
-    SafetensorsTransport,
-    init_weight_group,
-    latest_published,
-    load_published,
-    receive_broadcast,
-    state_dict_checksum,
-)
+from learner.weights import state_dict_checksum
+from learner.weights.shared_file import SharedFileSender, latest_published, load_published
 from policy.config import TinyModelConfig
 from policy.logprobs import completion_logprobs
 from policy.model import load_policy
@@ -277,13 +270,13 @@ def test_export_hf_text_and_transformers_greedy(text_model, tmp_path):
 
 def test_safetensors_publish_bumps_version_and_verifies(text_model, tmp_path):
     learner = Learner(cfg(), text_model, total_steps=20)
-    transport = SafetensorsTransport(tmp_path / "pub", timeout_s=60, keep=2)
-    infos = [learner.publish(transport) for _ in range(3)]
-    assert [i.version for i in infos] == [1, 2, 3] and learner.policy_version == 3
+    sender = SharedFileSender(tmp_path / "pub", timeout_s=60, keep=2)
+    infos = [learner.publish(sender) for _ in range(3)]
+    assert [i["version"] for i in infos] == [1, 2, 3] and learner.policy_version == 3
     version, path = latest_published(tmp_path / "pub")
     assert version == 3
     v, sd, checksum = load_published(path)
-    assert v == 3 and checksum == infos[-1].checksum == state_dict_checksum(learner.checkpoint_state_dict())
+    assert v == 3 and checksum == infos[-1]["checksum"] == state_dict_checksum(learner.checkpoint_state_dict())
     assert "lm_head.weight" not in sd  # tied, as in the base checkpoint (what vLLM's reload expects)
     assert len(list((tmp_path / "pub").glob("weights-v*.safetensors"))) == 2  # old versions pruned
     raw = bytearray(path.read_bytes())
@@ -294,29 +287,3 @@ def test_safetensors_publish_bumps_version_and_verifies(text_model, tmp_path):
     learner.close()
 
 
-def _receiver(port, queue):
-    group = init_weight_group("127.0.0.1", port, 1, 2, "gloo", timeout_s=60)
-    version, sd, checksum = receive_broadcast(group, timeout_s=60)
-    queue.put((version, checksum, state_dict_checksum(sd), sorted(sd)))
-
-
-def test_collective_transport_broadcasts_in_buckets(text_model):
-    from learner.distributed import free_port
-
-    sd = {k.removeprefix(""): v for k, v in load_policy(text_model).model.state_dict().items()}
-    sd["bf16_extra"] = torch.randn(3, 5).to(torch.bfloat16)
-    port = free_port()
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    proc = ctx.Process(target=_receiver, args=(port, queue))
-    proc.start()
-    try:
-        group = init_weight_group("127.0.0.1", port, 0, 2, "gloo", timeout_s=60)
-        info = CollectiveTransport(group, bucket_bytes=64 << 10, timeout_s=60).publish(sd, 5)
-        version, checksum, recomputed, names = queue.get(timeout=120)
-    finally:
-        proc.join(timeout=30)
-        if proc.is_alive():
-            proc.kill()
-    assert version == 5 and checksum == info.checksum == recomputed == state_dict_checksum(sd)
-    assert names == sorted(sd)

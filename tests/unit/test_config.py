@@ -86,13 +86,15 @@ def test_removed_learner_keys_are_unknown_keys():
         assert f"{key.split('=')[0]}: unknown key" in str(err.value) and "warmup_ratio" in str(err.value)
 
 
-def test_nccl_transport_is_refused_saying_what_is_supported():
-    with pytest.raises(ConfigError) as err:
-        load_config(None, ["learner.transport=nccl"])
-    text = str(err.value)
-    assert "learner.transport" in text and "'safetensors'" in text and "no receiving side" in text
-    assert load_config(None, ["learner.transport=safetensors"]).learner.transport == "safetensors"
+def test_every_weight_medium_loads_and_a_broadcast_needs_the_vllm_engine():
+    for medium in ("object_store", "shared_file", "gloo", "nccl"):
+        assert load_config(None, [f"learner.transport={medium}"]).learner.transport == medium
+    assert load_config(None, ["learner.transport=safetensors"]).learner.transport == "shared_file"  # old name
     assert load_config(None, []).learner.transport == "object_store"  # no shared filesystem assumed
+    with pytest.raises(ConfigError, match="learner.transport gloo .* needs rollout.engine vllm"):
+        load_config(None, ["learner.transport=gloo", "rollout.engine=hf"])
+    with pytest.raises(ConfigError, match="learner.transport"):
+        load_config(None, ["learner.transport=carrier_pigeon"])
 
 
 def _model_folder(path, config=True, weights=True):

@@ -19,7 +19,7 @@ from cluster.retry import DATA_LOST, WORKER_LOST, ScoringRetries, classify
 from cluster.state import RunState
 from cluster.worker_health import WorkerHealth
 from learner.summary import step_summary
-from learner.transport import SafetensorsTransport
+from learner.weights.shared_file import SharedFileSender
 from tests.conftest import make_traj
 
 
@@ -186,7 +186,7 @@ def test_resume_version_stays_monotonic(tmp_path):
 
     run_dir = tmp_path
     assert resume_version(run_dir, 4) == 4  # nothing published yet: the checkpoint's version
-    transport = SafetensorsTransport(run_dir / "published", timeout_s=60)
+    transport = SharedFileSender(run_dir / "published", timeout_s=60)
     w = {"x": torch.zeros(2)}
     transport.publish(w, 4)
     assert resume_version(run_dir, 4) == 4  # the lost run published nothing past the checkpoint
