@@ -11,12 +11,20 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import tomllib
 import torch
 
 from actors.config import RolloutConfig
-from actors.engines import EngineInput, HFEngine, Sampling, VLLMEngine, WeightLoadError
+from actors.engines import (
+    EngineInput,
+    HFEngine,
+    Sampling,
+    VLLMEngine,
+    WeightLoadError,
+    shared_memory_of_children,
+)
 from actors.vllm_omni import ARCHITECTURE, PLUGIN_GROUP, PLUGIN_NAME
 from data.config import SynthConfig
 from data.manifest import load_manifest
@@ -278,6 +286,18 @@ def test_in_flight_update_changes_the_tokens_after_the_pause_and_not_before(setu
     assert (old[:k] - lps[:k]).abs().max().item() < TOL  # before the pause: the old weights
     assert (new[k:] - lps[k:]).abs().max().item() < TOL  # after it: the new ones
     assert (old[k:] - lps[k:]).abs().max().item() > 1e-2
+
+
+def test_shutdown_stops_the_engine_core_and_removes_its_shared_memory(setup):
+    """The module's engine, shut down last: its engine core process exits and the /dev/shm segments that its
+    processes mapped are gone (vLLM unlinks them only in __del__, which a terminated process never runs)."""
+    engine = setup["engine"]
+    children = psutil.Process().children(recursive=True)
+    segments = shared_memory_of_children()
+    assert children and segments, "a running engine has an engine core process that maps shared memory"
+    engine.shutdown()
+    assert not [p for p in segments if p.exists()]
+    assert not [c.pid for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
 
 
 def test_the_omni_plugin_registers_the_architecture_in_a_fresh_process(tmp_path):
