@@ -63,6 +63,9 @@ class BufferConfig(StrictConfig):
     max_age_versions: int | None = Field(None, ge=0, description="optional bound on replayed samples' age")
     hint: HintConfig = Field(default_factory=HintConfig)
     consumer_group: str = Field("learners", description="Redis Streams consumer group of the fresh stream")
+    reclaim_idle_ms: int = Field(
+        60_000, ge=0, description="fresh entries pending longer than this (a dead consumer's) are redelivered"
+    )
     dead_letter_maxlen: int = Field(10_000, ge=1, description="approximate bound of the dead-letter stream")
     dedup_window_groups: int = Field(
         100_000, ge=1, description="pushes whose trajectory ids are remembered for idempotence (bounds Redis memory); "

@@ -22,8 +22,8 @@ Public API
     Returns {"entry_id": str | None, "accepted": int, "duplicates": int, "dead_lettered": bool}.
 - read_fresh(consumer: str, max_groups: int = 1, block_ms: int | None = None,
              reclaim_idle_ms: int | None = None) -> list[tuple[str, list[Trajectory]]]
-    Through the consumer group: first, if reclaim_idle_ms is given, entries left pending longer than that (a
-    previous run's or a dead consumer's, XAUTOCLAIM; never in a running learner's reads), then new ones. Undecodable entries are dead-lettered and acknowledged.
+    Through the consumer group: first entries left pending longer than reclaim_idle_ms (a dead consumer's,
+    XAUTOCLAIM), then new ones. Undecodable entries are dead-lettered and acknowledged.
 - insert(entry_ids, trained, kl=None, into_tiers=True) -> dict
     Right after the learner's step: the trained trajectories (carrying the learner's advantage and
     mean_logratio_old_ref) enter the tiers, and their per-trajectory KL to the reference feeds the prompt's KL

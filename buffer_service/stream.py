@@ -81,19 +81,13 @@ class FreshStream:
         block_ms: int | None = None,
         reclaim_idle_ms: int | None = None,
     ) -> list[tuple[str, list[Trajectory]]]:
-        """`reclaim_idle_ms` None: new entries only. A learner's own pending entries (read, trained, acknowledged
-        with its next checkpoint) must not come back to it however long a step or a pause takes: a redelivered
-        trained group was counted as a stale drop, and each such phantom drop let one more task into the
-        pipeline for good. Reclaiming is for a restart (0: what the previous run had read) or a dead consumer's."""
         store = self.store
+        idle = store.config.reclaim_idle_ms if reclaim_idle_ms is None else reclaim_idle_ms
         group_name, fresh = store.config.consumer_group, store.k["fresh"]
-        messages = []
-        if reclaim_idle_ms is not None:
-            _, claimed, _ = store.r.xautoclaim(fresh, group_name, consumer, reclaim_idle_ms, start_id="0-0",
-                                               count=max_groups)
-            messages = list(claimed)
-            if claimed:
-                store.r.hincrby(store.k["stats"], "reclaimed", len(claimed))
+        _, claimed, _ = store.r.xautoclaim(fresh, group_name, consumer, idle, start_id="0-0", count=max_groups)
+        messages = list(claimed)
+        if claimed:
+            store.r.hincrby(store.k["stats"], "reclaimed", len(claimed))
         left = max_groups - len(messages)
         if left > 0:
             block = block_ms if block_ms and block_ms > 0 else None

@@ -270,23 +270,6 @@ def test_dead_consumer_entries_are_reclaimed_and_trained_once(make_service):
     assert svc.stats()["fresh_pending"] == 0 and svc.read_fresh("learner-b", 10, reclaim_idle_ms=0) == []
 
 
-def test_a_consumers_own_pending_entries_never_come_back_to_it(make_service):
-    """A learner's trained entries stay pending until its next checkpoint acknowledges them; however long that
-    takes (a slow step, a paused driver), its reads return new entries only. Redelivered, a trained group came
-    back as a stale drop (a node-loss job dropped 4 trained groups after a 68 s pause, then 64 more)."""
-    svc = make_service()
-    for j in range(3):
-        svc.push_group([make_traj(f"g{j}-t{i}", f"P{j}", 1.0, group_id=f"g{j}") for i in range(2)])
-    held = svc.read_fresh("learner", max_groups=2)
-    time.sleep(0.15)  # pending longer than any idle bound a reclaim would use below
-    later = svc.read_fresh("learner", max_groups=10)
-    assert [g[0].group_id for _, g in later] == ["g2"]
-    assert svc.stats()["reclaimed"] == 0 and svc.stats()["fresh_pending"] == 3
-    # a restart takes them back explicitly
-    again = svc.read_fresh("learner", max_groups=10, reclaim_idle_ms=0)
-    assert sorted(e for e, _ in again) == sorted(e for e, _ in held + later)
-
-
 def test_sigkill_and_aof_restart_keep_everything(redis_server, tmp_path):
     cfg = BufferConfig(redis=redis_server.config(), min_size=0, capacity=100, hint={"trigger": "zero_total_streak"})
     svc = ReplayService(cfg)
