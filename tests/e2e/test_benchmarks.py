@@ -9,7 +9,7 @@ import pytest
 
 from .conftest import ROOT, job_env
 
-pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+pytestmark = [pytest.mark.e2e, pytest.mark.long]
 
 
 def test_sample_efficiency_quick(tmp_path):

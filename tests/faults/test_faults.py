@@ -24,7 +24,7 @@ from tests.e2e.conftest import start_job, write_config
 
 from . import harness as h
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.long]
 
 
 def _log_has(log, text: str) -> bool:

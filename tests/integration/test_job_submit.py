@@ -19,7 +19,7 @@ import pytest
 from cluster.local_cluster import RECORD, SHM_PREFIXES, _shm_in_use, local_cluster
 from tests.cluster_processes import cluster_processes, still_running
 
-pytestmark = [pytest.mark.integration, pytest.mark.isolated]
+pytestmark = [pytest.mark.integration, pytest.mark.isolated, pytest.mark.long]
 
 ROOT = Path(__file__).resolve().parents[2]
 RAY = str(Path(sys.executable).with_name("ray"))

@@ -26,7 +26,7 @@ from cluster.local_cluster import add_node, kill_node, local_cluster
 from tests.e2e.conftest import start_job, write_config
 from tests.faults import harness as h
 
-pytestmark = [pytest.mark.integration, pytest.mark.isolated]
+pytestmark = [pytest.mark.integration, pytest.mark.isolated, pytest.mark.long]
 
 HEAD = "head:learner_node=1,reward_node=1,cpus=1"
 PLACEMENT = {"rollout": {"num_cpus": 1, "resources": {"rollout_node": 1}},
