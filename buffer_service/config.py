@@ -64,7 +64,9 @@ class BufferConfig(StrictConfig):
     hint: HintConfig = Field(default_factory=HintConfig)
     consumer_group: str = Field("learners", description="Redis Streams consumer group of the fresh stream")
     reclaim_idle_ms: int = Field(
-        60_000, ge=0, description="fresh entries pending longer than this (a dead consumer's) are redelivered"
+        60_000, ge=0, description="fresh entries pending longer than this (a dead consumer's) are redelivered to "
+        "a consumer reading with the default (read_fresh). Not the learner's: it is the stream's one consumer, takes "
+        "back every pending entry at a run's first read and then reads new entries only"
     )
     dead_letter_maxlen: int = Field(10_000, ge=1, description="approximate bound of the dead-letter stream")
     dedup_window_groups: int = Field(

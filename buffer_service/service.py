@@ -21,9 +21,13 @@ Public API
     the hint rule. A record that fails decoding or validation goes to the dead-letter stream with the reason.
     Returns {"entry_id": str | None, "accepted": int, "duplicates": int, "dead_lettered": bool}.
 - read_fresh(consumer: str, max_groups: int = 1, block_ms: int | None = None,
-             reclaim_idle_ms: int | None = None) -> list[tuple[str, list[Trajectory]]]
+             reclaim_idle_ms: int | None = None, new_only: bool = False) -> list[tuple[str, list[Trajectory]]]
     Through the consumer group: first entries left pending longer than reclaim_idle_ms (a dead consumer's,
-    XAUTOCLAIM), then new ones. Undecodable entries are dead-lettered and acknowledged.
+    XAUTOCLAIM), then new ones; new_only: new ones only (a consumer whose pending entries are its own and still
+    accounted for: the learner after its first read). Undecodable entries are dead-lettered and acknowledged.
+- take_back_fresh(consumer: str) -> list[tuple[str, list[Trajectory]]]
+    Every entry pending in the consumer group, however recently read, claimed by `consumer` (a resumed
+    learner's first read takes back what the previous run read and never acknowledged). Counted as reclaimed.
 - insert(entry_ids, trained, kl=None, into_tiers=True) -> dict
     Right after the learner's step: the trained trajectories (carrying the learner's advantage and
     mean_logratio_old_ref) enter the tiers, and their per-trajectory KL to the reference feeds the prompt's KL
@@ -105,8 +109,12 @@ class ReplayService:
         max_groups: int = 1,
         block_ms: int | None = None,
         reclaim_idle_ms: int | None = None,
+        new_only: bool = False,
     ) -> list[tuple[str, list[Trajectory]]]:
-        return self._fresh.read(consumer, max_groups, block_ms, reclaim_idle_ms)
+        return self._fresh.read(consumer, max_groups, block_ms, reclaim_idle_ms, new_only)
+
+    def take_back_fresh(self, consumer: str) -> list[tuple[str, list[Trajectory]]]:
+        return self._fresh.take_back(consumer)
 
     # ---- tiers --------------------------------------------------------------------------------------------
     def insert(self, entry_ids: list[str], trained: list[Trajectory], kl: dict[str, float] | None = None,

@@ -80,20 +80,46 @@ class FreshStream:
         max_groups: int = 1,
         block_ms: int | None = None,
         reclaim_idle_ms: int | None = None,
+        new_only: bool = False,
     ) -> list[tuple[str, list[Trajectory]]]:
+        """Entries pending longer than reclaim_idle_ms (a dead consumer's), then new ones; `new_only`: new ones
+        only, for a consumer whose pending entries are all its own and still accounted for."""
         store = self.store
-        idle = store.config.reclaim_idle_ms if reclaim_idle_ms is None else reclaim_idle_ms
         group_name, fresh = store.config.consumer_group, store.k["fresh"]
-        _, claimed, _ = store.r.xautoclaim(fresh, group_name, consumer, idle, start_id="0-0", count=max_groups)
-        messages = list(claimed)
-        if claimed:
-            store.r.hincrby(store.k["stats"], "reclaimed", len(claimed))
+        messages = []
+        if not new_only:
+            idle = store.config.reclaim_idle_ms if reclaim_idle_ms is None else reclaim_idle_ms
+            _, claimed, _ = store.r.xautoclaim(fresh, group_name, consumer, idle, start_id="0-0", count=max_groups)
+            messages += self._reclaimed(claimed)
         left = max_groups - len(messages)
         if left > 0:
             block = block_ms if block_ms and block_ms > 0 else None
             reply = store.r.xreadgroup(group_name, consumer, {fresh: ">"}, count=left, block=block)
             for _, entries in reply or []:
                 messages += entries
+        return self._decode(messages)
+
+    def take_back(self, consumer: str) -> list[tuple[str, list[Trajectory]]]:
+        """Every entry pending in the consumer group (read and never acknowledged, by any consumer, however
+        recently), now `consumer`'s: a resumed learner's first read."""
+        store = self.store
+        group_name, fresh = store.config.consumer_group, store.k["fresh"]
+        messages, start = [], "0-0"
+        while True:
+            start, claimed, _ = store.r.xautoclaim(fresh, group_name, consumer, 0, start_id=start, count=100)
+            messages += self._reclaimed(claimed)
+            if start in (b"0-0", "0-0"):  # the scan went through the whole pending list
+                return self._decode(messages)
+
+    def _reclaimed(self, claimed: list) -> list:
+        if claimed:
+            self.store.r.hincrby(self.store.k["stats"], "reclaimed", len(claimed))
+        return list(claimed)
+
+    def _decode(self, messages: list) -> list[tuple[str, list[Trajectory]]]:
+        """Decoded groups; an undecodable entry is dead-lettered and acknowledged."""
+        store = self.store
+        group_name, fresh = store.config.consumer_group, store.k["fresh"]
         out = []
         for entry_id, fields in messages:
             entry_id = entry_id.decode()

@@ -111,18 +111,21 @@ class Ledger:
     in_buffer: dict = field(default_factory=dict)  # task key -> trajectory ids committed into the tiers
     unscored: list = field(default_factory=list)  # trajectory ids without a finite reward or scored_at
     waiting: set = field(default_factory=set)  # task keys pushed but not (yet) trained
-    dropped: set = field(default_factory=set)  # task keys dropped at training for exceeding max_staleness
+    dropped: dict = field(default_factory=dict)  # task key -> the steps whose read dropped it as too stale
+    trained_at: dict = field(default_factory=dict)  # task key -> the steps that trained it
     pushed_groups: int = 0
     dropped_duplicates: int = 0
+    reclaimed: int = 0  # stream entries delivered again to the learner (XAUTOCLAIM), the service's counter
     lost: list = field(default_factory=list)
-    duplicated: list = field(default_factory=list)
+    duplicated: list = field(default_factory=list)  # (task key, times trained, ids in the tiers, why)
     group_size: int = 0
 
     def summary(self) -> str:
         return (f"{self.tasks} tasks: trained {sum(self.trained.values())}, lost {len(self.lost)}, duplicated "
-                f"{len(self.duplicated)}, unscored {len(self.unscored)}, dropped as stale {len(self.dropped)}, "
-                f"pushed groups {self.pushed_groups}, "
-                f"re-pushes dropped as duplicates {self.dropped_duplicates}")
+                f"{len(self.duplicated)}, unscored {len(self.unscored)}, dropped as stale {len(self.dropped)} "
+                f"(drops {sum(len(s) for s in self.dropped.values())}), pushed groups {self.pushed_groups}, "
+                f"re-pushes dropped as duplicates {self.dropped_duplicates}, entries redelivered to the learner "
+                f"{self.reclaimed}")
 
 
 def read_buffer(run_dir: Path):
@@ -140,8 +143,8 @@ def read_buffer(run_dir: Path):
         service = ReplayService(BufferConfig(redis=server.config()))
         blobs = service.r.hgetall(service.k["blob"])
         committed = [decode_trajectory(b) for b in blobs.values()]
+        stats = service.stats()  # before the read below, whose reclaim counts in the service's "reclaimed"
         waiting = [g for _, g in service.read_fresh("ledger", 10_000, None, 0)]
-        stats = service.stats()
     finally:
         server.stop()
     return committed, waiting, stats
@@ -158,7 +161,11 @@ def build_ledger(run_dir: Path, config: Path) -> Ledger:
     committed, waiting, stats = read_buffer(run_dir)
     led = Ledger(tasks=cfg.pipeline.steps * cfg.pipeline.prompts_per_step, group_size=cfg.rollout.group_size)
     led.trained = Counter(k for r in rows for k in r["trained_groups"])
-    led.dropped = {k for r in rows for k in r.get("stale_dropped_groups", [])}
+    for r in rows:
+        for k in r["trained_groups"]:
+            led.trained_at.setdefault(k, []).append(r["step"])
+        for k in r.get("stale_dropped_groups", []):
+            led.dropped.setdefault(k, []).append(r["step"])
     for t in committed:
         led.in_buffer.setdefault(t.group_id, []).append(t.trajectory_id)
         if t.scored_at is None or t.reward is None or t.reward != t.reward:
@@ -168,6 +175,7 @@ def build_ledger(run_dir: Path, config: Path) -> Ledger:
         led.unscored += [t.trajectory_id for t in g if t.scored_at is None]
     led.pushed_groups = int(stats.get("pushed_groups", 0))
     led.dropped_duplicates = int(stats.get("duplicates", 0))
+    led.reclaimed = int(stats.get("reclaimed", 0))
 
     state = json.loads((run_dir / "checkpoints" / (run_dir / "checkpoints" / "latest").read_text().strip()
                         / "state.json").read_text())
@@ -177,15 +185,36 @@ def build_ledger(run_dir: Path, config: Path) -> Ledger:
         if led.trained[key] == 0 and key not in led.waiting and key not in led.dropped:
             led.lost.append(key)
     for key, n in led.trained.items():
-        ids = sorted(led.in_buffer.get(key, []))
-        want = sorted(f"{key}/{i}" for i in range(led.group_size))
-        if n > 1 or (key in led.waiting) or (key in led.dropped) or ids != want:
-            led.duplicated.append((key, n, len(ids)))
+        why = duplicate_reasons(led, key)
+        if why:
+            led.duplicated.append((key, n, len(led.in_buffer.get(key, [])), "; ".join(why)))
     # a group accepted twice by the buffer would show as more pushes than distinct groups
-    distinct = set(led.in_buffer) | led.waiting | led.dropped
+    distinct = set(led.in_buffer) | led.waiting | set(led.dropped)
     if led.pushed_groups != len(distinct):
-        led.duplicated.append(("pushed_groups", led.pushed_groups, len(distinct)))
+        led.duplicated.append(("pushed_groups", led.pushed_groups, len(distinct),
+                               "the buffer accepted more groups than there are distinct task keys"))
     return led
+
+
+def duplicate_reasons(led: Ledger, key: str) -> list[str]:
+    """Why a trained task counts as duplicated (empty: it does not). The stream holds one entry per group (pushes
+    are idempotent by trajectory id, and the pushed_groups check catches a second one), so a key trained and also
+    dropped as stale, or also still waiting, means the learner was handed that one entry twice: a real fault
+    (a drop makes the driver hand out another task in its place; a second delivery while held trains it twice),
+    not an artefact of this ledger."""
+    why = []
+    if led.trained[key] > 1:
+        why.append(f"trained {led.trained[key]} times (steps {led.trained_at[key]})")
+    if key in led.dropped:
+        why.append(f"trained at step(s) {led.trained_at[key]} and also dropped as stale at step(s) "
+                   f"{led.dropped[key]}")
+    if key in led.waiting:
+        why.append(f"trained at step(s) {led.trained_at[key]} and also still in the fresh stream after the job")
+    ids = sorted(led.in_buffer.get(key, []))
+    want = sorted(f"{key}/{i}" for i in range(led.group_size))
+    if ids != want:
+        why.append(f"the tiers hold ids {ids}, not {want}")
+    return why
 
 
 def assert_ledger(led: Ledger) -> None:

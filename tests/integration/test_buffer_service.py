@@ -270,6 +270,24 @@ def test_dead_consumer_entries_are_reclaimed_and_trained_once(make_service):
     assert svc.stats()["fresh_pending"] == 0 and svc.read_fresh("learner-b", 10, reclaim_idle_ms=0) == []
 
 
+def test_take_back_claims_every_pending_entry_and_new_only_claims_none(make_service):
+    svc = make_service(reclaim_idle_ms=0)  # any pending entry counts as idle
+    for j in range(130):  # more than one XAUTOCLAIM page (100)
+        svc.push_group([make_traj(f"g{j}-t0", f"P{j}", 1.0, group_id=f"g{j}")])
+    read = svc.read_fresh("learner", max_groups=125)
+    assert len(read) == 125
+    # a consumer reading new entries only gets the 5 unread ones, never the 125 pending ones, idle or not
+    assert [g[0].group_id for _, g in svc.read_fresh("learner", 200, new_only=True)] == [f"g{j}" for j in
+                                                                                           range(125, 130)]
+    assert svc.read_fresh("learner", 200, new_only=True) == [] and svc.stats()["reclaimed"] == 0
+    # a restarted learner takes back all 130, whoever read them and however recently
+    back = svc.take_back_fresh("learner-2")
+    assert sorted(g[0].group_id for _, g in back) == sorted(f"g{j}" for j in range(130))
+    assert svc.stats()["reclaimed"] == 130 and svc.take_back_fresh("learner-2") != []  # still pending: not acked
+    svc.ack([e for e, _ in back])
+    assert svc.take_back_fresh("learner-2") == [] and svc.stats()["fresh_pending"] == 0
+
+
 def test_sigkill_and_aof_restart_keep_everything(redis_server, tmp_path):
     cfg = BufferConfig(redis=redis_server.config(), min_size=0, capacity=100, hint={"trigger": "zero_total_streak"})
     svc = ReplayService(cfg)

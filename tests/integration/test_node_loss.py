@@ -160,6 +160,10 @@ def test_a_rollout_node_dies_and_joins_again(tmp_path):
                         detail=", ".join(f"{k} {v:.1f} s" for k, v in times.items()))
     h.print_table([rec], led, tmp_path / "node_loss.txt")
     h.assert_ledger(led)
+    # the job never resumed: no stream entry may have reached the learner twice (the driver sits paused for up
+    # to a minute or more above, longer than buffer.reclaim_idle_ms once: the learner got its own trained entries
+    # back, dropped them as stale, and the ledger found those tasks trained and dropped)
+    assert led.reclaimed == 0, led.summary()
     assert not _leftovers(str(tmp_path / "runs"), cluster.address)
 
 
