@@ -92,8 +92,6 @@ def _clean_after_crash(run_dir: Path) -> None:
 
 
 def start(run_dir: Path, redis_cfg: RedisConfig, num_cpus: int | None = None, with_redis: bool = True) -> Launch:
-    import ray
-
     embedded = not _on_cluster()
     # A driver on a cluster dies abruptly too (its head died: Ray ends it once the GCS stays unreachable), leaving
     # its redis-server running on the run folder's AOF; embedded, its private Ray as well.
@@ -106,6 +104,23 @@ def start(run_dir: Path, redis_cfg: RedisConfig, num_cpus: int | None = None, wi
         # last second could vanish, e.g. a pushed group the driver already counted as in the buffer).
         local = start_redis(run_dir / "redis", password=_previous_password(run_dir / "redis"), appendfsync="always")
         redis_cfg = local.config(key_prefix=redis_cfg.key_prefix)
+    try:
+        started = _start_ray(run_dir, embedded, num_cpus)
+    except BaseException:
+        if local is not None:  # Ray did not start: the job ends here, and so does the redis-server it started
+            local.stop()
+        raise
+    (run_dir / "launch.json").write_text(json.dumps({
+        "driver_pid": os.getpid(), "redis_pid": local.pid if local else None,
+        "ray_temp_dir": _ray_temp_dir(run_dir) if started and embedded else None,
+    }))
+    return Launch(redis=redis_cfg, embedded=embedded, local_redis=local, started_ray=started, run_dir=run_dir)
+
+
+def _start_ray(run_dir: Path, embedded: bool, num_cpus: int | None) -> bool:
+    """ray.init unless Ray is up in this process already; True if this call started it."""
+    import ray
+
     if not ray.is_initialized():
         if embedded:
             os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -116,14 +131,8 @@ def start(run_dir: Path, redis_cfg: RedisConfig, num_cpus: int | None = None, wi
                      _temp_dir=_ray_temp_dir(run_dir), log_to_driver=True, configure_logging=False)
         else:
             ray.init(address="auto")
-        started = True
-    else:
-        started = False
-    (run_dir / "launch.json").write_text(json.dumps({
-        "driver_pid": os.getpid(), "redis_pid": local.pid if local else None,
-        "ray_temp_dir": _ray_temp_dir(run_dir) if started and embedded else None,
-    }))
-    return Launch(redis=redis_cfg, embedded=embedded, local_redis=local, started_ray=started, run_dir=run_dir)
+        return True
+    return False
 
 
 def stop(launch: Launch) -> None:
