@@ -328,18 +328,13 @@ class VLLMEngine(_EngineBase):
                 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         from policy.model import is_omni
 
-        from .vllm_omni import (
-            has_torchvision,
-            plugin_installed,
-            register_torchvision_free_omni,
-            thinker_overrides,
-        )
+        from .vllm_omni import plugin_installed, register_torchvision_free_omni, thinker_overrides
 
         self.multimodal = is_omni(self.model_path)
         kwargs: dict = {}
         if self.multimodal:
-            arch = None if has_torchvision() else register_torchvision_free_omni()
-            if arch and not plugin_installed():
+            arch = register_torchvision_free_omni()  # with or without torchvision: one thinker class
+            if not plugin_installed():
                 raise RuntimeError(
                     "the vLLM plugin avatar_omni is not installed (the engine core process would not know the "
                     f"{arch} architecture): install the project (`make setup`, or pip install -e .)"
@@ -348,7 +343,7 @@ class VLLMEngine(_EngineBase):
                 hf_overrides=thinker_overrides(arch),
                 limit_mm_per_prompt={"image": 0, "video": 1, "audio": 1},
                 enable_mm_embeds=True,
-                skip_mm_profiling=arch is not None,
+                skip_mm_profiling=True,
             )
         if weight_medium in COLLECTIVE:  # the receiving end of learner.transport gloo/nccl
             from learner.weights.collective import ENGINE_NAMES, PLUGIN_NAME

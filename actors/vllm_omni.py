@@ -14,7 +14,9 @@ thinker takes *processed* media as multi_modal_data dicts, so the HF processor i
   video: {"pixel_values_videos", "video_grid_thw", "second_per_grid_ts"}   (policy.processor's patches)
   audio: {"input_audio_features" [mel, frames], "audio_feature_lengths"}  (the Whisper features, unpadded)
 vLLM's own vision and audio towers then encode them, and vLLM expands the single <|VIDEO|>/<|AUDIO|>
-placeholder of each item to the model's token count. On machines with torchvision the stock path is used.
+placeholder of each item to the model's token count. The same class serves on machines that have torchvision
+(GPU nodes): one path, the one the CPU tests run, and the one that corrects vLLM's interleaved audio-in-video
+positions (`interleaved_positions_as_transformers`).
 
 The registration is a vLLM plugin (`vllm.general_plugins` entry point `avatar_omni` in pyproject.toml, function
 `register_plugin`): vLLM calls it in every process it starts (the AsyncLLM front end, its engine core process,
@@ -35,14 +37,6 @@ MODEL_CLASS = "actors.vllm_omni_model:AvatarQwen2_5OmniThinker"
 PLUGIN_GROUP, PLUGIN_NAME = "vllm.general_plugins", "avatar_omni"
 
 
-def has_torchvision() -> bool:
-    try:
-        import torchvision  # noqa: F401
-    except Exception:  # ImportError, or a CUDA-linked build that fails to load
-        return False
-    return True
-
-
 def _shim_qwen2vl_image_processing() -> None:
     name = "transformers.models.qwen2_vl.image_processing_qwen2_vl"
     if name in sys.modules:
@@ -59,8 +53,7 @@ def _shim_qwen2vl_image_processing() -> None:
 def register_plugin() -> None:
     """The `vllm.general_plugins` entry point: vLLM runs it in each of its processes (several times is fine)."""
     die_with_parent()
-    if not has_torchvision():
-        register_torchvision_free_omni()
+    register_torchvision_free_omni()
 
 
 def die_with_parent() -> None:
