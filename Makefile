@@ -14,8 +14,8 @@ run: setup
 
 # Three tiers (their times on 2 cores are in the README); `make test` runs them all, and is what CI runs. The
 # integration tests marked `isolated` (each starts its own Ray or cluster) run in a pytest process apart. The
-# tests marked `long` (whole jobs under injected faults, multi-node clusters, benchmark smoke runs: about half an
-# hour together) run with `make test-long`, before a release and after changing what they cover.
+# tests marked `long` (whole jobs under injected faults, multi-node clusters, benchmark smoke runs: about 25
+# minutes together) run with `make test-long`, before a release and after changing what they cover.
 test: test-unit test-integration test-e2e
 
 test-unit: setup
